@@ -88,7 +88,7 @@ pub enum VerifyError {
         installed: u64,
     },
     /// Built for another kind of device.
-    #[error("release is built for {release}, this device is {device}")]
+    #[error("release is built for {release}, not for {device}")]
     WrongTarget {
         /// The manifest's target.
         release: Target,

@@ -1,0 +1,122 @@
+//! The `ferry` command line: one module per subcommand.
+//!
+//! Every command returns an [`Outcome`] holding both a line of text for
+//! people and a JSON value for scripts (`--json`); this module prints the
+//! one asked for and turns failure into exit code 1.
+
+mod keygen;
+mod keys;
+mod package;
+mod sign;
+mod verify;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry: signed releases for fleets of ARMv7 Linux devices.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version)]
+struct Cli {
+    /// Print machine-readable JSON on standard output instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a release signing key pair (NAME.key and NAME.pub).
+    Keygen(keygen::Args),
+    /// Pack a directory into a reproducible release artifact and its unsigned manifest.
+    Package(package::Args),
+    /// Sign a manifest (or add signatures to an envelope).
+    Sign(sign::Args),
+    /// Check a signed envelope, and optionally its artifact, offline.
+    Verify(verify::Args),
+}
+
+/// What a command has to say: text for people, JSON for scripts.
+pub(crate) struct Outcome {
+    /// False when the command ran but its answer is "no" (a failed verification).
+    ok: bool,
+    text: String,
+    json: serde_json::Value,
+}
+
+impl Outcome {
+    pub(crate) fn ok(text: String, json: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            text,
+            json,
+        }
+    }
+
+    pub(crate) fn refused(text: String, json: serde_json::Value) -> Self {
+        Self {
+            ok: false,
+            text,
+            json,
+        }
+    }
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen(args) => keygen::run(args),
+        Command::Package(args) => package::run(args),
+        Command::Sign(args) => sign::run(args),
+        Command::Verify(args) => verify::run(args),
+    };
+    match result {
+        Ok(outcome) => {
+            if cli.json {
+                print_stdout(&outcome.json.to_string());
+            } else if outcome.ok {
+                print_stdout(&outcome.text);
+            }
+            if outcome.ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("ferry: {}", outcome.text);
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            if cli.json {
+                print_stdout(
+                    &serde_json::json!({ "ok": false, "error": format!("{error:#}") }).to_string(),
+                );
+            }
+            // `{:#}` puts the whole context chain on one line.
+            eprintln!("ferry: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a line; a closed pipe (`ferry ... | head`) is not an error.
+fn print_stdout(text: &str) {
+    let mut out = io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}") {
+        if e.kind() != io::ErrorKind::BrokenPipe {
+            eprintln!("ferry: cannot write output: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

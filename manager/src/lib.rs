@@ -1,0 +1,10 @@
+//! Ferry's manager and operator command line.
+//!
+//! - [`cli`]: the `ferry` subcommands; each module is one command's glue
+//!   over `ferry-protocol` (keys, signing, verification) and `ferry-cross`
+//!   (packaging).
+//! - [`files`]: reading and writing the operator's files safely.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod files;

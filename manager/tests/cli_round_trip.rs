@@ -1,0 +1,481 @@
+//! The operator's first commands, run as a user would type them:
+//! keygen, package, sign, verify; then tampering, thresholds and refusals.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn ferry(dir: &Path, args: &[&str]) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8(stdout).unwrap(),
+        stderr: String::from_utf8(stderr).unwrap(),
+    }
+}
+
+/// Runs a command that must succeed.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let run = ferry(dir, args);
+    assert_eq!(run.code, 0, "ferry {args:?} failed:\n{}", run.stderr);
+    run.stdout
+}
+
+/// Runs a command that must fail, and returns its one-line complaint.
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let run = ferry(dir, args);
+    assert_eq!(
+        run.code, 1,
+        "ferry {args:?} should fail:\n{}{}",
+        run.stdout, run.stderr
+    );
+    let line = run.stderr.trim_end();
+    assert!(!line.contains('\n'), "more than one line: {line}");
+    assert!(line.starts_with("ferry: "), "{line}");
+    line.to_owned()
+}
+
+fn service_dir(root: &Path) -> PathBuf {
+    let dir = root.join("svc");
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::create_dir_all(dir.join("etc")).unwrap();
+    fs::write(dir.join("bin/api"), b"#!/bin/sh\nexec sleep 1000\n").unwrap();
+    fs::set_permissions(dir.join("bin/api"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(dir.join("etc/api.toml"), b"port = 8080\n").unwrap();
+    dir
+}
+
+fn flip_byte(path: &Path, offset: usize) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[offset] ^= 0x01;
+    fs::write(path, bytes).unwrap();
+}
+
+/// Replaces the base64 character at `offset` with another one, so the
+/// envelope still parses and only the decoded bytes change.
+fn change_base64_char(path: &Path, offset: usize) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[offset] = if bytes[offset] == b'A' { b'B' } else { b'A' };
+    fs::write(path, bytes).unwrap();
+}
+
+/// Offset of the middle of the JSON string value of `field` in the file.
+fn middle_of(path: &Path, field: &str) -> usize {
+    let text = fs::read_to_string(path).unwrap();
+    let start = text.find(&format!("\"{field}\": \"")).unwrap() + field.len() + 5;
+    let len = text[start..].find('"').unwrap();
+    start + len / 2
+}
+
+const PACKAGE: &[&str] = &[
+    "package",
+    "svc",
+    "--service",
+    "api",
+    "--version",
+    "1.2.3",
+    "--entrypoint",
+    "bin/api",
+    "--sequence",
+    "7",
+    "-o",
+    "out",
+];
+
+#[test]
+fn keygen_package_sign_verify_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+
+    let keygen = ok(d, &["keygen", "--out", "ops"]);
+    let mode = fs::metadata(d.join("ops.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "secret key must be private");
+    assert!(d.join("ops.pub").exists());
+    let key_id = keygen
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("key id ")
+        .unwrap()
+        .to_owned();
+    assert_eq!(key_id.len(), 32);
+
+    let packaged = ok(d, PACKAGE);
+    assert!(packaged.contains("out/api-1.2.3.tar.gz"), "{packaged}");
+    let manifest = "out/api-1.2.3.manifest.json";
+    let artifact = "out/api-1.2.3.tar.gz";
+
+    let signed = ok(
+        d,
+        &[
+            "sign",
+            manifest,
+            "--key",
+            "ops.key",
+            "-o",
+            "api.envelope.json",
+        ],
+    );
+    assert!(signed.contains(&key_id), "{signed}");
+
+    let verified = ok(
+        d,
+        &[
+            "verify",
+            "api.envelope.json",
+            "--pub",
+            "ops.pub",
+            "--artifact",
+            artifact,
+        ],
+    );
+    assert!(
+        verified.starts_with("OK: api 1.2.3 (sequence 7"),
+        "{verified}"
+    );
+    assert!(verified.contains(&key_id));
+    assert!(
+        verified.contains("artifact out/api-1.2.3.tar.gz matches"),
+        "{verified}"
+    );
+
+    // --json gives scripts the same answer.
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &["verify", "api.envelope.json", "--pub", "ops.pub", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["signed_by"][0], key_id.as_str());
+    assert_eq!(json["sequence"], 7);
+}
+
+#[test]
+fn tampering_with_artifact_or_envelope_fails_with_a_clear_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    ok(d, &["keygen", "--out", "ops"]);
+    ok(d, PACKAGE);
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "env.json",
+        ],
+    );
+
+    // One byte of the artifact.
+    let artifact = d.join("out/api-1.2.3.tar.gz");
+    let len = fs::metadata(&artifact).unwrap().len() as usize;
+    flip_byte(&artifact, len / 2);
+    let line = fails(
+        d,
+        &[
+            "verify",
+            "env.json",
+            "--pub",
+            "ops.pub",
+            "--artifact",
+            "out/api-1.2.3.tar.gz",
+        ],
+    );
+    assert!(
+        line.starts_with(
+            "ferry: verify failed: artifact out/api-1.2.3.tar.gz: artifact sha256 is "
+        ),
+        "{line}"
+    );
+    flip_byte(&artifact, len / 2);
+
+    // One byte of the signature inside the envelope.
+    fs::copy(d.join("env.json"), d.join("sig.json")).unwrap();
+    change_base64_char(&d.join("sig.json"), middle_of(&d.join("sig.json"), "sig"));
+    let line = fails(d, &["verify", "sig.json", "--pub", "ops.pub"]);
+    assert!(
+        line.contains("does not verify: the manifest or the signature was altered"),
+        "{line}"
+    );
+
+    // One byte of the manifest inside the envelope.
+    fs::copy(d.join("env.json"), d.join("man.json")).unwrap();
+    change_base64_char(
+        &d.join("man.json"),
+        middle_of(&d.join("man.json"), "manifest"),
+    );
+    let line = fails(d, &["verify", "man.json", "--pub", "ops.pub"]);
+    assert!(line.contains("does not verify"), "{line}");
+
+    // A JSON-aware script gets the kind of failure.
+    let run = ferry(d, &["verify", "man.json", "--pub", "ops.pub", "--json"]);
+    assert_eq!(run.code, 1);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(json["error"], "bad_signature");
+
+    // The untouched envelope and artifact still verify.
+    ok(
+        d,
+        &[
+            "verify",
+            "env.json",
+            "--pub",
+            "ops.pub",
+            "--artifact",
+            "out/api-1.2.3.tar.gz",
+        ],
+    );
+}
+
+#[test]
+fn two_of_three_signatures_gathered_one_operator_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    for name in ["alice", "bob", "carol"] {
+        ok(d, &["keygen", "--out", name]);
+    }
+    ok(d, PACKAGE);
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "alice.key",
+            "-o",
+            "env.json",
+        ],
+    );
+    let all = [
+        "verify",
+        "env.json",
+        "--pub",
+        "alice.pub",
+        "--pub",
+        "bob.pub",
+        "--pub",
+        "carol.pub",
+        "--threshold",
+        "2",
+    ];
+    let line = fails(d, &all);
+    assert_eq!(
+        line,
+        "ferry: verify failed: signed by 1 trusted key(s), 2 required"
+    );
+
+    // Bob adds his signature to the same envelope.
+    let added = ok(
+        d,
+        &["sign", "env.json", "--key", "bob.key", "-o", "env.json"],
+    );
+    assert!(added.contains("(2 signature(s))"), "{added}");
+    assert!(ok(d, &all).contains("signed by 2 trusted key(s), 2 required"));
+}
+
+#[test]
+fn refusals_each_name_their_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    ok(d, &["keygen", "--out", "ops"]);
+    ok(d, &["keygen", "--out", "stranger"]);
+    ok(d, PACKAGE);
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "env.json",
+        ],
+    );
+
+    let line = fails(d, &["verify", "env.json", "--pub", "stranger.pub"]);
+    assert!(
+        line.starts_with("ferry: verify failed: signed only by unknown key(s) "),
+        "{line}"
+    );
+
+    let line = fails(
+        d,
+        &[
+            "verify",
+            "env.json",
+            "--pub",
+            "ops.pub",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ],
+    );
+    assert_eq!(
+        line,
+        "ferry: verify failed: release is built for armv7-unknown-linux-gnueabihf, not for x86_64-unknown-linux-gnu"
+    );
+
+    // An expiry in the past.
+    let mut expired = PACKAGE.to_vec();
+    expired.extend(["--expires", "2020-01-01T00:00:00Z"]);
+    ok(d, &expired);
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "old.json",
+        ],
+    );
+    let line = fails(d, &["verify", "old.json", "--pub", "ops.pub"]);
+    assert_eq!(
+        line,
+        "ferry: verify failed: release expired at 2020-01-01T00:00:00Z"
+    );
+
+    // Not an envelope at all.
+    fs::write(d.join("junk.json"), b"{\"hello\": 1}").unwrap();
+    let line = fails(d, &["verify", "junk.json", "--pub", "ops.pub"]);
+    assert!(
+        line.starts_with("ferry: verify failed: malformed release: signed envelope: "),
+        "{line}"
+    );
+}
+
+#[test]
+fn keygen_never_overwrites_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(d, &["keygen", "--out", "ops"]);
+    let before = fs::read(d.join("ops.key")).unwrap();
+    let line = fails(d, &["keygen", "--out", "ops"]);
+    assert_eq!(
+        line,
+        "ferry: error: ops.key already exists; refusing to overwrite a key"
+    );
+    assert_eq!(fs::read(d.join("ops.key")).unwrap(), before);
+}
+
+#[test]
+fn bad_input_to_package_and_sign_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    ok(d, &["keygen", "--out", "ops"]);
+
+    std::os::unix::fs::symlink("/etc/shadow", d.join("svc/etc/shadow")).unwrap();
+    let line = fails(d, PACKAGE);
+    assert!(
+        line.contains(
+            "only regular files and directories can be packaged; this is a symbolic link"
+        ),
+        "{line}"
+    );
+    assert!(!d.join("out").exists());
+    fs::remove_file(d.join("svc/etc/shadow")).unwrap();
+
+    fs::write(d.join("bad.manifest.json"), b"{\"schema\": 1}").unwrap();
+    let line = fails(
+        d,
+        &[
+            "sign",
+            "bad.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "env.json",
+        ],
+    );
+    assert!(
+        line.contains("bad.manifest.json is not a valid release manifest"),
+        "{line}"
+    );
+    assert!(!d.join("env.json").exists());
+
+    let line = fails(
+        d,
+        &[
+            "sign",
+            "bad.manifest.json",
+            "--key",
+            "ops.pub",
+            "-o",
+            "env.json",
+        ],
+    );
+    assert!(line.contains("ops.pub is not a ferry secret key"), "{line}");
+
+    // A service name clap rejects is a usage error (exit 2) naming the rule.
+    let run = ferry(
+        d,
+        &[
+            "package",
+            "svc",
+            "--service",
+            "Bad/Name",
+            "--version",
+            "1.0.0",
+            "--entrypoint",
+            "bin/api",
+            "--sequence",
+            "1",
+            "-o",
+            "out",
+        ],
+    );
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("invalid service name"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn packaging_the_same_directory_twice_gives_the_same_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    let first: serde_json::Value =
+        serde_json::from_str(&ok(d, &[PACKAGE, &["--json"]].concat())).unwrap();
+    // Touch every file: times must not matter.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::write(d.join("svc/etc/api.toml"), b"port = 8080\n").unwrap();
+    let mut again = PACKAGE.to_vec();
+    let last = again.len() - 1;
+    again[last] = "out2";
+    again.push("--json");
+    let second: serde_json::Value = serde_json::from_str(&ok(d, &again)).unwrap();
+    assert_eq!(first["sha256"], second["sha256"]);
+    assert_eq!(
+        fs::read(d.join("out/api-1.2.3.tar.gz")).unwrap(),
+        fs::read(d.join("out2/api-1.2.3.tar.gz")).unwrap()
+    );
+}
