@@ -97,6 +97,28 @@ const PACKAGE: &[&str] = &[
     "out",
 ];
 
+/// A scratch directory holding key `ops`, the packaged service in `out/` and
+/// its envelope signed by `ops` in `env.json`.
+fn signed_release() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    ok(d, &["keygen", "--out", "ops"]);
+    ok(d, PACKAGE);
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "env.json",
+        ],
+    );
+    tmp
+}
+
 #[test]
 fn keygen_package_sign_verify_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
@@ -172,22 +194,8 @@ fn keygen_package_sign_verify_round_trip() {
 
 #[test]
 fn tampering_with_artifact_or_envelope_fails_with_a_clear_reason() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = signed_release();
     let d = tmp.path();
-    service_dir(d);
-    ok(d, &["keygen", "--out", "ops"]);
-    ok(d, PACKAGE);
-    ok(
-        d,
-        &[
-            "sign",
-            "out/api-1.2.3.manifest.json",
-            "--key",
-            "ops.key",
-            "-o",
-            "env.json",
-        ],
-    );
 
     // One byte of the artifact.
     let artifact = d.join("out/api-1.2.3.tar.gz");
@@ -299,23 +307,9 @@ fn two_of_three_signatures_gathered_one_operator_at_a_time() {
 
 #[test]
 fn refusals_each_name_their_reason() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = signed_release();
     let d = tmp.path();
-    service_dir(d);
-    ok(d, &["keygen", "--out", "ops"]);
     ok(d, &["keygen", "--out", "stranger"]);
-    ok(d, PACKAGE);
-    ok(
-        d,
-        &[
-            "sign",
-            "out/api-1.2.3.manifest.json",
-            "--key",
-            "ops.key",
-            "-o",
-            "env.json",
-        ],
-    );
 
     let line = fails(d, &["verify", "env.json", "--pub", "stranger.pub"]);
     assert!(

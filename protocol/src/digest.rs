@@ -7,6 +7,7 @@ use std::str::FromStr;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::ArtifactInfo;
+use crate::text::string_type;
 
 /// A SHA-256 digest, written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,32 +68,11 @@ impl FromStr for Sha256Digest {
     }
 }
 
-impl serde::Serialize for Sha256Digest {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Sha256Digest {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-#[cfg(feature = "schema")]
-impl schemars::JsonSchema for Sha256Digest {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Sha256Digest".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^[0-9a-f]{64}$",
-            "description": "A SHA-256 digest in lowercase hex."
-        })
-    }
-}
+string_type!(Sha256Digest, {
+    "type": "string",
+    "pattern": "^[0-9a-f]{64}$",
+    "description": "A SHA-256 digest in lowercase hex."
+});
 
 /// An artifact whose bytes do not match its manifest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -18,6 +18,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
+use crate::text::string_type;
+
 const PUBLIC_LABEL: &str = "ferry-ed25519-public";
 const SECRET_LABEL: &str = "ferry-ed25519-secret";
 const KEY_ID_DOMAIN: &[u8] = b"ferry key id v1\0";
@@ -73,32 +75,11 @@ impl FromStr for KeyId {
     }
 }
 
-impl serde::Serialize for KeyId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for KeyId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-#[cfg(feature = "schema")]
-impl schemars::JsonSchema for KeyId {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "KeyId".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^[0-9a-f]{32}$",
-            "description": "Id of a release key, derived from its public key."
-        })
-    }
-}
+string_type!(KeyId, {
+    "type": "string",
+    "pattern": "^[0-9a-f]{32}$",
+    "description": "Id of a release key, derived from its public key."
+});
 
 /// A public release key, as listed in a device's trust policy.
 #[derive(Clone, PartialEq, Eq)]

@@ -23,6 +23,7 @@ pub mod messages;
 pub mod names;
 #[cfg(feature = "schema")]
 pub mod schema;
+mod text;
 pub mod time;
 pub mod topics;
 pub mod trust;

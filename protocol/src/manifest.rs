@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::decode::{DecodeError, check_schema, decode_json};
 use crate::digest::Sha256Digest;
 use crate::names::{RelPath, ServiceName, Target};
+use crate::text::string_type;
 use crate::time::Timestamp;
 
 /// The manifest schema version this build writes and reads.
@@ -248,31 +249,10 @@ impl std::str::FromStr for ReloadAction {
     }
 }
 
-impl Serialize for ReloadAction {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ReloadAction {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-#[cfg(feature = "schema")]
-impl schemars::JsonSchema for ReloadAction {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "ReloadAction".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^(reload|restart|signal:SIG(HUP|USR1|USR2|INT|TERM|QUIT|WINCH))$"
-        })
-    }
-}
+string_type!(ReloadAction, {
+    "type": "string",
+    "pattern": "^(reload|restart|signal:SIG(HUP|USR1|USR2|INT|TERM|QUIT|WINCH))$"
+});
 
 /// How a release was built; shown to operators, never acted on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -79,19 +79,11 @@ macro_rules! checked_name {
             }
         }
 
-        #[cfg(feature = "schema")]
-        impl schemars::JsonSchema for $name {
-            fn schema_name() -> std::borrow::Cow<'static, str> {
-                stringify!($name).into()
-            }
-            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-                schemars::json_schema!({
-                    "type": "string",
-                    "pattern": $pattern,
-                    "description": concat!("A ", $kind, ".")
-                })
-            }
-        }
+        crate::text::string_schema!($name, {
+            "type": "string",
+            "pattern": $pattern,
+            "description": concat!("A ", $kind, ".")
+        });
     };
 }
 
