@@ -10,12 +10,14 @@
 //! - [`keys`], [`envelope`], [`trust`]: how a release is signed and how a
 //!   device decides whether to believe it.
 //! - [`digest`]: SHA-256 digests and the streaming artifact check.
+//! - [`elf`]: whether an executable's ELF header fits a target.
 //! - [`messages`]: desired, reported, events, health and status payloads.
 //! - [`schema`] (feature `schema`): JSON Schema for the published payloads.
 #![deny(missing_docs)]
 
 pub mod decode;
 pub mod digest;
+pub mod elf;
 pub mod envelope;
 pub mod keys;
 pub mod manifest;
