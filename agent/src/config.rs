@@ -1,0 +1,287 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! device_id = "gw-0042"
+//! data_dir = "/var/lib/ferry"
+//! inbox = "/var/lib/ferry/inbox"      # optional: releases dropped here are installed
+//! supervisor = "auto"                 # auto | systemd | direct
+//! health_interval = "30s"
+//! [broker]                            # optional: without it the agent works offline
+//! url = "mqtt://manager.local:1883"   # mqtts:// for TLS
+//! username = "gw-0042"
+//! password = "..."
+//! [trust]
+//! keys = ["/etc/ferry/ops.pub"]       # public key files
+//! threshold = 1
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_protocol::{DeviceId, PublicKey, Target, TrustPolicy};
+use serde::Deserialize;
+
+use crate::install::AgentLimits;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's id: its MQTT client id and topic segment.
+    pub device_id: DeviceId,
+    /// Where releases, state and the journal live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// A directory watched for dropped releases.
+    #[serde(default)]
+    pub inbox: Option<PathBuf>,
+    /// Which supervisor runs the services.
+    #[serde(default)]
+    pub supervisor: SupervisorKind,
+    /// How often health is reported.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// The device's target triple; the agent's own target by default.
+    #[serde(default)]
+    pub target: Option<Target>,
+    /// Where systemd unit files are written.
+    #[serde(default = "default_unit_dir")]
+    pub unit_dir: PathBuf,
+    /// The MQTT broker; absent for offline devices.
+    #[serde(default)]
+    pub broker: Option<BrokerConfig>,
+    /// Which release keys to trust.
+    pub trust: TrustConfig,
+    /// Ceilings on any release.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Which supervisor runs the services.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SupervisorKind {
+    /// systemd when `/run/systemd/system` exists, else direct.
+    #[default]
+    Auto,
+    /// Units under systemd.
+    Systemd,
+    /// The agent runs the services itself.
+    Direct,
+}
+
+/// The MQTT broker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    /// User name; the device id by default.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Which release keys to trust.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Public key files (`ferry keygen` writes them).
+    pub keys: Vec<PathBuf>,
+    /// Distinct keys that must sign a release.
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+}
+
+/// Ceilings on any release, whatever its manifest says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most bytes a release may unpack to.
+    pub max_unpacked_bytes: u64,
+    /// Most entries a release may hold.
+    pub max_entries: u64,
+    /// Bytes to leave free on the data partition.
+    pub reserve_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = AgentLimits::default();
+        Self {
+            max_unpacked_bytes: d.max_unpacked_bytes,
+            max_entries: d.max_entries,
+            reserve_bytes: d.reserve_bytes,
+        }
+    }
+}
+
+impl From<LimitsConfig> for AgentLimits {
+    fn from(l: LimitsConfig) -> Self {
+        Self {
+            max_unpacked_bytes: l.max_unpacked_bytes,
+            max_entries: l.max_entries,
+            reserve_bytes: l.reserve_bytes,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry")
+}
+
+fn default_unit_dir() -> PathBuf {
+    PathBuf::from("/etc/systemd/system")
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_threshold() -> usize {
+    1
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has wrong keys or values.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// A trust key file could not be used.
+    #[error("trust key {path}: {message}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// Keys and threshold that could never accept a release.
+    #[error("trust policy: {0}")]
+    Policy(#[from] ferry_protocol::trust::PolicyError),
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+    }
+
+    /// The device's target: configured, or the agent's own.
+    pub fn target(&self) -> Result<Target, ferry_protocol::NameError> {
+        match &self.target {
+            Some(t) => Ok(t.clone()),
+            None => Target::new(env!("FERRY_AGENT_TARGET")),
+        }
+    }
+
+    /// Reads the trust key files into a policy.
+    pub fn trust_policy(&self) -> Result<TrustPolicy, ConfigError> {
+        let mut keys = Vec::new();
+        for path in &self.trust.keys {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Key {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let key = PublicKey::from_text(&text).map_err(|e| ConfigError::Key {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            keys.push(key);
+        }
+        Ok(TrustPolicy::new(keys, self.trust.threshold)?)
+    }
+}
+
+/// Durations as "30s", "5m" (humantime), for serde.
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+device_id = "gw-0042"
+data_dir = "/var/lib/ferry"
+inbox = "/var/lib/ferry/inbox"
+supervisor = "auto"
+health_interval = "30s"
+[broker]
+url = "mqtt://manager.local:1883"
+username = "gw-0042"
+password = "secret"
+[trust]
+keys = ["/etc/ferry/ops.pub"]
+threshold = 1
+"#;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.device_id.as_str(), "gw-0042");
+        assert_eq!(c.health_interval, Duration::from_secs(30));
+        assert_eq!(c.supervisor, SupervisorKind::Auto);
+        assert_eq!(c.broker.unwrap().url, "mqtt://manager.local:1883");
+        assert_eq!(c.trust.threshold, 1);
+        assert_eq!(c.limits, LimitsConfig::default());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let typo = EXAMPLE.replace("supervisor = \"auto\"", "supervisor = \"runit\"");
+        assert!(Config::parse(&typo).unwrap_err().contains("runit"));
+        let unknown = EXAMPLE.replace("threshold = 1", "threshold = 1\nthreshhold = 2");
+        assert!(Config::parse(&unknown).unwrap_err().contains("threshhold"));
+        let bad_id = EXAMPLE.replace("gw-0042\"\ndata", "gw/0042\"\ndata");
+        assert!(
+            Config::parse(&bad_id)
+                .unwrap_err()
+                .contains("invalid device id")
+        );
+        let bad_interval = EXAMPLE.replace("\"30s\"", "\"soon\"");
+        assert!(Config::parse(&bad_interval).unwrap_err().contains("soon"));
+    }
+
+    #[test]
+    fn the_agent_knows_its_own_target() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.target().unwrap().as_str(), env!("FERRY_AGENT_TARGET"));
+    }
+}

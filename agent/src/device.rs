@@ -1,0 +1,115 @@
+//! Putting an agent together from its configuration.
+
+use std::fs::File;
+use std::path::Path;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::config::{Config, ConfigError, SupervisorKind};
+use crate::fetch::Credentials;
+use crate::install::{Installer, InstallerParts};
+use crate::layout::Layout;
+use crate::report::Reporter;
+use crate::supervisor::{Supervisor, direct::Direct, systemd::Systemd};
+
+/// Why an agent could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The device's target is not a valid triple.
+    #[error("{0}")]
+    Target(#[from] ferry_protocol::NameError),
+    /// The data directory cannot be used.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another agent uses the same data directory.
+    #[error("another ferry-agent is using {0}; drop the release into its inbox instead")]
+    Busy(std::path::PathBuf),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Whether systemd runs this machine.
+pub fn systemd_is_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Takes the data directory's lock, so two agents never install at once.
+pub fn lock_data_dir(config: &Config) -> Result<Flock<File>, SetupError> {
+    let root = &config.data_dir;
+    std::fs::create_dir_all(root).map_err(|source| SetupError::DataDir {
+        path: root.clone(),
+        source,
+    })?;
+    let path = root.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SetupError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| SetupError::Busy(root.clone()))
+}
+
+/// Builds the installer for `config`, reporting through `reporter`.
+pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, SetupError> {
+    let layout = Layout::new(&config.data_dir);
+    let supervisor = match config.supervisor {
+        SupervisorKind::Systemd => Supervisor::Systemd(Systemd::new(&config.unit_dir)),
+        SupervisorKind::Auto if systemd_is_running() => {
+            Supervisor::Systemd(Systemd::new(&config.unit_dir))
+        }
+        SupervisorKind::Auto | SupervisorKind::Direct => {
+            Supervisor::Direct(Direct::new(layout.clone()).map_err(|source| {
+                SetupError::DataDir {
+                    path: config.data_dir.clone(),
+                    source,
+                }
+            })?)
+        }
+    };
+    let credentials = config.broker.as_ref().and_then(|b| {
+        b.password.as_ref().map(|password| Credentials {
+            username: b
+                .username
+                .clone()
+                .unwrap_or_else(|| config.device_id.to_string()),
+            password: password.clone(),
+        })
+    });
+    Installer::new(InstallerParts {
+        layout,
+        policy: config.trust_policy()?,
+        target: config.target()?,
+        limits: config.limits.into(),
+        supervisor,
+        reporter,
+        http: http_client()?,
+        credentials,
+    })
+    .map_err(|source| SetupError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })
+}
+
+/// The HTTP client for downloads and probes: rustls with the ring provider.
+pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    // Installing the provider twice is harmless; the first one stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .read_timeout(std::time::Duration::from_secs(30))
+        .build()
+}

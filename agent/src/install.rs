@@ -1,0 +1,900 @@
+//! The install path, one step at a time:
+//!
+//! verify → disk check → download (hashing while writing) → hash check →
+//! unpack → ELF check → swap → restart → health gate → commit or roll back.
+//!
+//! Everything before the swap happens in staging places (`downloads/`,
+//! `releases/.staging-*`) that nothing runs from, so a failure there leaves
+//! the device exactly as it was. From the swap on, each phase is written to
+//! the journal before it acts, and [`Installer::recover`] finishes whatever a
+//! crash or power loss interrupted.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use ferry_protocol::elf::{ELF_HEADER_LEN, check_elf};
+use ferry_protocol::messages::{DeploymentResult, Outcome, ReleaseRef, Step, StepStatus};
+use ferry_protocol::{Checks, Envelope, Manifest, ServiceName, Target, Timestamp, TrustPolicy};
+
+use crate::durable;
+use crate::fetch::{self, Credentials, FetchError};
+use crate::health_gate;
+use crate::journal::{self, Entry, MAX_ATTEMPTS, Phase};
+use crate::layout::Layout;
+use crate::report::Reporter;
+use crate::state::{Installed, State, release_ref};
+use crate::supervisor::{ServiceSpec, Supervisor};
+use crate::unpack::{self, UnpackLimits};
+
+/// The agent's own ceilings, applied on top of each manifest's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentLimits {
+    /// Most bytes any release may unpack to.
+    pub max_unpacked_bytes: u64,
+    /// Most entries any release may hold.
+    pub max_entries: u64,
+    /// Space to leave free on the data partition after an install.
+    pub reserve_bytes: u64,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            max_unpacked_bytes: 1 << 30,
+            max_entries: 100_000,
+            reserve_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Where a release's artifact comes from.
+#[derive(Debug, Clone)]
+pub enum ArtifactSource {
+    /// A local file: the offline `install` command or the inbox.
+    File(PathBuf),
+    /// An HTTP(S) URL, from the desired state.
+    Url(String),
+}
+
+/// One release to install.
+#[derive(Debug, Clone)]
+pub struct InstallRequest {
+    /// The signed envelope.
+    pub envelope: Envelope,
+    /// Where to get the artifact.
+    pub source: ArtifactSource,
+    /// The rollout it belongs to.
+    pub rollout: Option<String>,
+    /// Try a release again even though it failed here before (an operator
+    /// installing by hand); desired state never does.
+    pub retry_failed: bool,
+}
+
+/// A step that failed before the swap.
+struct StepError {
+    step: Step,
+    reason: String,
+}
+
+impl StepError {
+    fn new(step: Step, reason: impl ToString) -> Self {
+        Self {
+            step,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Everything an install needs, and the committed state it changes.
+pub struct Installer {
+    layout: Layout,
+    policy: TrustPolicy,
+    target: Target,
+    limits: AgentLimits,
+    supervisor: Supervisor,
+    reporter: Reporter,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    state: State,
+}
+
+/// How the installer is set up.
+pub struct InstallerParts {
+    /// The data directory's layout.
+    pub layout: Layout,
+    /// Which keys to believe.
+    pub policy: TrustPolicy,
+    /// This device's target triple.
+    pub target: Target,
+    /// The agent's own ceilings.
+    pub limits: AgentLimits,
+    /// What runs the services.
+    pub supervisor: Supervisor,
+    /// Where reports go.
+    pub reporter: Reporter,
+    /// The HTTP client for downloads and probes.
+    pub http: reqwest::Client,
+    /// Credentials for the artifact store.
+    pub credentials: Option<Credentials>,
+}
+
+impl Installer {
+    /// Loads the committed state and prepares the data directory.
+    pub fn new(parts: InstallerParts) -> std::io::Result<Self> {
+        fs::create_dir_all(parts.layout.root())?;
+        fs::create_dir_all(parts.layout.downloads())?;
+        let state = State::load(&parts.layout.state_file())?;
+        Ok(Self {
+            layout: parts.layout,
+            policy: parts.policy,
+            target: parts.target,
+            limits: parts.limits,
+            supervisor: parts.supervisor,
+            reporter: parts.reporter,
+            http: parts.http,
+            credentials: parts.credentials,
+            state,
+        })
+    }
+
+    /// The committed state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The supervisor running the services.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// The data directory's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Replaces the trust policy (the agent's config changed).
+    pub fn set_policy(&mut self, policy: TrustPolicy) {
+        self.policy = policy;
+    }
+
+    /// Finishes an install that a crash or power loss interrupted, if any.
+    pub async fn recover(&mut self) -> Option<DeploymentResult> {
+        let entry = match journal::load(&self.layout.journal_file()) {
+            Ok(entry) => entry?,
+            Err(e) => {
+                // An unreadable journal cannot be acted on; the links and the
+                // state file are each consistent on their own, so keep going.
+                tracing::error!(error = %e, "journal unreadable; ignoring it");
+                let _ = journal::clear(&self.layout.journal_file());
+                return None;
+            }
+        };
+        let release = release_ref(&entry.manifest);
+        self.reporter.step(
+            Some(&release),
+            entry.rollout.as_deref(),
+            Step::Recover,
+            StepStatus::Started,
+            Some(format!(
+                "an install was interrupted while {:?}",
+                entry.phase
+            )),
+        );
+        Some(match entry.phase {
+            Phase::Swapping => self.swap_and_gate(entry).await,
+            Phase::Committing => self.commit(entry),
+            Phase::RollingBack => self.roll_back(entry).await,
+        })
+    }
+
+    /// Starts every installed service the supervisor is not yet running
+    /// (after a restart of the agent under the direct supervisor).
+    pub async fn start_installed(&mut self) {
+        let services: Vec<Installed> = self.state.services.values().cloned().collect();
+        for installed in services {
+            let service = &installed.manifest.service;
+            let spec = self.spec(&installed.manifest);
+            if let Ok(status) = self.supervisor.status(service).await {
+                if status.pid.is_some() {
+                    continue;
+                }
+            }
+            let started = match self.supervisor.apply(&spec).await {
+                Ok(()) => self.supervisor.restart(service).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = started {
+                tracing::error!(service = %service, error = %e, "cannot start installed service");
+            }
+        }
+    }
+
+    /// Runs the install path for one release and says how it ended. `Err`
+    /// only when the envelope is too broken to name a release at all.
+    pub async fn install(&mut self, request: InstallRequest) -> Result<DeploymentResult, String> {
+        let rollout = request.rollout.as_deref();
+        let claimed = request
+            .envelope
+            .unverified_manifest()
+            .ok()
+            .map(|m| release_ref(&m));
+        self.reporter.step(
+            claimed.as_ref(),
+            rollout,
+            Step::Verify,
+            StepStatus::Started,
+            None,
+        );
+        let checks = Checks {
+            now: SystemTime::now(),
+            target: Some(&self.target),
+            installed: &self.state,
+        };
+        let manifest = match self.policy.verify(&request.envelope, &checks) {
+            Ok(release) => release.manifest,
+            Err(e) => {
+                let reason = e.to_string();
+                self.reporter.step(
+                    claimed.as_ref(),
+                    rollout,
+                    Step::Verify,
+                    StepStatus::Failed,
+                    Some(reason.clone()),
+                );
+                return match claimed {
+                    Some(release) => {
+                        Ok(self.conclude(release, rollout, Outcome::Rejected, Some(reason)))
+                    }
+                    None => Err(reason),
+                };
+            }
+        };
+        let release = release_ref(&manifest);
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Verify,
+            StepStatus::Succeeded,
+            None,
+        );
+
+        if let Some(installed) = self.state.services.get(&manifest.service) {
+            if installed.manifest.sequence == manifest.sequence
+                && installed.manifest.artifact.sha256 == manifest.artifact.sha256
+            {
+                return Ok(result(
+                    release,
+                    rollout,
+                    Outcome::Installed,
+                    Some("already installed".into()),
+                ));
+            }
+        }
+        if self.state.has_failed(&manifest) && !request.retry_failed {
+            let reason =
+                "this release failed on this device before; publish a new sequence to try again";
+            return Ok(self.conclude(release, rollout, Outcome::Rejected, Some(reason.into())));
+        }
+
+        let new_dir = match self.stage(&manifest, &request.source, rollout).await {
+            Ok(dir) => dir,
+            Err(StepError { step, reason }) => {
+                self.reporter.step(
+                    Some(&release),
+                    rollout,
+                    step,
+                    StepStatus::Failed,
+                    Some(reason.clone()),
+                );
+                return Ok(self.conclude(release, rollout, Outcome::Failed, Some(reason)));
+            }
+        };
+        let old_dir = link_target(&self.layout.current(&manifest.service));
+        let entry = Entry {
+            phase: Phase::Swapping,
+            manifest,
+            new_dir,
+            old_dir,
+            rollout: request.rollout.clone(),
+            attempts: 0,
+            reason: None,
+        };
+        Ok(self.swap_and_gate(entry).await)
+    }
+
+    /// Disk check, fetch, unpack and ELF check: everything that changes
+    /// nothing a service runs from. Returns the release directory's name.
+    async fn stage(
+        &mut self,
+        manifest: &Manifest,
+        source: &ArtifactSource,
+        rollout: Option<&str>,
+    ) -> Result<String, StepError> {
+        let release = release_ref(manifest);
+        let service = &manifest.service;
+        let dir_name = manifest.release_dir_name();
+        let releases = self.layout.releases(service);
+        let dest = releases.join(&dir_name);
+        let already_unpacked = dest.is_dir();
+
+        // Disk.
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::DiskCheck,
+            StepStatus::Started,
+            None,
+        );
+        if !already_unpacked {
+            self.check_disk(manifest)?;
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::DiskCheck,
+            StepStatus::Succeeded,
+            None,
+        );
+        if !already_unpacked {
+            let artifact = self.fetch(manifest, source, rollout).await?;
+            self.unpack(manifest, &artifact, &dest, rollout).await?;
+        }
+
+        // ELF.
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::ElfCheck,
+            StepStatus::Started,
+            None,
+        );
+        if let Err(reason) = check_entrypoint(&dest, manifest, &self.target) {
+            if !self.referenced(service, &dir_name) {
+                let _ = fs::remove_dir_all(&dest);
+            }
+            return Err(StepError::new(Step::ElfCheck, reason));
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::ElfCheck,
+            StepStatus::Succeeded,
+            None,
+        );
+        Ok(dir_name)
+    }
+
+    fn check_disk(&self, manifest: &Manifest) -> Result<(), StepError> {
+        let root = self.layout.root();
+        let stat = nix::sys::statvfs::statvfs(root).map_err(|e| {
+            StepError::new(
+                Step::DiskCheck,
+                format!("cannot stat {}: {e}", root.display()),
+            )
+        })?;
+        // The block counts are 32-bit on some 32-bit targets.
+        #[allow(clippy::useless_conversion)]
+        let free =
+            u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
+        let download = if self
+            .layout
+            .checked_download(&manifest.artifact.sha256)
+            .exists()
+        {
+            0
+        } else {
+            manifest.artifact.size
+        };
+        let needed = download
+            .saturating_add(manifest.limits.unpacked_bytes)
+            .saturating_add(self.limits.reserve_bytes);
+        if free < needed {
+            return Err(StepError::new(
+                Step::DiskCheck,
+                format!(
+                    "not enough space on {}: {} MiB free, {} MiB needed (artifact, unpacked release and reserve)",
+                    root.display(),
+                    free >> 20,
+                    needed.div_ceil(1 << 20)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn fetch(
+        &mut self,
+        manifest: &Manifest,
+        source: &ArtifactSource,
+        rollout: Option<&str>,
+    ) -> Result<PathBuf, StepError> {
+        let release = release_ref(manifest);
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Download,
+            StepStatus::Started,
+            None,
+        );
+        let fetched = match source {
+            ArtifactSource::File(path) => {
+                let (path, artifact, layout) =
+                    (path.clone(), manifest.artifact.clone(), self.layout.clone());
+                tokio::task::spawn_blocking(move || fetch::import_file(&path, &artifact, &layout))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(FetchError::Io {
+                            what: "copying the artifact".into(),
+                            source: std::io::Error::other(e),
+                        })
+                    })
+            }
+            ArtifactSource::Url(url) => self.download(manifest, url, rollout).await,
+        };
+        match fetched {
+            Ok(path) => {
+                self.reporter.step(
+                    Some(&release),
+                    rollout,
+                    Step::Download,
+                    StepStatus::Succeeded,
+                    None,
+                );
+                self.reporter.step(
+                    Some(&release),
+                    rollout,
+                    Step::HashCheck,
+                    StepStatus::Succeeded,
+                    None,
+                );
+                Ok(path)
+            }
+            Err(FetchError::Mismatch(e)) => Err(StepError::new(Step::HashCheck, e)),
+            Err(e) => Err(StepError::new(Step::Download, e)),
+        }
+    }
+
+    /// Downloads with a few resumed retries, reporting progress every 5%.
+    async fn download(
+        &mut self,
+        manifest: &Manifest,
+        url: &str,
+        rollout: Option<&str>,
+    ) -> Result<PathBuf, FetchError> {
+        const ATTEMPTS: u32 = 3;
+        let release = release_ref(manifest);
+        let mut last_error = None;
+        for attempt in 1..=ATTEMPTS {
+            let mut reported = 0u64;
+            let reporter = self.reporter.clone();
+            let progress = |done: u64, total: u64| {
+                if done == total || done.saturating_sub(reported) >= total / 20 {
+                    reported = done;
+                    reporter.progress(&release, rollout, Step::Download, done, total);
+                }
+            };
+            match fetch::download(
+                &self.http,
+                url,
+                self.credentials.as_ref(),
+                &manifest.artifact,
+                &self.layout,
+                progress,
+            )
+            .await
+            {
+                Ok(path) => return Ok(path),
+                Err(e @ FetchError::Transfer { .. }) if attempt < ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "download interrupted; resuming");
+                    tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or(FetchError::Transfer {
+            url: url.into(),
+            have: 0,
+            reason: "no attempt made".into(),
+        }))
+    }
+
+    async fn unpack(
+        &mut self,
+        manifest: &Manifest,
+        artifact: &Path,
+        dest: &Path,
+        rollout: Option<&str>,
+    ) -> Result<(), StepError> {
+        let release = release_ref(manifest);
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Unpack,
+            StepStatus::Started,
+            None,
+        );
+        let limits = UnpackLimits {
+            max_bytes: manifest
+                .limits
+                .unpacked_bytes
+                .min(self.limits.max_unpacked_bytes),
+            max_entries: manifest.limits.entries.min(self.limits.max_entries),
+        };
+        let staging = dest.with_file_name(format!(".staging-{}", manifest.release_dir_name()));
+        let (artifact, staging_dir, dest_dir) =
+            (artifact.to_owned(), staging.clone(), dest.to_owned());
+        let unpacked = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            if let Some(parent) = staging_dir.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            }
+            if staging_dir.exists() {
+                fs::remove_dir_all(&staging_dir)
+                    .map_err(|e| format!("cannot clear {}: {e}", staging_dir.display()))?;
+            }
+            unpack::unpack(&artifact, &staging_dir, limits).map_err(|e| e.to_string())?;
+            // The release's files must be on disk before anything points at them.
+            durable::sync_filesystem(&staging_dir).map_err(|e| format!("sync failed: {e}"))?;
+            durable::rename(&staging_dir, &dest_dir)
+                .map_err(|e| format!("cannot move the release into place: {e}"))?;
+            // The checked artifact has served its purpose; flash space is scarce.
+            let _ = fs::remove_file(&artifact);
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("unpack task failed: {e}")));
+        if let Err(reason) = unpacked {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(StepError::new(Step::Unpack, reason));
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Unpack,
+            StepStatus::Succeeded,
+            None,
+        );
+        Ok(())
+    }
+
+    /// Swap, restart, health gate; then commit or roll back. Re-entered by
+    /// recovery, which is why every action here is idempotent.
+    async fn swap_and_gate(&mut self, mut entry: Entry) -> DeploymentResult {
+        let release = release_ref(&entry.manifest);
+        let rollout = entry.rollout.clone();
+        let rollout = rollout.as_deref();
+        let service = entry.manifest.service.clone();
+        entry.attempts += 1;
+        if entry.attempts > MAX_ATTEMPTS {
+            entry.reason = Some(format!(
+                "interrupted {MAX_ATTEMPTS} times before passing its health gate"
+            ));
+            return self.roll_back(entry).await;
+        }
+        entry.phase = Phase::Swapping;
+        if let Err(e) = journal::write(&self.layout.journal_file(), &entry) {
+            // Without a journal a crash could not be recovered: do not swap.
+            let reason = format!("cannot write the journal: {e}");
+            self.reporter.step(
+                Some(&release),
+                rollout,
+                Step::Swap,
+                StepStatus::Failed,
+                Some(reason.clone()),
+            );
+            return self.conclude(release, rollout, Outcome::Failed, Some(reason));
+        }
+
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Swap,
+            StepStatus::Started,
+            None,
+        );
+        if let Err(e) = self.point_links(&service, &entry.new_dir, entry.old_dir.as_deref()) {
+            entry.reason = Some(format!("swap failed: {e}"));
+            return self.roll_back(entry).await;
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Swap,
+            StepStatus::Succeeded,
+            None,
+        );
+
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Restart,
+            StepStatus::Started,
+            None,
+        );
+        let spec = self.spec(&entry.manifest);
+        let restarted = match self.supervisor.apply(&spec).await {
+            Ok(()) => self.supervisor.restart(&service).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restarted {
+            entry.reason = Some(format!("restart failed: {e}"));
+            return self.roll_back(entry).await;
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Restart,
+            StepStatus::Succeeded,
+            None,
+        );
+
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::HealthGate,
+            StepStatus::Started,
+            None,
+        );
+        if let Err(reason) = health_gate::run(
+            &self.supervisor,
+            &service,
+            &entry.manifest.health,
+            &self.http,
+        )
+        .await
+        {
+            self.reporter.step(
+                Some(&release),
+                rollout,
+                Step::HealthGate,
+                StepStatus::Failed,
+                Some(reason.clone()),
+            );
+            entry.reason = Some(format!("health gate: {reason}"));
+            return self.roll_back(entry).await;
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::HealthGate,
+            StepStatus::Succeeded,
+            None,
+        );
+
+        entry.phase = Phase::Committing;
+        if let Err(e) = journal::write(&self.layout.journal_file(), &entry) {
+            entry.reason = Some(format!("cannot write the journal: {e}"));
+            return self.roll_back(entry).await;
+        }
+        self.commit(entry)
+    }
+
+    /// Records the new release as installed. Idempotent.
+    fn commit(&mut self, entry: Entry) -> DeploymentResult {
+        let release = release_ref(&entry.manifest);
+        let rollout = entry.rollout.as_deref();
+        let service = entry.manifest.service.clone();
+        self.state.services.insert(
+            service.clone(),
+            Installed {
+                manifest: entry.manifest.clone(),
+                release_dir: entry.new_dir.clone(),
+                installed_at: Timestamp::from(SystemTime::now()),
+            },
+        );
+        let outcome = result(release.clone(), rollout, Outcome::Installed, None);
+        self.state.last_result = Some(outcome.clone());
+        if let Err(e) = self.state.save(&self.layout.state_file()) {
+            // The journal still says committing: the next start retries this.
+            tracing::error!(error = %e, "cannot save the state; will retry on restart");
+            return outcome;
+        }
+        if let Err(e) = journal::clear(&self.layout.journal_file()) {
+            tracing::error!(error = %e, "cannot clear the journal");
+        }
+        self.collect_garbage(&service);
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Commit,
+            StepStatus::Succeeded,
+            None,
+        );
+        self.reporter.state_changed();
+        outcome
+    }
+
+    /// Puts the old release back (or removes the service if there was none),
+    /// remembers the failure, reports. Idempotent.
+    async fn roll_back(&mut self, mut entry: Entry) -> DeploymentResult {
+        let release = release_ref(&entry.manifest);
+        let rollout = entry.rollout.clone();
+        let rollout = rollout.as_deref();
+        let service = entry.manifest.service.clone();
+        let reason = entry.reason.clone().unwrap_or_else(|| "rolled back".into());
+        entry.phase = Phase::RollingBack;
+        if let Err(e) = journal::write(&self.layout.journal_file(), &entry) {
+            tracing::error!(error = %e, "cannot write the journal before rolling back");
+        }
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Rollback,
+            StepStatus::Started,
+            Some(reason.clone()),
+        );
+        let restored = match (&entry.old_dir, self.state.services.get(&service).cloned()) {
+            (Some(old), Some(installed)) => {
+                let spec = self.spec(&installed.manifest);
+                let relinked = durable::replace_symlink(
+                    &Path::new("releases").join(old),
+                    &self.layout.current(&service),
+                );
+                match relinked {
+                    Ok(()) => match self.supervisor.apply(&spec).await {
+                        Ok(()) => self
+                            .supervisor
+                            .restart(&service)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            _ => {
+                // Nothing ran before: stop the failed release and unlink it.
+                let stopped = self
+                    .supervisor
+                    .remove(&service)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = durable::remove_file(&self.layout.current(&service));
+                stopped
+            }
+        };
+        if let Err(e) = &restored {
+            tracing::error!(service = %service, error = %e, "rollback could not restart the previous release");
+        }
+        self.state.record_failure(&entry.manifest);
+        let outcome = result(release.clone(), rollout, Outcome::RolledBack, Some(reason));
+        self.state.last_result = Some(outcome.clone());
+        if let Err(e) = self.state.save(&self.layout.state_file()) {
+            tracing::error!(error = %e, "cannot save the state after rollback");
+        }
+        let _ = journal::clear(&self.layout.journal_file());
+        self.collect_garbage(&service);
+        self.reporter.step(
+            Some(&release),
+            rollout,
+            Step::Rollback,
+            if restored.is_ok() {
+                StepStatus::Succeeded
+            } else {
+                StepStatus::Failed
+            },
+            restored.err(),
+        );
+        self.reporter.state_changed();
+        outcome
+    }
+
+    /// `previous` to the old release, then `current` to the new one.
+    fn point_links(
+        &self,
+        service: &ServiceName,
+        new_dir: &str,
+        old_dir: Option<&str>,
+    ) -> std::io::Result<()> {
+        if let Some(old) = old_dir {
+            durable::replace_symlink(
+                &Path::new("releases").join(old),
+                &self.layout.previous(service),
+            )?;
+        }
+        durable::replace_symlink(
+            &Path::new("releases").join(new_dir),
+            &self.layout.current(service),
+        )
+    }
+
+    /// Whether `current` or `previous` points at `dir_name`.
+    fn referenced(&self, service: &ServiceName, dir_name: &str) -> bool {
+        [self.layout.current(service), self.layout.previous(service)]
+            .iter()
+            .any(|link| link_target(link).as_deref() == Some(dir_name))
+    }
+
+    /// Removes releases that neither `current` nor `previous` points at,
+    /// staging leftovers, and checked artifacts.
+    fn collect_garbage(&self, service: &ServiceName) {
+        if let Ok(entries) = fs::read_dir(self.layout.releases(service)) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !self.referenced(service, &name) {
+                    if let Err(e) = fs::remove_dir_all(entry.path()) {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove old release");
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.layout.downloads()) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "gz") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
+    /// How the supervisor runs a release: through the `current` link.
+    fn spec(&self, manifest: &Manifest) -> ServiceSpec {
+        let current = self.layout.current(&manifest.service);
+        ServiceSpec {
+            service: manifest.service.clone(),
+            exec: current.join(manifest.entrypoint.as_str()),
+            workdir: current,
+        }
+    }
+
+    /// Records an outcome that changed nothing installed, and reports it.
+    fn conclude(
+        &mut self,
+        release: ReleaseRef,
+        rollout: Option<&str>,
+        outcome: Outcome,
+        reason: Option<String>,
+    ) -> DeploymentResult {
+        let result = result(release, rollout, outcome, reason);
+        self.state.last_result = Some(result.clone());
+        if let Err(e) = self.state.save(&self.layout.state_file()) {
+            tracing::error!(error = %e, "cannot save the state");
+        }
+        self.reporter.state_changed();
+        result
+    }
+}
+
+fn result(
+    release: ReleaseRef,
+    rollout: Option<&str>,
+    outcome: Outcome,
+    reason: Option<String>,
+) -> DeploymentResult {
+    DeploymentResult {
+        rollout: rollout.map(str::to_owned),
+        release,
+        outcome,
+        reason,
+        time: Timestamp::from(SystemTime::now()),
+    }
+}
+
+/// The release directory name a link points at.
+fn link_target(link: &Path) -> Option<String> {
+    let target = fs::read_link(link).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The entrypoint must be a regular, executable file whose ELF header fits
+/// this device.
+fn check_entrypoint(release: &Path, manifest: &Manifest, target: &Target) -> Result<(), String> {
+    let path = release.join(manifest.entrypoint.as_str());
+    let what = format!("entrypoint {}", manifest.entrypoint);
+    let meta = fs::symlink_metadata(&path).map_err(|_| format!("{what} is not in the release"))?;
+    if !meta.is_file() {
+        return Err(format!("{what} is not a regular file"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{what} is not executable"));
+    }
+    let mut header = Vec::with_capacity(ELF_HEADER_LEN);
+    fs::File::open(&path)
+        .and_then(|f| f.take(ELF_HEADER_LEN as u64).read_to_end(&mut header))
+        .map_err(|e| format!("cannot read {what}: {e}"))?;
+    check_elf(&header, target).map_err(|e| format!("{what}: {e}"))
+}

@@ -1,0 +1,28 @@
+//! `ferry-agent`: installs signed releases on a device and keeps them running.
+//!
+//! The binary (`main.rs`) is thin; everything lives here so tests and a
+//! fleet simulator can run agents in-process.
+//!
+//! - [`config`]: the TOML configuration.
+//! - [`install`]: the install path, journal-backed, with rollback.
+//! - [`supervisor`]: systemd or direct process supervision.
+//! - [`unpack`], [`fetch`], [`health_gate`]: steps of the install path.
+//! - [`state`], [`journal`], [`durable`], [`layout`]: what is kept on disk, and how.
+//! - [`report`]: events and state changes for the MQTT session.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod device;
+pub mod durable;
+pub mod fetch;
+pub mod health_gate;
+pub mod install;
+pub mod journal;
+pub mod layout;
+pub mod report;
+pub mod state;
+pub mod supervisor;
+pub mod unpack;
+
+/// The agent's version, as reported to the manager.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,359 @@
+//! The direct supervisor: the agent runs each service itself.
+//!
+//! Each service gets a task that owns its child process: it restarts the
+//! child with backoff when it exits, and takes commands (restart, stop,
+//! signal) over a channel. Its state is published on a watch channel, so
+//! reading it never waits.
+//!
+//! A service runs in its own process group, so stopping it stops whatever it
+//! forked. Its pid and start time go to `run/<service>.pid`: if the agent
+//! dies and restarts, it finds the processes it left behind and stops them
+//! before starting its own, so a service never runs twice. The start time
+//! tells a leftover process from an unrelated one that reused its pid.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_protocol::ServiceName;
+use ferry_protocol::messages::ServiceState;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep_until, timeout};
+
+use super::{ServiceSpec, ServiceStatus, SupervisorError};
+use crate::layout::Layout;
+
+/// How long a stopped service gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// First and largest wait before restarting a service that exited.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A run this long resets the backoff.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+
+enum Order {
+    Restart(oneshot::Sender<Result<(), String>>),
+    Stop(oneshot::Sender<()>),
+    Signal(Signal),
+}
+
+struct Handle {
+    spec: ServiceSpec,
+    commands: mpsc::UnboundedSender<Order>,
+    status: watch::Receiver<ServiceStatus>,
+}
+
+/// Runs services as the agent's own children.
+pub struct Direct {
+    layout: Layout,
+    services: Mutex<HashMap<ServiceName, Handle>>,
+}
+
+impl Direct {
+    /// A supervisor keeping pid files and logs under `layout`. Processes a
+    /// previous agent left running are stopped first.
+    pub fn new(layout: Layout) -> std::io::Result<Self> {
+        fs::create_dir_all(layout.run_dir())?;
+        fs::create_dir_all(layout.logs())?;
+        stop_leftovers(&layout.run_dir());
+        Ok(Self {
+            layout,
+            services: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(super) fn apply(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        let mut services = self.lock();
+        if services.get(&spec.service).is_some_and(|h| h.spec == *spec) {
+            return Ok(());
+        }
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(ServiceStatus {
+            state: ServiceState::Inactive,
+            pid: None,
+            restarts: 0,
+        });
+        let runner = Runner {
+            spec: spec.clone(),
+            pid_file: self.layout.run_dir().join(format!("{}.pid", spec.service)),
+            log_file: self.layout.logs().join(format!("{}.log", spec.service)),
+            status: status_tx,
+        };
+        tokio::spawn(runner.run(rx));
+        // Replacing a handle drops its sender, which stops the old task's child.
+        services.insert(
+            spec.service.clone(),
+            Handle {
+                spec: spec.clone(),
+                commands,
+                status,
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) async fn restart(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(service, Order::Restart(reply))?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SupervisorError::Io {
+                what: format!("starting {service}"),
+                source: std::io::Error::other(e),
+            }),
+            Err(_) => Err(SupervisorError::Unknown(service.clone())),
+        }
+    }
+
+    pub(super) async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        let handle = self.lock().remove(service);
+        if let Some(handle) = handle {
+            let (reply, done) = oneshot::channel();
+            if handle.commands.send(Order::Stop(reply)).is_ok() {
+                let _ = done.await;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn status(&self, service: &ServiceName) -> Result<ServiceStatus, SupervisorError> {
+        self.lock()
+            .get(service)
+            .map(|h| *h.status.borrow())
+            .ok_or_else(|| SupervisorError::Unknown(service.clone()))
+    }
+
+    pub(super) fn signal(
+        &self,
+        service: &ServiceName,
+        signal: Signal,
+    ) -> Result<(), SupervisorError> {
+        self.send(service, Order::Signal(signal))
+    }
+
+    /// A receiver that sees every state change of `service`.
+    pub fn watch(&self, service: &ServiceName) -> Option<watch::Receiver<ServiceStatus>> {
+        self.lock().get(service).map(|h| h.status.clone())
+    }
+
+    fn send(&self, service: &ServiceName, command: Order) -> Result<(), SupervisorError> {
+        self.lock()
+            .get(service)
+            .and_then(|h| h.commands.send(command).ok())
+            .ok_or_else(|| SupervisorError::Unknown(service.clone()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceName, Handle>> {
+        // A panic while holding the lock cannot leave the map half-changed.
+        self.services.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The task that owns one service's process.
+struct Runner {
+    spec: ServiceSpec,
+    pid_file: PathBuf,
+    log_file: PathBuf,
+    status: watch::Sender<ServiceStatus>,
+}
+
+impl Runner {
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<Order>) {
+        let mut child: Option<(Child, Instant)> = None;
+        let mut wanted = false;
+        let mut restarts = 0u32;
+        let mut backoff = BACKOFF_MIN;
+        let mut restart_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    None => {
+                        self.stop(&mut child).await;
+                        return;
+                    }
+                    Some(Order::Restart(reply)) => {
+                        self.stop(&mut child).await;
+                        wanted = true;
+                        restarts = 0;
+                        backoff = BACKOFF_MIN;
+                        restart_at = None;
+                        let started = self.start(&mut child, restarts);
+                        if started.is_err() {
+                            restart_at = Some(Instant::now() + backoff);
+                        }
+                        let _ = reply.send(started);
+                    }
+                    Some(Order::Stop(reply)) => {
+                        wanted = false;
+                        restart_at = None;
+                        self.stop(&mut child).await;
+                        let _ = reply.send(());
+                    }
+                    Some(Order::Signal(signal)) => {
+                        if let Some((c, _)) = &child {
+                            if let Some(pid) = c.id() {
+                                let _ = killpg(Pid::from_raw(pid as i32), signal);
+                            }
+                        }
+                    }
+                },
+                ran_for = wait_exit(&mut child) => {
+                    child = None;
+                    remove_pid_file(&self.pid_file);
+                    if ran_for >= STABLE_RUN {
+                        backoff = BACKOFF_MIN;
+                    }
+                    if wanted {
+                        self.publish(ServiceState::Activating, None, restarts);
+                        restart_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    } else {
+                        self.publish(ServiceState::Inactive, None, restarts);
+                    }
+                },
+                () = wait_until(restart_at) => {
+                    restart_at = None;
+                    restarts = restarts.saturating_add(1);
+                    if self.start(&mut child, restarts).is_err() {
+                        restart_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                },
+            }
+        }
+    }
+
+    fn start(&self, child: &mut Option<(Child, Instant)>, restarts: u32) -> Result<(), String> {
+        let spawned = (|| {
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log_file)?;
+            let err = log.try_clone()?;
+            Command::new(&self.spec.exec)
+                .current_dir(&self.spec.workdir)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(err)
+                .process_group(0)
+                .spawn()
+        })();
+        match spawned {
+            Ok(c) => {
+                let pid = c.id();
+                if let Some(pid) = pid {
+                    write_pid_file(&self.pid_file, pid);
+                }
+                *child = Some((c, Instant::now()));
+                self.publish(ServiceState::Active, pid, restarts);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(service = %self.spec.service, error = %e, "cannot start");
+                self.publish(ServiceState::Failed, None, restarts);
+                Err(format!("{}: {e}", self.spec.exec.display()))
+            }
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after the grace period.
+    async fn stop(&self, child: &mut Option<(Child, Instant)>) {
+        if let Some((mut c, _)) = child.take() {
+            if let Some(pid) = c.id() {
+                let group = Pid::from_raw(pid as i32);
+                let _ = killpg(group, Signal::SIGTERM);
+                if timeout(STOP_GRACE, c.wait()).await.is_err() {
+                    let _ = killpg(group, Signal::SIGKILL);
+                    let _ = c.wait().await;
+                }
+                // Children the service forked may outlive it; end them too.
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            remove_pid_file(&self.pid_file);
+        }
+        let restarts = self.status.borrow().restarts;
+        self.publish(ServiceState::Inactive, None, restarts);
+    }
+
+    fn publish(&self, state: ServiceState, pid: Option<u32>, restarts: u32) {
+        self.status.send_replace(ServiceStatus {
+            state,
+            pid,
+            restarts,
+        });
+    }
+}
+
+/// Resolves when the child exits, with how long it ran; never without a child.
+async fn wait_exit(child: &mut Option<(Child, Instant)>) -> Duration {
+    match child {
+        Some((c, started)) => {
+            let _ = c.wait().await;
+            started.elapsed()
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A process's start time in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`), which tells it apart from a later process with the same pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+fn write_pid_file(path: &Path, pid: u32) {
+    let line = format!("{pid} {}\n", start_time(pid).unwrap_or(0));
+    if let Err(e) = crate::durable::write_file(path, line.as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write pid file");
+    }
+}
+
+fn remove_pid_file(path: &Path) {
+    let _ = fs::remove_file(path);
+}
+
+/// Stops the process groups named by pid files a previous agent left, when
+/// the process is still the one that was started.
+fn stop_leftovers(run_dir: &Path) {
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+            continue;
+        }
+        let recorded = fs::read_to_string(&path).unwrap_or_default();
+        let mut fields = recorded.split_whitespace().map(|f| f.parse::<u64>().ok());
+        if let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) {
+            let pid = u32::try_from(pid).unwrap_or(0);
+            if pid > 1 && start_time(pid) == Some(started) {
+                tracing::info!(pid, file = %path.display(), "stopping a service left running by a previous agent");
+                let group = Pid::from_raw(pid as i32);
+                let _ = killpg(group, Signal::SIGTERM);
+                let deadline = std::time::Instant::now() + STOP_GRACE;
+                while start_time(pid) == Some(started) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+        }
+        let _ = fs::remove_file(&path);
+    }
+}

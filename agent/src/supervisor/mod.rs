@@ -1,0 +1,134 @@
+//! Supervisors: what starts, stops and watches the managed services.
+//!
+//! - [`systemd`]: a unit per service, driven with `systemctl`.
+//! - [`direct`]: the agent runs the services itself, for devices without
+//!   systemd (BusyBox init) and for demos.
+//!
+//! Both are reached through [`Supervisor`], so the installer and the health
+//! gate do not care which one a device uses.
+
+pub mod direct;
+pub mod systemd;
+
+use std::path::PathBuf;
+
+use ferry_protocol::ServiceName;
+use ferry_protocol::messages::ServiceState;
+use nix::sys::signal::Signal;
+
+/// What a supervisor needs to run one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// The service.
+    pub service: ServiceName,
+    /// The program, through the `current` link so a restart picks up a swap.
+    pub exec: PathBuf,
+    /// Its working directory, also through `current`.
+    pub workdir: PathBuf,
+}
+
+/// A service's state as its supervisor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceStatus {
+    /// Running, starting, stopped...
+    pub state: ServiceState,
+    /// Main process id while running.
+    pub pid: Option<u32>,
+    /// Restarts since the last explicit restart.
+    pub restarts: u32,
+}
+
+/// A supervisor operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A command (systemctl) or process could not be run.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// systemctl ran and said no.
+    #[error("{command} failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// The supervisor does not know the service.
+    #[error("service {0} is not managed here")]
+    Unknown(ServiceName),
+}
+
+/// Which supervisor a device uses.
+pub enum Supervisor {
+    /// Units under systemd.
+    Systemd(systemd::Systemd),
+    /// Processes run by the agent.
+    Direct(direct::Direct),
+}
+
+impl Supervisor {
+    /// Makes the supervisor know how to run `spec` (writes the unit file).
+    pub async fn apply(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.apply(spec).await,
+            Self::Direct(d) => d.apply(spec),
+        }
+    }
+
+    /// Restarts the service (starts it if stopped) and zeroes its restart count.
+    pub async fn restart(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.restart(service).await,
+            Self::Direct(d) => d.restart(service).await,
+        }
+    }
+
+    /// Stops the service and forgets it.
+    pub async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.remove(service).await,
+            Self::Direct(d) => d.remove(service).await,
+        }
+    }
+
+    /// The service's current state.
+    pub async fn status(&self, service: &ServiceName) -> Result<ServiceStatus, SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.status(service).await,
+            Self::Direct(d) => d.status(service),
+        }
+    }
+
+    /// Sends `signal` to the service's main process.
+    pub async fn signal(
+        &self,
+        service: &ServiceName,
+        signal: Signal,
+    ) -> Result<(), SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.signal(service, signal).await,
+            Self::Direct(d) => d.signal(service, signal),
+        }
+    }
+
+    /// Asks the service to reload its configuration (systemd `reload`; a
+    /// SIGHUP under the direct supervisor).
+    pub async fn reload(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.reload(service).await,
+            Self::Direct(d) => d.signal(service, Signal::SIGHUP),
+        }
+    }
+
+    /// The supervisor's name, for logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Systemd(_) => "systemd",
+            Self::Direct(_) => "direct",
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The systemd supervisor: one unit per service, `ferry-<service>.service`,
+//! written from the template in `systemd/ferry-service.service.in`.
+
+use std::path::PathBuf;
+
+use ferry_protocol::ServiceName;
+use ferry_protocol::messages::ServiceState;
+use nix::sys::signal::Signal;
+use tokio::process::Command;
+
+use super::{ServiceSpec, ServiceStatus, SupervisorError};
+use crate::durable;
+
+const TEMPLATE: &str = include_str!("../../../systemd/ferry-service.service.in");
+
+/// Drives systemd through `systemctl`.
+pub struct Systemd {
+    unit_dir: PathBuf,
+}
+
+/// The unit name of a service.
+pub fn unit_name(service: &ServiceName) -> String {
+    format!("ferry-{service}.service")
+}
+
+/// The unit file for `spec`.
+pub fn render_unit(spec: &ServiceSpec) -> String {
+    TEMPLATE
+        .replace("@SERVICE@", spec.service.as_str())
+        .replace("@EXEC@", &spec.exec.display().to_string())
+        .replace("@WORKDIR@", &spec.workdir.display().to_string())
+}
+
+impl Systemd {
+    /// Units are written to `unit_dir` (normally `/etc/systemd/system`).
+    pub fn new(unit_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            unit_dir: unit_dir.into(),
+        }
+    }
+
+    pub(super) async fn apply(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        let unit = unit_name(&spec.service);
+        let path = self.unit_dir.join(&unit);
+        let text = render_unit(spec);
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        durable::write_file(&path, text.as_bytes()).map_err(|source| SupervisorError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        })?;
+        systemctl(&["daemon-reload"]).await?;
+        systemctl(&["enable", &unit]).await?;
+        Ok(())
+    }
+
+    pub(super) async fn restart(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        let unit = unit_name(service);
+        // Clears NRestarts and a failed state left by an earlier release.
+        systemctl(&["reset-failed", &unit]).await.ok();
+        systemctl(&["restart", &unit]).await.map(drop)
+    }
+
+    pub(super) async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        let unit = unit_name(service);
+        systemctl(&["disable", "--now", &unit]).await?;
+        durable::remove_file(&self.unit_dir.join(&unit)).map_err(|source| SupervisorError::Io {
+            what: format!("removing {unit}"),
+            source,
+        })?;
+        systemctl(&["daemon-reload"]).await.map(drop)
+    }
+
+    pub(super) async fn status(
+        &self,
+        service: &ServiceName,
+    ) -> Result<ServiceStatus, SupervisorError> {
+        let out = systemctl(&[
+            "show",
+            &unit_name(service),
+            "--property=ActiveState,SubState,MainPID,NRestarts",
+        ])
+        .await?;
+        Ok(parse_show(&out))
+    }
+
+    pub(super) async fn signal(
+        &self,
+        service: &ServiceName,
+        signal: Signal,
+    ) -> Result<(), SupervisorError> {
+        systemctl(&[
+            "kill",
+            "--kill-whom=main",
+            &format!("--signal={}", signal.as_str()),
+            &unit_name(service),
+        ])
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn reload(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        systemctl(&["reload", &unit_name(service)]).await.map(drop)
+    }
+}
+
+/// Parses `systemctl show` output.
+fn parse_show(out: &str) -> ServiceStatus {
+    let mut status = ServiceStatus {
+        state: ServiceState::Inactive,
+        pid: None,
+        restarts: 0,
+    };
+    let mut sub = "";
+    for line in out.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        match key {
+            "ActiveState" => {
+                status.state = match value {
+                    "active" | "reloading" => ServiceState::Active,
+                    "activating" => ServiceState::Activating,
+                    "deactivating" => ServiceState::Deactivating,
+                    "failed" => ServiceState::Failed,
+                    _ => ServiceState::Inactive,
+                }
+            }
+            "SubState" => sub = value,
+            "MainPID" => status.pid = value.parse().ok().filter(|&p| p != 0),
+            "NRestarts" => status.restarts = value.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    // Between crashes a Restart=always unit waits in activating/auto-restart:
+    // not running, whatever ActiveState says.
+    if sub == "auto-restart" {
+        status.state = ServiceState::Activating;
+        status.pid = None;
+    }
+    status
+}
+
+async fn systemctl(args: &[&str]) -> Result<String, SupervisorError> {
+    let command = format!("systemctl {}", args.join(" "));
+    let out = Command::new("systemctl")
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| SupervisorError::Io {
+            what: command.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(SupervisorError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_show_output() {
+        let s = parse_show("ActiveState=active\nSubState=running\nMainPID=42\nNRestarts=3\n");
+        assert_eq!(
+            s,
+            ServiceStatus {
+                state: ServiceState::Active,
+                pid: Some(42),
+                restarts: 3
+            }
+        );
+        let s =
+            parse_show("ActiveState=activating\nSubState=auto-restart\nMainPID=0\nNRestarts=1\n");
+        assert_eq!(s.state, ServiceState::Activating);
+        assert_eq!(s.pid, None);
+    }
+
+    #[test]
+    fn unit_runs_through_the_current_link() {
+        let spec = ServiceSpec {
+            service: ServiceName::new("api").unwrap(),
+            exec: "/var/lib/ferry/services/api/current/bin/api".into(),
+            workdir: "/var/lib/ferry/services/api/current".into(),
+        };
+        let unit = render_unit(&spec);
+        assert!(
+            unit.contains("ExecStart=/var/lib/ferry/services/api/current/bin/api\n"),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("WorkingDirectory=/var/lib/ferry/services/api/current\n"),
+            "{unit}"
+        );
+        assert!(!unit.contains('@'), "{unit}");
+    }
+}
