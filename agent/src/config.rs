@@ -198,7 +198,7 @@ impl Config {
     pub fn target(&self) -> Result<Target, ferry_protocol::NameError> {
         match &self.target {
             Some(t) => Ok(t.clone()),
-            None => Target::new(env!("FERRY_AGENT_TARGET")),
+            None => Target::new(crate::BUILD_TARGET),
         }
     }
 
@@ -282,6 +282,6 @@ threshold = 1
     #[test]
     fn the_agent_knows_its_own_target() {
         let c = Config::parse(EXAMPLE).unwrap();
-        assert_eq!(c.target().unwrap().as_str(), env!("FERRY_AGENT_TARGET"));
+        assert_eq!(c.target().unwrap().as_str(), crate::BUILD_TARGET);
     }
 }

@@ -1,6 +1,7 @@
 //! The health gate: a new release must stay up, without restarting, for the
 //! manifest's window, and pass its probe, before it is committed.
 
+use std::path::Path;
 use std::time::Duration;
 
 use ferry_protocol::ServiceName;
@@ -17,11 +18,12 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Waits out the health window. `Err` says, in an operator's words, why the
-/// release is not healthy.
+/// release is not healthy. Command probes run in `workdir`, the release.
 pub async fn run(
     supervisor: &Supervisor,
     service: &ServiceName,
     settings: &HealthSettings,
+    workdir: &Path,
     http: &reqwest::Client,
 ) -> Result<(), String> {
     let window = Duration::from_secs(u64::from(settings.window_secs));
@@ -51,7 +53,7 @@ pub async fn run(
         }
         if !probe_passed && now >= next_probe {
             if let Some(probe) = &settings.probe {
-                match timeout(PROBE_TIMEOUT, run_probe(probe, http)).await {
+                match timeout(PROBE_TIMEOUT, run_probe(probe, workdir, http)).await {
                     Ok(Ok(())) => probe_passed = true,
                     Ok(Err(e)) => last_probe_error = e,
                     Err(_) => last_probe_error = format!("no answer within {PROBE_TIMEOUT:?}"),
@@ -81,7 +83,7 @@ async fn status_is_running(supervisor: &Supervisor, service: &ServiceName) -> bo
 }
 
 /// One probe attempt.
-async fn run_probe(probe: &Probe, http: &reqwest::Client) -> Result<(), String> {
+async fn run_probe(probe: &Probe, workdir: &Path, http: &reqwest::Client) -> Result<(), String> {
     match probe {
         Probe::Http { url } => {
             let response = http
@@ -103,6 +105,7 @@ async fn run_probe(probe: &Probe, http: &reqwest::Client) -> Result<(), String> 
             let (program, args) = argv.split_first().ok_or("empty probe command")?;
             let status = tokio::process::Command::new(program)
                 .args(args)
+                .current_dir(workdir)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

@@ -288,6 +288,7 @@ impl Installer {
                     StepStatus::Failed,
                     Some(reason.clone()),
                 );
+                self.forget_if_empty(&manifest.service);
                 return Ok(self.conclude(release, rollout, Outcome::Failed, Some(reason)));
             }
         };
@@ -642,6 +643,7 @@ impl Installer {
             &self.supervisor,
             &service,
             &entry.manifest.health,
+            &spec.workdir,
             &self.http,
         )
         .await
@@ -828,6 +830,14 @@ impl Installer {
                 }
             }
         }
+    }
+
+    /// Removes a service's directories when a failed first install left them
+    /// empty, so a refused release leaves no trace.
+    fn forget_if_empty(&self, service: &ServiceName) {
+        let _ = fs::remove_dir(self.layout.releases(service));
+        let _ = fs::remove_dir(self.layout.service_dir(service));
+        let _ = fs::remove_dir(self.layout.root().join("services"));
     }
 
     /// How the supervisor runs a release: through the `current` link.

@@ -26,3 +26,7 @@ pub mod unpack;
 
 /// The agent's version, as reported to the manager.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The target triple this agent was built for: a device's target unless its
+/// configuration says otherwise.
+pub const BUILD_TARGET: &str = env!("FERRY_AGENT_TARGET");

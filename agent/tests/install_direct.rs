@@ -1,0 +1,540 @@
+//! The install path under the direct supervisor, with real C services built
+//! by the machine's compilers: upgrades, rollbacks, probes, hostile inputs
+//! and a crash in the middle of an install.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use ferry_protocol::manifest::Probe;
+use ferry_protocol::messages::{Outcome, Step, StepStatus};
+use ferry_protocol::{Envelope, SecretKey};
+use support::{ARM, Build, Rig, eventually};
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn exe_of(pid: u32) -> String {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn install_then_upgrade_restarts_the_service_with_the_new_binary() {
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let result = rig.install(&v1).await;
+    assert_eq!(result.outcome, Outcome::Installed, "{result:?}");
+    let pid1 = rig.running_pid().await.expect("v1 running");
+    assert!(
+        exe_of(pid1).contains("/releases/1.0.0-"),
+        "{}",
+        exe_of(pid1)
+    );
+    eventually("v1 to record its start", || {
+        rig.records().iter().any(|r| r.0 == "start" && r.2 == pid1)
+    })
+    .await;
+    rig.take_events();
+
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    let result = rig.install(&v2).await;
+    assert_eq!(result.outcome, Outcome::Installed, "{result:?}");
+    let pid2 = rig.running_pid().await.expect("v2 running");
+    assert_ne!(pid1, pid2);
+    assert!(
+        exe_of(pid2).contains("/releases/2.0.0-"),
+        "{}",
+        exe_of(pid2)
+    );
+    eventually("v1 to be stopped", || !pid_alive(pid1)).await;
+    assert!(
+        rig.records()
+            .contains(&("start".into(), "2.0.0".into(), pid2))
+    );
+
+    // Every step reported, in order, each succeeding.
+    let steps: Vec<Step> = rig
+        .take_events()
+        .into_iter()
+        .filter(|e| e.status == StepStatus::Succeeded)
+        .map(|e| e.step)
+        .collect();
+    use Step::*;
+    assert_eq!(
+        steps,
+        [
+            Verify, DiskCheck, Download, HashCheck, Unpack, ElfCheck, Swap, Restart, HealthGate,
+            Commit
+        ]
+    );
+
+    // current -> v2, previous -> v1, nothing else kept.
+    let service = rig.data().join("services/api");
+    let current = fs::read_link(service.join("current")).unwrap();
+    let previous = fs::read_link(service.join("previous")).unwrap();
+    assert!(
+        current.to_string_lossy().starts_with("releases/2.0.0-"),
+        "{current:?}"
+    );
+    assert!(
+        previous.to_string_lossy().starts_with("releases/1.0.0-"),
+        "{previous:?}"
+    );
+    assert_eq!(fs::read_dir(service.join("releases")).unwrap().count(), 2);
+    let state = rig.installer.state();
+    assert_eq!(
+        state
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .manifest
+            .version
+            .to_string(),
+        "2.0.0"
+    );
+    assert!(!rig.data().join("journal.json").exists());
+}
+
+#[tokio::test]
+async fn a_release_that_exits_at_once_is_rolled_back_and_the_old_one_keeps_serving() {
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    let before = rig.snapshot();
+
+    let bad = rig.release("2.0.0", 2, Build::CRASH, |m| m.health.window_secs = 3);
+    let result = rig.install(&bad).await;
+    assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
+    let reason = result.reason.unwrap();
+    assert!(reason.starts_with("health gate: "), "{reason}");
+    assert!(
+        rig.records()
+            .iter()
+            .any(|r| r.0 == "crash" && r.1 == "2.0.0")
+    );
+
+    // v1 is what runs again, from the same files as before.
+    let pid = rig.running_pid().await.expect("v1 running again");
+    assert!(exe_of(pid).contains("/releases/1.0.0-"), "{}", exe_of(pid));
+    let after = rig.snapshot();
+    let current = |s: &[String]| {
+        s.iter()
+            .find(|l| l.starts_with("services/api/current"))
+            .cloned()
+    };
+    assert_eq!(current(&before), current(&after));
+    assert!(
+        !after.iter().any(|l| l.contains("2.0.0-")),
+        "failed release left behind: {after:#?}"
+    );
+    assert_eq!(
+        rig.installer
+            .state()
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .manifest
+            .sequence,
+        1
+    );
+
+    // The failed release is not tried again unless asked.
+    let again = rig.install(&bad).await;
+    assert_eq!(again.outcome, Outcome::Rejected);
+    assert!(
+        again
+            .reason
+            .unwrap()
+            .contains("failed on this device before")
+    );
+}
+
+#[tokio::test]
+async fn a_first_release_that_crashes_leaves_no_service_behind() {
+    let mut rig = Rig::new();
+    let bad = rig.release("1.0.0", 1, Build::CRASH, |_| {});
+    let result = rig.install(&bad).await;
+    assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
+    assert!(rig.running_pid().await.is_none());
+    assert!(fs::symlink_metadata(rig.data().join("services/api/current")).is_err());
+    assert!(rig.installer.state().services.is_empty());
+}
+
+#[tokio::test]
+async fn probes_gate_the_release() {
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    let pid1 = rig.running_pid().await.unwrap();
+
+    // Nothing listens on this port: the probe can never pass.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unreachable = rig.release("2.0.0", 2, Build::SERVE, |m| {
+        m.health.window_secs = 2;
+        m.health.probe = Some(Probe::Tcp {
+            address: closed.to_string(),
+        });
+    });
+    let result = rig.install(&unreachable).await;
+    assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
+    let reason = result.reason.unwrap();
+    assert!(reason.contains("probe did not pass"), "{reason}");
+    let pid = rig.running_pid().await.unwrap();
+    assert_ne!(pid, pid1, "v1 is restarted after the rollback");
+    assert!(exe_of(pid).contains("/releases/1.0.0-"));
+
+    // A probe that passes lets the release through.
+    let passing = rig.release("3.0.0", 3, Build::SERVE, |m| {
+        m.health.probe = Some(Probe::Command {
+            argv: vec!["test".into(), "-f".into(), "etc.conf".into()],
+        });
+    });
+    let result = rig.install(&passing).await;
+    assert_eq!(result.outcome, Outcome::Installed, "{result:?}");
+}
+
+/// A .tar.gz made of raw tar entries, bypassing every check a tar writer
+/// would make: (name, type, link name, contents).
+fn hostile_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, link, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        {
+            let gnu = header.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_entry_type(*kind);
+        header.set_mode(0o755);
+        header.set_size(data.len() as u64);
+        if *kind == tar::EntryType::Char {
+            header.set_device_major(1).unwrap();
+            header.set_device_minor(3).unwrap();
+        }
+        header.set_cksum();
+        builder.append(&header, *data).unwrap();
+    }
+    gzip(&builder.into_inner().unwrap())
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A tar whose one file claims `size` bytes of zeros: tiny compressed.
+fn bomb(size: u64) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path("bin/api").unwrap();
+    header.set_size(size);
+    header.set_mode(0o755);
+    header.set_cksum();
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append(&header, std::io::repeat(0).take_bytes(size))
+        .unwrap();
+    gzip(&builder.into_inner().unwrap())
+}
+
+trait TakeBytes: std::io::Read + Sized {
+    fn take_bytes(self, n: u64) -> std::io::Take<Self> {
+        std::io::Read::take(self, n)
+    }
+}
+impl<R: std::io::Read> TakeBytes for R {}
+
+#[tokio::test]
+async fn hostile_inputs_are_refused_and_change_nothing() {
+    use tar::EntryType::{Char, Directory, Link, Regular, Symlink};
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 5, Build::SERVE, |_| {});
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    let pid = rig.running_pid().await.unwrap();
+    let v2 = rig.release("2.0.0", 6, Build::SERVE, |_| {});
+    let outside = rig.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let outside_link = outside.display().to_string();
+    let escape_target = format!("{}/pwned", outside.display());
+
+    let mut bad_signature = v2.envelope.clone();
+    bad_signature.signatures[0].sig[10] ^= 0x40;
+    let stranger = SecretKey::from_seed(&[7; 32]);
+    let unknown_key = Envelope::sign(v2.manifest.to_json(), &[&stranger]).unwrap();
+    let replay = rig.release("0.9.0", 4, Build::SERVE, |_| {});
+    let good_bytes = fs::read(&v2.artifact).unwrap();
+    let mut flipped = good_bytes.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 1;
+    fs::write(rig.tmp.path().join("flipped.tar.gz"), &flipped).unwrap();
+    fs::write(
+        rig.tmp.path().join("truncated.tar.gz"),
+        &good_bytes[..good_bytes.len() / 2],
+    )
+    .unwrap();
+
+    let cases: Vec<(&str, Envelope, std::path::PathBuf, Outcome, Step, &str)> = vec![
+        (
+            "bad signature",
+            bad_signature,
+            v2.artifact.clone(),
+            Outcome::Rejected,
+            Step::Verify,
+            "does not verify",
+        ),
+        (
+            "unknown key",
+            unknown_key,
+            v2.artifact.clone(),
+            Outcome::Rejected,
+            Step::Verify,
+            "unknown key",
+        ),
+        (
+            "replayed lower sequence",
+            replay.envelope.clone(),
+            replay.artifact.clone(),
+            Outcome::Rejected,
+            Step::Verify,
+            "below the installed 5",
+        ),
+        (
+            "artifact hash mismatch",
+            v2.envelope.clone(),
+            rig.tmp.path().join("flipped.tar.gz"),
+            Outcome::Failed,
+            Step::HashCheck,
+            "sha256",
+        ),
+        (
+            "truncated download",
+            v2.envelope.clone(),
+            rig.tmp.path().join("truncated.tar.gz"),
+            Outcome::Failed,
+            Step::HashCheck,
+            "bytes",
+        ),
+    ];
+    let tars: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "tar with ../x",
+            hostile_tar(&[("../x", Regular, "", b"x")]),
+            "'..' is not allowed",
+        ),
+        (
+            "tar with /etc/x",
+            hostile_tar(&[("/etc/ferry-hostile-x", Regular, "", b"x")]),
+            "absolute paths are not allowed",
+        ),
+        (
+            "symlink to / then a file through it",
+            hostile_tar(&[
+                ("escape", Symlink, &outside_link, b""),
+                ("escape/pwned", Regular, "", b"x"),
+            ]),
+            "symbolic link",
+        ),
+        (
+            "hard link outside",
+            hostile_tar(&[
+                ("bin", Directory, "", b""),
+                ("bin/api", Link, &escape_target, b""),
+            ]),
+            "hard link",
+        ),
+        (
+            "device node",
+            hostile_tar(&[("dev-null", Char, "", b"")]),
+            "device node",
+        ),
+        (
+            "gzip bomb over the limit",
+            bomb(64 << 20),
+            "unpacks to more than",
+        ),
+    ];
+    let mut all = cases;
+    for (name, bytes, reason) in &tars {
+        let release = rig.with_artifact(
+            &v2,
+            &format!("{}.tar.gz", name.replace(' ', "-").replace('/', "_")),
+            bytes,
+        );
+        all.push((
+            name,
+            release.envelope,
+            release.artifact,
+            Outcome::Failed,
+            Step::Unpack,
+            reason,
+        ));
+    }
+
+    for (name, envelope, artifact, outcome, step, reason) in all {
+        let before = rig.snapshot();
+        rig.take_events();
+        let result = rig.install_envelope(envelope, &artifact).await;
+        assert_eq!(result.outcome, outcome, "{name}: {result:?}");
+        let (failed_step, failed_reason) = rig
+            .failed_step()
+            .unwrap_or_else(|| panic!("{name}: no failed event"));
+        assert_eq!(failed_step, step, "{name}: {failed_reason}");
+        assert!(failed_reason.contains(reason), "{name}: {failed_reason}");
+        assert_eq!(
+            result.reason.as_deref(),
+            Some(failed_reason.as_str()),
+            "{name}"
+        );
+        assert_eq!(rig.snapshot(), before, "{name} changed the device");
+        assert_eq!(
+            rig.running_pid().await,
+            Some(pid),
+            "{name} disturbed the running service"
+        );
+    }
+    assert!(!Path::new("/etc/ferry-hostile-x").exists());
+    assert!(!outside.join("pwned").exists());
+    assert!(!rig.data().join("services/api/x").exists());
+    assert!(!rig.data().join("services/api/releases/x").exists());
+}
+
+#[tokio::test]
+async fn binaries_for_another_architecture_are_refused_before_the_swap() {
+    // An x86-64 binary in a release for an ARM device.
+    let mut arm_device = Rig::with_target(ARM);
+    let x86_binary = arm_device.release("1.0.0", 1, Build::SERVE, |_| {});
+    assert_eq!(x86_binary.manifest.target.as_str(), ARM);
+    let before = arm_device.snapshot();
+    let result = arm_device.install(&x86_binary).await;
+    assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
+    let (step, reason) = arm_device.failed_step().unwrap();
+    assert_eq!(step, Step::ElfCheck);
+    assert!(
+        reason.contains("built for x86-64, but armv7-unknown-linux-gnueabihf needs ARM"),
+        "{reason}"
+    );
+    assert_eq!(arm_device.snapshot(), before);
+
+    // And the reverse: an ARM binary, mislabelled for this host.
+    let mut host = Rig::new();
+    let v1 = host.release("1.0.0", 1, Build::SERVE, |_| {});
+    assert_eq!(host.install(&v1).await.outcome, Outcome::Installed);
+    let before = host.snapshot();
+    let arm_binary = host.release("2.0.0", 2, Build::ARM, |m| {
+        m.target = ferry_protocol::Target::new(ferry_agent::BUILD_TARGET).unwrap();
+    });
+    let result = host.install(&arm_binary).await;
+    assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
+    let (step, reason) = host.failed_step().unwrap();
+    assert_eq!(step, Step::ElfCheck);
+    assert!(reason.contains("built for ARM"), "{reason}");
+    assert_eq!(host.snapshot(), before);
+}
+
+#[tokio::test]
+async fn an_agent_killed_during_the_health_gate_finishes_the_install_when_it_restarts() {
+    let rig = Rig::new();
+    let agent = env!("CARGO_BIN_EXE_ferry-agent");
+    let config = rig.tmp.path().join("agent.toml");
+    let write = |r: &support::Release, name: &str| {
+        let path = rig.tmp.path().join(name);
+        fs::write(&path, r.envelope.to_json()).unwrap();
+        path
+    };
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |m| m.health.window_secs = 4);
+    let (e1, e2) = (write(&v1, "v1.json"), write(&v2, "v2.json"));
+
+    let first = Command::new(agent)
+        .arg("-c")
+        .arg(&config)
+        .arg("install")
+        .arg(&e1)
+        .arg(&v1.artifact)
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    // Start installing v2, and kill the agent once its health gate begins.
+    let mut child = Command::new(agent)
+        .arg("-c")
+        .arg(&config)
+        .arg("install")
+        .arg(&e2)
+        .arg(&v2.artifact)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        if line.unwrap().contains("step=HealthGate status=Started") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let journal: serde_json::Value =
+        serde_json::from_slice(&fs::read(rig.data().join("journal.json")).unwrap()).unwrap();
+    assert_eq!(journal["phase"], "swapping");
+    let orphan = rig
+        .records()
+        .iter()
+        .rev()
+        .find(|r| r.1 == "2.0.0")
+        .map(|r| r.2)
+        .unwrap();
+
+    // A new agent finds the journal, stops the orphan, and finishes the job.
+    let again = Command::new(agent)
+        .arg("-c")
+        .arg(&config)
+        .arg("install")
+        .arg(&e2)
+        .arg(&v2.artifact)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(stdout.trim(), "installed api 2.0.0: already installed");
+    assert!(!rig.data().join("journal.json").exists());
+    assert!(
+        !pid_alive(orphan),
+        "the killed agent's service process still runs"
+    );
+    let running: Vec<u32> = rig
+        .records()
+        .iter()
+        .filter(|r| r.0 == "start" && pid_alive(r.2))
+        .map(|r| r.2)
+        .collect();
+    assert_eq!(
+        running.len(),
+        1,
+        "exactly one service process: {:?}",
+        rig.records()
+    );
+    assert!(exe_of(running[0]).contains("/releases/2.0.0-"));
+}

@@ -1,0 +1,326 @@
+//! A device in a temporary directory, with real releases of a real C service
+//! built by the machine's compilers, installed through the agent library.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_agent::config::Config;
+use ferry_agent::device;
+use ferry_agent::install::{ArtifactSource, InstallRequest, Installer};
+use ferry_agent::report::{Report, Reporter};
+use ferry_cross::{PackageRequest, package};
+use ferry_protocol::manifest::ArtifactKind;
+use ferry_protocol::messages::{DeploymentResult, Event, Step, StepStatus};
+use ferry_protocol::{Envelope, Manifest, RelPath, SecretKey, ServiceName, Sha256Digest, Target};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub const ARM: &str = "armv7-unknown-linux-gnueabihf";
+
+/// How to build a release's program.
+#[derive(Debug, Clone, Copy)]
+pub struct Build {
+    /// Exit at once instead of serving.
+    pub crash: bool,
+    /// Build with the ARM cross-compiler instead of the host's.
+    pub arm: bool,
+}
+
+impl Build {
+    pub const SERVE: Build = Build {
+        crash: false,
+        arm: false,
+    };
+    pub const CRASH: Build = Build {
+        crash: true,
+        arm: false,
+    };
+    pub const ARM: Build = Build {
+        crash: false,
+        arm: true,
+    };
+}
+
+/// A signed release on disk.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub manifest: Manifest,
+    pub envelope: Envelope,
+    pub artifact: PathBuf,
+}
+
+pub struct Rig {
+    pub tmp: tempfile::TempDir,
+    pub key: SecretKey,
+    pub config: Config,
+    pub installer: Installer,
+    pub events: UnboundedReceiver<Report>,
+    /// The file the test service records its life in.
+    pub out: PathBuf,
+}
+
+impl Rig {
+    /// A device of the host's own target, direct supervisor.
+    pub fn new() -> Self {
+        Self::with_target(ferry_agent::BUILD_TARGET)
+    }
+
+    /// A device that says it is `target`.
+    pub fn with_target(target: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed(&[42; 32]);
+        let pub_path = tmp.path().join("ops.pub");
+        fs::write(&pub_path, key.public_key().to_text()).unwrap();
+        let config_path = tmp.path().join("agent.toml");
+        fs::write(
+            &config_path,
+            format!(
+                "device_id = \"test-device\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\ntarget = \"{target}\"\n[trust]\nkeys = [\"{}\"]\n",
+                tmp.path().join("data").display(),
+                pub_path.display()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(&config_path).unwrap();
+        let (reporter, events) = Reporter::channel();
+        let installer = device::installer(&config, reporter).unwrap();
+        let out = tmp.path().join("service.out");
+        Self {
+            tmp,
+            key,
+            config,
+            installer,
+            events,
+            out,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.config.data_dir.clone()
+    }
+
+    /// Builds, packages and signs release `version` of service `api`, with a
+    /// 1-second health window; `tweak` may change the manifest before signing.
+    pub fn release(
+        &self,
+        version: &str,
+        sequence: u64,
+        build: Build,
+        tweak: impl FnOnce(&mut Manifest),
+    ) -> Release {
+        let tree = self.tmp.path().join(format!("tree-{version}-{sequence}"));
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::write(tree.join("etc.conf"), format!("version = {version}\n")).unwrap();
+        compile(&tree.join("bin/api"), version, &self.out, build);
+        let target = if build.arm {
+            ARM.to_string()
+        } else {
+            self.config.target().unwrap().to_string()
+        };
+        let packaged = package(
+            &PackageRequest {
+                dir: tree,
+                service: ServiceName::new("api").unwrap(),
+                version: version.parse().unwrap(),
+                entrypoint: RelPath::new("bin/api").unwrap(),
+                sequence,
+                target: Target::new(target).unwrap(),
+                kind: Some(ArtifactKind::C),
+                expires: None,
+                build: Default::default(),
+            },
+            &self.tmp.path().join(format!("out-{version}-{sequence}")),
+        )
+        .unwrap();
+        let mut manifest = packaged.manifest;
+        manifest.health.window_secs = 1;
+        tweak(&mut manifest);
+        self.sign(manifest, packaged.artifact)
+    }
+
+    /// Signs `manifest` with the trusted key.
+    pub fn sign(&self, manifest: Manifest, artifact: PathBuf) -> Release {
+        let envelope = Envelope::sign(manifest.to_json(), &[&self.key]).unwrap();
+        Release {
+            manifest,
+            envelope,
+            artifact,
+        }
+    }
+
+    /// `base` re-signed with `bytes` as its artifact (size and hash updated).
+    pub fn with_artifact(&self, base: &Release, name: &str, bytes: &[u8]) -> Release {
+        let path = self.tmp.path().join(name);
+        fs::write(&path, bytes).unwrap();
+        let mut manifest = base.manifest.clone();
+        manifest.artifact.sha256 = Sha256Digest::of(bytes);
+        manifest.artifact.size = bytes.len() as u64;
+        self.sign(manifest, path)
+    }
+
+    pub async fn install(&mut self, release: &Release) -> DeploymentResult {
+        self.install_envelope(release.envelope.clone(), &release.artifact)
+            .await
+    }
+
+    pub async fn install_envelope(
+        &mut self,
+        envelope: Envelope,
+        artifact: &Path,
+    ) -> DeploymentResult {
+        self.installer
+            .install(InstallRequest {
+                envelope,
+                source: ArtifactSource::File(artifact.to_owned()),
+                rollout: None,
+                retry_failed: false,
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Events reported since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Ok(report) = self.events.try_recv() {
+            if let Report::Event(e) = report {
+                events.push(e);
+            }
+        }
+        events
+    }
+
+    /// The step that failed in the events since the last call, with its reason.
+    pub fn failed_step(&mut self) -> Option<(Step, String)> {
+        self.take_events()
+            .into_iter()
+            .filter(|e| e.status == StepStatus::Failed)
+            .map(|e| (e.step, e.reason.unwrap_or_default()))
+            .next()
+    }
+
+    /// What the test service recorded: (event, version, pid) lines.
+    pub fn records(&self) -> Vec<(String, String, u32)> {
+        fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((f.next()?.into(), f.next()?.into(), f.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The pid of the running service process, per the supervisor.
+    pub async fn running_pid(&self) -> Option<u32> {
+        let api = ServiceName::new("api").unwrap();
+        self.installer.supervisor().status(&api).await.ok()?.pid
+    }
+
+    /// Everything under `services/` (names, link targets, file hashes) and
+    /// the committed services: what "nothing changed" compares.
+    pub fn snapshot(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        walk(&self.data().join("services"), &self.data(), &mut lines);
+        lines.sort();
+        let state = fs::read_to_string(self.data().join("state.json")).unwrap_or_default();
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap_or_default();
+        let services = state
+            .get("services")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        lines.push(format!("state.services = {services}"));
+        lines.push(format!(
+            "journal = {}",
+            self.data().join("journal.json").exists()
+        ));
+        lines
+    }
+}
+
+impl Drop for Rig {
+    /// Stops the services this rig started.
+    fn drop(&mut self) {
+        kill_services(&self.data());
+    }
+}
+
+/// Stops every process group named by a pid file under `data/run`.
+pub fn kill_services(data: &Path) {
+    if let Ok(entries) = fs::read_dir(data.join("run")) {
+        for entry in entries.flatten() {
+            let text = fs::read_to_string(entry.path()).unwrap_or_default();
+            if let Some(pid) = text
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let rel = path.strip_prefix(root).unwrap().display().to_string();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.file_type().is_symlink() {
+            out.push(format!(
+                "{rel} -> {}",
+                fs::read_link(&path).unwrap().display()
+            ));
+        } else if meta.is_dir() {
+            out.push(format!("{rel}/"));
+            walk(&path, root, out);
+        } else {
+            out.push(format!(
+                "{rel} {}",
+                Sha256Digest::of(&fs::read(&path).unwrap())
+            ));
+        }
+    }
+}
+
+/// Compiles the test service with the host's `cc` or the ARM cross-compiler.
+pub fn compile(binary: &Path, version: &str, out: &Path, build: Build) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/service.c");
+    let compiler = if build.arm {
+        "arm-linux-gnueabihf-gcc"
+    } else {
+        "cc"
+    };
+    let mut cmd = Command::new(compiler);
+    cmd.arg("-O2")
+        .arg(format!("-DVERSION=\"{version}\""))
+        .arg(format!("-DOUT=\"{}\"", out.display()));
+    if build.crash {
+        cmd.arg("-DCRASH");
+    }
+    let status = cmd
+        .arg(&source)
+        .arg("-o")
+        .arg(binary)
+        .status()
+        .unwrap_or_else(|e| panic!("{compiler} not found ({e}); run scripts/setup"));
+    assert!(status.success(), "{compiler} failed");
+}
+
+/// Waits (bounded) until `check` holds, for effects of other processes.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
