@@ -93,7 +93,7 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         policy: config.trust_policy()?,
         target: config.target()?,
         limits: config.limits.into(),
-        supervisor,
+        supervisor: std::sync::Arc::new(supervisor),
         reporter,
         http: http_client()?,
         credentials,

@@ -12,10 +12,13 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use ferry_protocol::elf::{ELF_HEADER_LEN, check_elf};
-use ferry_protocol::messages::{DeploymentResult, Outcome, ReleaseRef, Step, StepStatus};
+use ferry_protocol::messages::{
+    DeploymentResult, MESSAGE_SCHEMA, Outcome, ReleaseRef, Reported, Step, StepStatus,
+};
 use ferry_protocol::{Checks, Envelope, Manifest, ServiceName, Target, Timestamp, TrustPolicy};
 
 use crate::durable;
@@ -93,7 +96,7 @@ pub struct Installer {
     policy: TrustPolicy,
     target: Target,
     limits: AgentLimits,
-    supervisor: Supervisor,
+    supervisor: Arc<Supervisor>,
     reporter: Reporter,
     http: reqwest::Client,
     credentials: Option<Credentials>,
@@ -110,8 +113,8 @@ pub struct InstallerParts {
     pub target: Target,
     /// The agent's own ceilings.
     pub limits: AgentLimits,
-    /// What runs the services.
-    pub supervisor: Supervisor,
+    /// What runs the services (shared with the health reporter).
+    pub supervisor: Arc<Supervisor>,
     /// Where reports go.
     pub reporter: Reporter,
     /// The HTTP client for downloads and probes.
@@ -139,13 +142,29 @@ impl Installer {
         })
     }
 
+    /// The `reported` message for the committed state.
+    pub fn reported(&self) -> Reported {
+        Reported {
+            schema: MESSAGE_SCHEMA,
+            time: Timestamp::from(SystemTime::now()),
+            agent_version: crate::VERSION.to_owned(),
+            services: self.state.reported_services(),
+            last_result: self.state.last_result.clone(),
+        }
+    }
+
+    /// Where this installer's reports go.
+    pub fn reporter(&self) -> &Reporter {
+        &self.reporter
+    }
+
     /// The committed state.
     pub fn state(&self) -> &State {
         &self.state
     }
 
     /// The supervisor running the services.
-    pub fn supervisor(&self) -> &Supervisor {
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
         &self.supervisor
     }
 
@@ -227,12 +246,15 @@ impl Installer {
             StepStatus::Started,
             None,
         );
-        let checks = Checks {
-            now: SystemTime::now(),
-            target: Some(&self.target),
-            installed: &self.state,
-        };
-        let manifest = match self.policy.verify(&request.envelope, &checks) {
+        let verified = self.policy.verify(
+            &request.envelope,
+            &Checks {
+                now: SystemTime::now(),
+                target: Some(&self.target),
+                installed: &self.state,
+            },
+        );
+        let manifest = match verified {
             Ok(release) => release.manifest,
             Err(e) => {
                 let reason = e.to_string();
@@ -705,7 +727,7 @@ impl Installer {
             StepStatus::Succeeded,
             None,
         );
-        self.reporter.state_changed();
+        self.reporter.reported(self.reported());
         outcome
     }
 
@@ -780,7 +802,7 @@ impl Installer {
             },
             restored.err(),
         );
-        self.reporter.state_changed();
+        self.reporter.reported(self.reported());
         outcome
     }
 
@@ -863,7 +885,7 @@ impl Installer {
         if let Err(e) = self.state.save(&self.layout.state_file()) {
             tracing::error!(error = %e, "cannot save the state");
         }
-        self.reporter.state_changed();
+        self.reporter.reported(self.reported());
         result
     }
 }

@@ -9,16 +9,22 @@
 //! - [`unpack`], [`fetch`], [`health_gate`]: steps of the install path.
 //! - [`state`], [`journal`], [`durable`], [`layout`]: what is kept on disk, and how.
 //! - [`report`]: events and state changes for the MQTT session.
+//! - [`daemon`]: the long-running agent: MQTT session, install worker,
+//!   health reports ([`health`]), the inbox ([`inbox`]), the watchdog.
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod durable;
 pub mod fetch;
+pub mod health;
 pub mod health_gate;
+pub mod inbox;
 pub mod install;
 pub mod journal;
 pub mod layout;
+pub mod mqtt;
 pub mod report;
 pub mod state;
 pub mod supervisor;

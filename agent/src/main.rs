@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use ferry_agent::config::Config;
 use ferry_agent::install::{ArtifactSource, InstallRequest};
 use ferry_agent::report::Reporter;
-use ferry_agent::{VERSION, device};
+use ferry_agent::{VERSION, daemon, device};
 use ferry_protocol::Envelope;
 use ferry_protocol::messages::Outcome;
 
@@ -67,15 +67,34 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let config = Config::load(&cli.config)?;
     match cli.command {
-        Some(Command::Install { envelope, artifact }) => install(&config, envelope, artifact).await,
+        Some(Command::Install { envelope, artifact }) => {
+            let config = Config::load(&cli.config)?;
+            install(&config, envelope, artifact).await
+        }
         None => {
-            anyhow::bail!(
-                "the agent daemon is not available in this build yet; use `ferry-agent install`"
-            )
+            daemon::run(&cli.config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Resolves on SIGTERM (systemd stopping the agent) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+    tracing::info!("stopping");
 }
 
 /// Installs one release and exits 0 only if it is installed.

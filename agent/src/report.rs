@@ -6,7 +6,9 @@
 //! logged.
 
 use ferry_protocol::Timestamp;
-use ferry_protocol::messages::{Event, MESSAGE_SCHEMA, Progress, ReleaseRef, Step, StepStatus};
+use ferry_protocol::messages::{
+    Event, MESSAGE_SCHEMA, Progress, ReleaseRef, Reported, Step, StepStatus,
+};
 use tokio::sync::mpsc;
 
 /// One thing to report.
@@ -14,8 +16,8 @@ use tokio::sync::mpsc;
 pub enum Report {
     /// A step of an install.
     Event(Event),
-    /// The installed state changed; republish `reported`.
-    StateChanged,
+    /// The installed state changed: the new `reported` message.
+    Reported(Reported),
 }
 
 /// Where the installer sends its reports. Cheap to clone.
@@ -71,10 +73,10 @@ impl Reporter {
         );
     }
 
-    /// Notes that the installed state changed.
-    pub fn state_changed(&self) {
+    /// Hands on the new `reported` message after a state change.
+    pub fn reported(&self, reported: Reported) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Report::StateChanged);
+            let _ = tx.send(Report::Reported(reported));
         }
     }
 

@@ -2,6 +2,9 @@
 //! built by the machine's compilers, installed through the agent library.
 #![allow(dead_code)]
 
+pub mod artifacts;
+pub mod broker;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -314,13 +317,23 @@ pub fn compile(binary: &Path, version: &str, out: &Path, build: Build) {
     assert!(status.success(), "{compiler} failed");
 }
 
-/// Waits (bounded) until `check` holds, for effects of other processes.
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if check() {
-            return;
-        }
+/// Waits (up to 5 s) until `check` holds, for effects of other processes.
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_for(what, std::time::Duration::from_secs(5), check).await;
+}
+
+/// Waits (up to `limit`) until `check` holds.
+pub async fn eventually_for(
+    what: &str,
+    limit: std::time::Duration,
+    mut check: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    panic!("timed out waiting for {what}");
 }

@@ -1,0 +1,432 @@
+//! The agent as a long-running service: the MQTT session, the install
+//! worker, health reports, the inbox, the watchdog, and config reloads.
+//!
+//! Two tasks on one current-thread runtime:
+//! - the **session** (this module's [`run`]) keeps the MQTT connection, turns
+//!   `desired` messages into the latest desired state, publishes whatever
+//!   the worker reports, sends health, and feeds systemd's watchdog;
+//! - the **worker** installs, one release at a time, so a long health gate
+//!   never stalls the connection.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_protocol::messages::{
+    Connectivity, Desired, Message, Outcome, Reported, Step, StepStatus,
+};
+use ferry_protocol::topics::{Topic, TopicKind};
+use ferry_protocol::{DeviceId, TrustPolicy};
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, interval, sleep_until};
+
+use crate::config::Config;
+use crate::device::{self, SetupError};
+use crate::health::HealthProbe;
+use crate::inbox;
+use crate::install::{ArtifactSource, InstallRequest, Installer};
+use crate::mqtt;
+use crate::report::{Report, Reporter};
+
+/// Messages to the install worker besides desired state.
+enum Work {
+    /// Something changed in the inbox.
+    InboxChanged,
+    /// The trust keys changed.
+    Policy(TrustPolicy),
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Result<(), SetupError> {
+    let mut config = Config::load(config_path)?;
+    let _lock = device::lock_data_dir(&config)?;
+    let (reporter, mut reports) = Reporter::channel();
+    let installer = device::installer(&config, reporter.clone())?;
+    let supervisor = installer.supervisor().clone();
+    let (desired_tx, desired_rx) = watch::channel::<Option<Desired>>(None);
+    let (work_tx, work_rx) = mpsc::unbounded_channel();
+    tokio::spawn(worker(installer, desired_rx, work_rx, config.inbox.clone()));
+
+    // The inbox and the config file are watched; changes arrive as `()`.
+    let (inbox_tx, mut inbox_rx) = mpsc::unbounded_channel();
+    let _inbox_watcher = match &config.inbox {
+        Some(dir) => Some(
+            inbox::watch(dir, inbox_tx).map_err(|e| SetupError::DataDir {
+                path: dir.clone(),
+                source: std::io::Error::other(e),
+            })?,
+        ),
+        None => None,
+    };
+    let (config_tx, mut config_rx) = mpsc::unbounded_channel();
+    let _config_watcher = watch_file(config_path, config_tx);
+
+    let mut session = Session::new(&config).map_err(|message| {
+        SetupError::Config(crate::config::ConfigError::Parse {
+            path: config_path.to_owned(),
+            message,
+        })
+    })?;
+    let mut health = HealthProbe::new(config.data_dir.clone());
+    let mut health_tick = interval(config.health_interval);
+    let mut last_reported: Option<Reported> = None;
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick = interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(device = %config.device_id, supervisor = supervisor.name(), "agent running");
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            event = session.poll() => {
+                match event {
+                    SessionEvent::Connected => {
+                        if let Some(r) = &last_reported {
+                            session.publish(TopicKind::Reported, r.encode());
+                        }
+                    }
+                    SessionEvent::Desired(payload) => match Desired::decode(&payload) {
+                        Ok(desired) => {
+                            desired_tx.send_replace(Some(desired));
+                        }
+                        Err(e) if payload.is_empty() => tracing::debug!("desired state cleared: {e}"),
+                        Err(e) => reporter.step(None, None, Step::Verify, StepStatus::Failed, Some(e.to_string())),
+                    },
+                    SessionEvent::Nothing => {}
+                }
+            }
+            Some(report) = reports.recv() => match report {
+                Report::Event(event) => session.publish(TopicKind::Events, event.encode()),
+                Report::Reported(reported) => {
+                    session.publish(TopicKind::Reported, reported.encode());
+                    last_reported = Some(reported);
+                    // A state change is news for monitoring too.
+                    health_tick.reset_immediately();
+                }
+            },
+            _ = health_tick.tick() => {
+                if let Some(reported) = &last_reported {
+                    let report = health.collect(&supervisor, reported).await;
+                    session.publish(TopicKind::Health, report.encode());
+                }
+            }
+            Some(()) = inbox_rx.recv() => {
+                let _ = work_tx.send(Work::InboxChanged);
+            }
+            Some(()) = config_rx.recv() => {
+                match Config::load(config_path) {
+                    Ok(new) => {
+                        apply_config_change(&config, &new, &work_tx, &mut health_tick);
+                        config = new;
+                    }
+                    Err(e) => tracing::warn!("config change ignored: {e}"),
+                }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    session.goodbye().await;
+    Ok(())
+}
+
+/// Applies what can change while running: the trust keys and the health
+/// interval. Other keys take effect at the next start.
+fn apply_config_change(
+    old: &Config,
+    new: &Config,
+    work: &mpsc::UnboundedSender<Work>,
+    health_tick: &mut tokio::time::Interval,
+) {
+    if old.trust != new.trust {
+        match new.trust_policy() {
+            Ok(policy) => {
+                tracing::info!("trust keys reloaded");
+                let _ = work.send(Work::Policy(policy));
+            }
+            Err(e) => tracing::warn!("new trust settings ignored: {e}"),
+        }
+    }
+    if old.health_interval != new.health_interval {
+        tracing::info!(interval = ?new.health_interval, "health interval changed");
+        *health_tick = interval(new.health_interval);
+    }
+    let restart_needed = Config {
+        trust: new.trust.clone(),
+        health_interval: new.health_interval,
+        ..old.clone()
+    } != *new;
+    if restart_needed {
+        tracing::warn!(
+            "config changes other than [trust] and health_interval apply after a restart"
+        );
+    }
+}
+
+/// Watches one file (through its directory, so editors that replace the
+/// file are seen too).
+fn watch_file(
+    path: &Path,
+    changed: mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name()?.to_owned();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            if event.paths.iter().any(|p| p.file_name() == Some(&name)) {
+                let _ = changed.send(());
+            }
+        }
+    })
+    .ok()?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .ok()?;
+    Some(watcher)
+}
+
+/// The install worker: reconciles desired state and processes the inbox,
+/// one release at a time.
+async fn worker(
+    mut installer: Installer,
+    mut desired: watch::Receiver<Option<Desired>>,
+    mut work: mpsc::UnboundedReceiver<Work>,
+    inbox: Option<PathBuf>,
+) {
+    installer.recover().await;
+    installer.start_installed().await;
+    installer.reporter().reported(installer.reported());
+    if let Some(dir) = &inbox {
+        process_inbox(&mut installer, dir).await;
+    }
+    const RETRY_MIN: Duration = Duration::from_secs(30);
+    const RETRY_MAX: Duration = Duration::from_secs(600);
+    let mut retry_at: Option<Instant> = None;
+    let mut backoff = RETRY_MIN;
+    loop {
+        let reconcile_now = tokio::select! {
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                backoff = RETRY_MIN;
+                true
+            }
+            item = work.recv() => {
+                match item {
+                    None => return,
+                    Some(Work::InboxChanged) => {
+                        while let Ok(Work::InboxChanged) = work.try_recv() {}
+                        if let Some(dir) = &inbox {
+                            process_inbox(&mut installer, dir).await;
+                        }
+                    }
+                    Some(Work::Policy(policy)) => installer.set_policy(policy),
+                }
+                false
+            }
+            () = wait_until(retry_at) => true,
+        };
+        if reconcile_now {
+            let current = desired.borrow_and_update().clone();
+            retry_at = None;
+            if let Some(current) = current {
+                if reconcile(&mut installer, &current).await {
+                    tracing::info!(retry_in = ?backoff, "some releases could not be installed; will retry");
+                    retry_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Installs what `desired` asks for and is not installed. True when a
+/// release failed in a way worth retrying (a download, say).
+async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
+    let mut retry = false;
+    for release in &desired.releases {
+        let Ok(manifest) = release.envelope.unverified_manifest() else {
+            tracing::warn!("desired state holds an unreadable manifest; skipped");
+            continue;
+        };
+        if let Some(installed) = installer.state().services.get(&manifest.service) {
+            if installed.manifest.sequence == manifest.sequence
+                && installed.manifest.artifact.sha256 == manifest.artifact.sha256
+            {
+                continue;
+            }
+        }
+        if installer.state().has_failed(&manifest) {
+            continue;
+        }
+        let Some(url) = release.artifact_url.clone() else {
+            tracing::warn!(service = %manifest.service, "desired state gives no artifact URL; skipped");
+            continue;
+        };
+        let result = installer
+            .install(InstallRequest {
+                envelope: release.envelope.clone(),
+                source: ArtifactSource::Url(url),
+                rollout: desired.rollout.clone(),
+                retry_failed: false,
+            })
+            .await;
+        if matches!(result, Ok(ref r) if r.outcome == Outcome::Failed) {
+            retry = true;
+        }
+    }
+    retry
+}
+
+async fn process_inbox(installer: &mut Installer, dir: &Path) {
+    for dropped in inbox::scan(dir) {
+        tracing::info!(name = %dropped.name, "installing a release from the inbox");
+        let result = installer
+            .install(InstallRequest {
+                envelope: dropped.envelope.clone(),
+                source: ArtifactSource::File(dropped.artifact.clone()),
+                rollout: None,
+                retry_failed: true,
+            })
+            .await;
+        inbox::finish(dir, &dropped, &result);
+    }
+}
+
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the MQTT session noticed.
+enum SessionEvent {
+    /// A connection was (re)established and subscriptions made.
+    Connected,
+    /// A message on the desired topic.
+    Desired(Vec<u8>),
+    /// Anything else.
+    Nothing,
+}
+
+/// The MQTT connection, or none for an offline device.
+struct Session {
+    device: DeviceId,
+    mqtt: Option<(AsyncClient, EventLoop)>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+impl Session {
+    fn new(config: &Config) -> Result<Self, String> {
+        let mqtt = mqtt::options(config)?.map(|mut options| {
+            options.set_request_channel_capacity(256);
+            AsyncClient::new(options, 256)
+        });
+        Ok(Self {
+            device: config.device_id.clone(),
+            mqtt,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+        })
+    }
+
+    fn topic(&self, kind: TopicKind) -> String {
+        Topic::new(self.device.clone(), kind).to_string()
+    }
+
+    /// Waits for the next thing the broker says; reconnects with backoff.
+    /// Never resolves for an offline device.
+    async fn poll(&mut self) -> SessionEvent {
+        let Some((client, eventloop)) = &mut self.mqtt else {
+            return std::future::pending().await;
+        };
+        if let Some(at) = self.retry_at.take() {
+            sleep_until(at).await;
+        }
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!("connected to the broker");
+                self.backoff = BACKOFF_MIN;
+                let desired = Topic::new(self.device.clone(), TopicKind::Desired).to_string();
+                let status = Topic::new(self.device.clone(), TopicKind::Status).to_string();
+                let _ = client.try_subscribe(desired, mqtt::qos(TopicKind::Desired));
+                let _ = client.try_publish(
+                    status,
+                    mqtt::qos(TopicKind::Status),
+                    true,
+                    mqtt::status_payload(Connectivity::Online),
+                );
+                SessionEvent::Connected
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                match publish.topic.parse::<Topic>() {
+                    Ok(topic)
+                        if topic.device == self.device && topic.kind == TopicKind::Desired =>
+                    {
+                        SessionEvent::Desired(publish.payload.to_vec())
+                    }
+                    _ => SessionEvent::Nothing,
+                }
+            }
+            Ok(_) => SessionEvent::Nothing,
+            Err(e) => {
+                tracing::warn!(retry_in = ?self.backoff, "broker connection: {e}");
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                SessionEvent::Nothing
+            }
+        }
+    }
+
+    /// Queues a message on one of this device's topics; dropped (and
+    /// logged) if the queue is full while the broker is away.
+    fn publish(&self, kind: TopicKind, payload: Vec<u8>) {
+        let Some((client, _)) = &self.mqtt else {
+            return;
+        };
+        let delivery = kind.delivery();
+        if let Err(e) =
+            client.try_publish(self.topic(kind), mqtt::qos(kind), delivery.retain, payload)
+        {
+            tracing::debug!(topic = ?kind, "message dropped: {e}");
+        }
+    }
+
+    /// Says offline and disconnects cleanly (the last will covers a crash).
+    async fn goodbye(&mut self) {
+        let status = self.topic(TopicKind::Status);
+        let Some((client, eventloop)) = &mut self.mqtt else {
+            return;
+        };
+        let _ = client.try_publish(
+            status,
+            mqtt::qos(TopicKind::Status),
+            true,
+            mqtt::status_payload(Connectivity::Offline),
+        );
+        let _ = client.try_disconnect();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)))
+                | Ok(Err(_))
+                | Err(_) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The inbox: releases dropped into a directory, for sites with no network.
+//!
+//! A release is two files with the same name: `NAME.envelope.json` and
+//! `NAME.tar.gz`. The agent picks a pair up only when the envelope parses
+//! and the artifact has the full size the envelope declares, so a copy in
+//! progress is left alone (copy the artifact first; or copy under another
+//! name and rename). Names starting with `.` are ignored. After the install
+//! the pair is removed and `NAME.result.json` says how it ended.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ferry_protocol::Envelope;
+use ferry_protocol::envelope::MAX_ENVELOPE_BYTES;
+use ferry_protocol::messages::DeploymentResult;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+const ENVELOPE_SUFFIX: &str = ".envelope.json";
+
+/// A complete release found in the inbox.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    /// The shared file name stem.
+    pub name: String,
+    /// The envelope, parsed but not yet verified.
+    pub envelope: Envelope,
+    /// The envelope file.
+    pub envelope_path: PathBuf,
+    /// The artifact file.
+    pub artifact: PathBuf,
+}
+
+/// The complete releases in `inbox`, oldest name first.
+pub fn scan(inbox: &Path) -> Vec<Dropped> {
+    let Ok(entries) = fs::read_dir(inbox) else {
+        return Vec::new();
+    };
+    let mut found: Vec<Dropped> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let file_name = entry.file_name().into_string().ok()?;
+            let name = file_name.strip_suffix(ENVELOPE_SUFFIX)?.to_owned();
+            if name.is_empty() || name.starts_with('.') {
+                return None;
+            }
+            let envelope_path = entry.path();
+            let bytes = fs::read(&envelope_path).ok()?;
+            if bytes.len() > MAX_ENVELOPE_BYTES {
+                return None;
+            }
+            // An envelope still being copied does not parse yet.
+            let envelope = Envelope::from_json(&bytes).ok()?;
+            let declared = envelope.unverified_manifest().ok()?.artifact.size;
+            let artifact = inbox.join(format!("{name}.tar.gz"));
+            // An artifact still being copied is short.
+            (fs::metadata(&artifact).ok()?.len() == declared).then_some(Dropped {
+                name,
+                envelope,
+                envelope_path,
+                artifact,
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
+}
+
+/// Records how a dropped release ended and removes its files.
+pub fn finish(inbox: &Path, dropped: &Dropped, result: &Result<DeploymentResult, String>) {
+    let json = match result {
+        Ok(r) => serde_json::to_vec_pretty(r).unwrap_or_default(),
+        Err(reason) => serde_json::to_vec_pretty(
+            &serde_json::json!({ "outcome": "rejected", "reason": reason }),
+        )
+        .unwrap_or_default(),
+    };
+    let result_path = inbox.join(format!("{}.result.json", dropped.name));
+    if let Err(e) = crate::durable::write_file(&result_path, &json) {
+        tracing::warn!(path = %result_path.display(), error = %e, "cannot write inbox result");
+    }
+    let _ = fs::remove_file(&dropped.artifact);
+    let _ = fs::remove_file(&dropped.envelope_path);
+}
+
+/// Watches `inbox`, sending `()` on every change. The watcher lives as long
+/// as the returned value.
+pub fn watch(
+    inbox: &Path,
+    changed: mpsc::UnboundedSender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    fs::create_dir_all(inbox).map_err(notify::Error::io)?;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = changed.send(());
+        }
+    })?;
+    watcher.watch(inbox, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}

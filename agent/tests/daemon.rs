@@ -1,0 +1,272 @@
+//! The agent as a daemon (the real binary) against a real mosquitto broker
+//! and a real HTTP artifact server: desired state in, releases installed,
+//! reported state, events, health and status out; a download cut halfway
+//! resumes; the offline inbox.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry_protocol::messages::{
+    Connectivity, Desired, DesiredRelease, Event, Health, MESSAGE_SCHEMA, Message, Reported,
+    ServiceState, Status, Step, StepStatus,
+};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use support::artifacts::ArtifactServer;
+use support::broker::Mosquitto;
+use support::{Build, Release, Rig, kill_services};
+use tokio::sync::mpsc;
+
+const DEVICE: &str = "dev-1";
+
+/// The agent binary running with a config file; stopped and cleaned up on drop.
+struct Agent {
+    child: Child,
+    data: PathBuf,
+}
+
+impl Agent {
+    fn start(rig: &Rig, name: &str, broker: Option<&str>, inbox: Option<&Path>) -> Self {
+        let data = rig.tmp.path().join(name);
+        let mut text = format!(
+            "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"1s\"\n",
+            data.display()
+        );
+        if let Some(inbox) = inbox {
+            text.push_str(&format!("inbox = \"{}\"\n", inbox.display()));
+        }
+        text.push_str(&format!(
+            "[trust]\nkeys = [\"{}\"]\n",
+            rig.tmp.path().join("ops.pub").display()
+        ));
+        if let Some(url) = broker {
+            text.push_str(&format!("[broker]\nurl = \"{url}\"\n"));
+        }
+        let config = rig.tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, data }
+    }
+
+    fn terminate(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_services(&self.data);
+    }
+}
+
+/// A test client that sees everything on the device's topics.
+struct Watcher {
+    client: AsyncClient,
+    messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl Watcher {
+    async fn connect(broker: &Mosquitto) -> Self {
+        let options = MqttOptions::new("test-watcher", "127.0.0.1", broker.port);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        client
+            .subscribe(format!("ferry/v1/devices/{DEVICE}/#"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let (tx, messages) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Self { client, messages }
+    }
+
+    /// Waits for a message of type `M` on `kind` that passes `check`.
+    async fn wait_for<M: Message>(
+        &mut self,
+        kind: &str,
+        what: &str,
+        mut check: impl FnMut(&M) -> bool,
+    ) -> M {
+        let topic = format!("ferry/v1/devices/{DEVICE}/{kind}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.messages.recv()).await;
+            let (t, payload) = next
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .expect("watcher stopped");
+            if t == topic {
+                if let Ok(message) = M::decode(&payload) {
+                    if check(&message) {
+                        return message;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn set_desired(&self, releases: &[(&Release, &str)]) {
+        let desired = Desired {
+            schema: MESSAGE_SCHEMA,
+            rollout: Some("r-test".into()),
+            releases: releases
+                .iter()
+                .map(|(r, url)| DesiredRelease {
+                    envelope: r.envelope.clone(),
+                    artifact_url: Some(url.to_string()),
+                })
+                .collect(),
+        };
+        self.client
+            .publish(
+                format!("ferry/v1/devices/{DEVICE}/desired"),
+                QoS::AtLeastOnce,
+                true,
+                desired.encode(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn runs(reported: &Reported, version: &str) -> bool {
+    reported
+        .services
+        .iter()
+        .any(|s| s.release.service.as_str() == "api" && s.release.version == version)
+}
+
+#[tokio::test]
+async fn desired_state_over_mqtt_is_installed_and_reported() {
+    let rig = Rig::new();
+    let broker = Mosquitto::start(rig.tmp.path(), "");
+    let server = ArtifactServer::start().await;
+    let mut watcher = Watcher::connect(&broker).await;
+    let mut agent = Agent::start(&rig, "daemon", Some(&broker.url()), None);
+
+    watcher
+        .wait_for::<Status>("status", "the agent to come online", |s| {
+            s.state == Connectivity::Online
+        })
+        .await;
+
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let url1 = server.add(std::fs::read(&v1.artifact).unwrap());
+    watcher.set_desired(&[(&v1, &url1)]).await;
+    let reported = watcher
+        .wait_for::<Reported>("reported", "v1 reported", |r| runs(r, "1.0.0"))
+        .await;
+    assert_eq!(
+        reported.last_result.unwrap().rollout.as_deref(),
+        Some("r-test")
+    );
+    let health = watcher
+        .wait_for::<Health>("health", "health with v1 running", |h| {
+            h.services
+                .iter()
+                .any(|s| s.version.as_deref() == Some("1.0.0") && s.state == ServiceState::Active)
+        })
+        .await;
+    let service = &health.services[0];
+    assert!(
+        service.pid.is_some() && service.rss_bytes.unwrap_or(0) > 0,
+        "{service:?}"
+    );
+    assert!(health.memory.total_bytes > 0 && health.disk.total_bytes > 0);
+
+    // v2's first transfer is cut halfway; the agent resumes it.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    let v2_bytes = std::fs::read(&v2.artifact).unwrap();
+    let url2 = server.add(v2_bytes.clone());
+    server.cut_next(&url2);
+    watcher.set_desired(&[(&v2, &url2)]).await;
+    watcher
+        .wait_for::<Event>("events", "v2 to commit", |e| {
+            e.step == Step::Commit && e.status == StepStatus::Succeeded
+        })
+        .await;
+    watcher
+        .wait_for::<Reported>("reported", "v2 reported", |r| runs(r, "2.0.0"))
+        .await;
+    let resumed: Vec<u64> = server
+        .ranges()
+        .iter()
+        .filter_map(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .collect();
+    assert!(
+        resumed
+            .iter()
+            .any(|&from| from > 0 && from < v2_bytes.len() as u64),
+        "no resumed request: {:?}",
+        server.ranges()
+    );
+
+    agent.terminate();
+    watcher
+        .wait_for::<Status>("status", "the agent to say offline", |s| {
+            s.state == Connectivity::Offline
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn releases_dropped_into_the_inbox_are_installed_once_complete() {
+    let rig = Rig::new();
+    let inbox = rig.tmp.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let agent = Agent::start(&rig, "offline", None, Some(&inbox));
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let artifact = std::fs::read(&v1.artifact).unwrap();
+
+    // A copy in progress: half the artifact, then the envelope.
+    std::fs::write(
+        inbox.join("api-1.0.0.tar.gz"),
+        &artifact[..artifact.len() / 2],
+    )
+    .unwrap();
+    std::fs::write(inbox.join("api-1.0.0.envelope.json"), v1.envelope.to_json()).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !inbox.join("api-1.0.0.result.json").exists(),
+        "picked up a partial copy"
+    );
+    assert!(
+        !agent.data.join("services").exists(),
+        "installed from a partial copy"
+    );
+
+    // The copy completes.
+    std::fs::write(inbox.join("api-1.0.0.tar.gz"), &artifact).unwrap();
+    let result_path = inbox.join("api-1.0.0.result.json");
+    support::eventually_for("the inbox result", Duration::from_secs(30), || {
+        result_path.exists()
+    })
+    .await;
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result_path).unwrap()).unwrap();
+    assert_eq!(result["outcome"], "installed", "{result}");
+    assert!(!inbox.join("api-1.0.0.tar.gz").exists());
+    assert!(!inbox.join("api-1.0.0.envelope.json").exists());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.data.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["services"]["api"]["manifest"]["version"], "1.0.0");
+}

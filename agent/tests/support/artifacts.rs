@@ -1,0 +1,121 @@
+//! A real HTTP artifact server (axum) that honours Range requests and can
+//! cut a transfer halfway, the way a flaky link does.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ferry_protocol::Sha256Digest;
+
+#[derive(Default)]
+struct Files {
+    by_sha: HashMap<String, Vec<u8>>,
+    /// Artifacts whose next transfer is cut halfway.
+    cut_next: Vec<String>,
+    /// The Range header of every request, "" when none.
+    ranges: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct ArtifactServer {
+    files: Arc<Mutex<Files>>,
+    pub base: String,
+}
+
+impl ArtifactServer {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut server = Self::default();
+        server.base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/artifacts/{sha}", axum::routing::get(serve))
+            .with_state(server.files.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        server
+    }
+
+    /// Serves `bytes`; returns their URL.
+    pub fn add(&self, bytes: Vec<u8>) -> String {
+        let sha = Sha256Digest::of(&bytes).to_string();
+        self.files.lock().unwrap().by_sha.insert(sha.clone(), bytes);
+        format!("{}/artifacts/{sha}", self.base)
+    }
+
+    /// Cuts the next transfer of `url`'s artifact halfway.
+    pub fn cut_next(&self, url: &str) {
+        let sha = url.rsplit('/').next().unwrap().to_string();
+        self.files.lock().unwrap().cut_next.push(sha);
+    }
+
+    pub fn ranges(&self) -> Vec<String> {
+        self.files.lock().unwrap().ranges.clone()
+    }
+}
+
+async fn serve(
+    State(files): State<Arc<Mutex<Files>>>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let (bytes, cut) = {
+        let mut files = files.lock().unwrap();
+        files.ranges.push(range.clone());
+        let Some(bytes) = files.by_sha.get(&sha).cloned() else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let cut = match files.cut_next.iter().position(|s| *s == sha) {
+            Some(i) => {
+                files.cut_next.remove(i);
+                true
+            }
+            None => false,
+        };
+        (bytes, cut)
+    };
+    let start: usize = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if start > bytes.len() {
+        return StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+    }
+    let total = bytes.len();
+    let body = bytes[start..].to_vec();
+    let len = body.len();
+    let stream_body = if cut {
+        // Half the bytes, a pause so they reach the client, then the link breaks.
+        use futures_util::StreamExt;
+        let half = body[..len / 2].to_vec();
+        let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) });
+        let cut = futures_util::stream::once(async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            Err(std::io::Error::other("link cut"))
+        });
+        Body::from_stream(first.chain(cut))
+    } else {
+        Body::from(body)
+    };
+    let mut response = Response::new(stream_body);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, len.into());
+    if start > 0 {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{total}", total - 1)
+                .parse()
+                .unwrap(),
+        );
+    }
+    response
+}
