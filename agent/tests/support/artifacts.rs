@@ -28,8 +28,10 @@ pub struct ArtifactServer {
 impl ArtifactServer {
     pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut server = Self::default();
-        server.base = format!("http://{}", listener.local_addr().unwrap());
+        let server = Self {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            ..Self::default()
+        };
         let app = axum::Router::new()
             .route("/artifacts/{sha}", axum::routing::get(serve))
             .with_state(server.files.clone());
