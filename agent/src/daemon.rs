@@ -27,6 +27,7 @@ use crate::health::HealthProbe;
 use crate::inbox;
 use crate::install::{ArtifactSource, InstallRequest, Installer};
 use crate::mqtt;
+use crate::reload::{self, Reloader};
 use crate::report::{Report, Reporter};
 
 /// Messages to the install worker besides desired state.
@@ -71,6 +72,7 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Resu
     let mut health = HealthProbe::new(config.data_dir.clone());
     let mut health_tick = interval(config.health_interval);
     let mut last_reported: Option<Reported> = None;
+    let (mut reloader, mut reload_rx) = Reloader::new();
     let watchdog = sd_notify::watchdog_enabled();
     let mut watchdog_tick = interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -105,7 +107,24 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Resu
                     // A state change is news for monitoring too.
                     health_tick.reset_immediately();
                 }
+                Report::ReloadRules(rules) => reloader.set_rules(&rules),
             },
+            Some(path) = reload_rx.recv() => reloader.changed(&path),
+            () = wait_until(reloader.next_due()) => {
+                for (service, action) in reloader.take_due() {
+                    let outcome = reload::apply(&supervisor, &service, &action).await;
+                    let reason = match &outcome {
+                        Ok(()) => format!("{action} after a change to a watched path"),
+                        Err(e) => format!("{action} failed: {e}"),
+                    };
+                    let status = if outcome.is_ok() { StepStatus::Succeeded } else { StepStatus::Failed };
+                    let release = last_reported
+                        .as_ref()
+                        .and_then(|r| r.services.iter().find(|s| s.release.service == service))
+                        .map(|s| s.release.clone());
+                    reporter.step(release.as_ref(), None, Step::Reload, status, Some(reason));
+                }
+            }
             _ = health_tick.tick() => {
                 if let Some(reported) = &last_reported {
                     let report = health.collect(&supervisor, reported).await;
@@ -203,7 +222,7 @@ async fn worker(
 ) {
     installer.recover().await;
     installer.start_installed().await;
-    installer.reporter().reported(installer.reported());
+    installer.publish_state();
     if let Some(dir) = &inbox {
         process_inbox(&mut installer, dir).await;
     }

@@ -153,6 +153,23 @@ impl Installer {
         }
     }
 
+    /// Reports the committed state: the `reported` message and the reload
+    /// rules of the installed releases.
+    pub fn publish_state(&self) {
+        let rules = self
+            .state
+            .services
+            .values()
+            .filter(|i| !i.manifest.reload.is_empty())
+            .map(|i| crate::reload::ServiceRules {
+                service: i.manifest.service.clone(),
+                current: self.layout.current(&i.manifest.service),
+                rules: i.manifest.reload.clone(),
+            })
+            .collect();
+        self.reporter.state(self.reported(), rules);
+    }
+
     /// Where this installer's reports go.
     pub fn reporter(&self) -> &Reporter {
         &self.reporter
@@ -727,7 +744,7 @@ impl Installer {
             StepStatus::Succeeded,
             None,
         );
-        self.reporter.reported(self.reported());
+        self.publish_state();
         outcome
     }
 
@@ -802,7 +819,7 @@ impl Installer {
             },
             restored.err(),
         );
-        self.reporter.reported(self.reported());
+        self.publish_state();
         outcome
     }
 
@@ -885,7 +902,7 @@ impl Installer {
         if let Err(e) = self.state.save(&self.layout.state_file()) {
             tracing::error!(error = %e, "cannot save the state");
         }
-        self.reporter.reported(self.reported());
+        self.publish_state();
         result
     }
 }

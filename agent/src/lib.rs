@@ -10,7 +10,8 @@
 //! - [`state`], [`journal`], [`durable`], [`layout`]: what is kept on disk, and how.
 //! - [`report`]: events and state changes for the MQTT session.
 //! - [`daemon`]: the long-running agent: MQTT session, install worker,
-//!   health reports ([`health`]), the inbox ([`inbox`]), the watchdog.
+//!   health reports ([`health`]), the inbox ([`inbox`]), hot reload
+//!   ([`reload`]), the watchdog.
 #![deny(missing_docs)]
 
 pub mod config;
@@ -25,6 +26,7 @@ pub mod install;
 pub mod journal;
 pub mod layout;
 pub mod mqtt;
+pub mod reload;
 pub mod report;
 pub mod state;
 pub mod supervisor;

@@ -18,6 +18,8 @@ pub enum Report {
     Event(Event),
     /// The installed state changed: the new `reported` message.
     Reported(Reported),
+    /// The installed state changed: the reload rules now in force.
+    ReloadRules(Vec<crate::reload::ServiceRules>),
 }
 
 /// Where the installer sends its reports. Cheap to clone.
@@ -73,10 +75,11 @@ impl Reporter {
         );
     }
 
-    /// Hands on the new `reported` message after a state change.
-    pub fn reported(&self, reported: Reported) {
+    /// Hands on the new `reported` message and reload rules after a state change.
+    pub fn state(&self, reported: Reported, rules: Vec<crate::reload::ServiceRules>) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Report::Reported(reported));
+            let _ = tx.send(Report::ReloadRules(rules));
         }
     }
 

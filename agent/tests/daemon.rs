@@ -270,3 +270,67 @@ async fn releases_dropped_into_the_inbox_are_installed_once_complete() {
         serde_json::from_slice(&std::fs::read(agent.data.join("state.json")).unwrap()).unwrap();
     assert_eq!(state["services"]["api"]["manifest"]["version"], "1.0.0");
 }
+
+#[tokio::test]
+async fn a_change_under_a_watched_path_reaches_the_service_as_sighup_without_a_restart() {
+    use ferry_protocol::manifest::{ReloadAction, ReloadRule, ReloadSignal};
+    let rig = Rig::new();
+    let inbox = rig.tmp.path().join("inbox");
+    let watched = rig.tmp.path().join("etc-api");
+    std::fs::create_dir_all(&inbox).unwrap();
+    std::fs::create_dir_all(&watched).unwrap();
+    std::fs::write(watched.join("app.conf"), "level = 1\n").unwrap();
+    let _agent = Agent::start(&rig, "reload", None, Some(&inbox));
+    let conf = watched.join("app.conf");
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |m| {
+        m.reload = vec![ReloadRule {
+            paths: vec![conf.display().to_string()],
+            action: ReloadAction::Signal(ReloadSignal::Hup),
+            debounce_ms: 200,
+        }];
+    });
+    std::fs::copy(&v1.artifact, inbox.join("api.tar.gz")).unwrap();
+    std::fs::write(inbox.join("api.envelope.json"), v1.envelope.to_json()).unwrap();
+    let result = inbox.join("api.result.json");
+    support::eventually_for("the install", Duration::from_secs(30), || result.exists()).await;
+    let starts = || {
+        rig.records()
+            .into_iter()
+            .filter(|r| r.0 == "start")
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(starts().len(), 1, "{:?}", rig.records());
+    let pid = starts()[0].2;
+
+    // The watcher is set up once the state is published; give it a moment,
+    // then change the file the way a config tool does: write and rename.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(watched.join(".app.conf.new"), "level = 2\n").unwrap();
+    std::fs::rename(watched.join(".app.conf.new"), &conf).unwrap();
+    support::eventually("the service to see SIGHUP", || {
+        rig.records().iter().any(|r| r.0 == "hup" && r.2 == pid)
+    })
+    .await;
+    assert_eq!(
+        starts().len(),
+        1,
+        "restarted instead of reloaded: {:?}",
+        rig.records()
+    );
+
+    // A burst of changes within the debounce window is one reload.
+    for level in 3..8 {
+        std::fs::write(&conf, format!("level = {level}\n")).unwrap();
+    }
+    support::eventually("the second reload", || {
+        rig.records().iter().filter(|r| r.0 == "hup").count() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        rig.records().iter().filter(|r| r.0 == "hup").count(),
+        2,
+        "{:?}",
+        rig.records()
+    );
+}
