@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 pub mod broker;
+pub mod container;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -59,8 +60,10 @@ pub struct Rig {
     pub config: Config,
     pub installer: Installer,
     pub events: UnboundedReceiver<Report>,
-    /// The file the test service records its life in.
+    /// The file the test service records its life in, as the service sees it.
     pub out: PathBuf,
+    /// The same file as this test sees it (differs inside a container).
+    pub out_host: PathBuf,
 }
 
 impl Rig {
@@ -95,6 +98,7 @@ impl Rig {
             config,
             installer,
             events,
+            out_host: out.clone(),
             out,
         }
     }
@@ -205,7 +209,7 @@ impl Rig {
 
     /// What the test service recorded: (event, version, pid) lines.
     pub fn records(&self) -> Vec<(String, String, u32)> {
-        fs::read_to_string(&self.out)
+        fs::read_to_string(&self.out_host)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| {

@@ -1,0 +1,201 @@
+//! The agent under a real systemd (PID 1 in a throwaway container), started
+//! by the project's own `systemd/ferry-agent.service` unit: it installs a
+//! real C service as a unit, upgrades it, rolls back a crashing release and
+//! a release whose probe fails, and reloads on a config change.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_protocol::manifest::{Probe, ReloadAction, ReloadRule, ReloadSignal};
+use support::container::SystemdContainer;
+use support::{Build, Release, Rig};
+
+struct Device {
+    container: SystemdContainer,
+    inbox: PathBuf,
+}
+
+impl Device {
+    /// Drops a release into the agent's inbox and waits for its result.
+    async fn install(&self, release: &Release, name: &str) -> serde_json::Value {
+        std::fs::copy(&release.artifact, self.inbox.join(format!("{name}.tar.gz"))).unwrap();
+        std::fs::write(
+            self.inbox.join(format!("{name}.envelope.json")),
+            release.envelope.to_json(),
+        )
+        .unwrap();
+        let result = self.inbox.join(format!("{name}.result.json"));
+        support::eventually_for(
+            &format!("{name} to be processed"),
+            Duration::from_secs(60),
+            || result.exists(),
+        )
+        .await;
+        serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap()
+    }
+
+    fn main_pid(&self) -> u32 {
+        let show = self.container.show("ferry-api.service");
+        assert_eq!(show["ActiveState"], "active", "{show:?}");
+        show["MainPID"].parse().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads() {
+    let container = SystemdContainer::start();
+    let mut rig = Rig::new();
+    rig.out = PathBuf::from("/srv/ferry-test/service.out");
+    rig.out_host = container.host_path("/srv/ferry-test/service.out");
+    std::fs::create_dir_all(container.host_path("/srv/ferry-test")).unwrap();
+    std::fs::create_dir_all(container.host_path("/etc/ferry")).unwrap();
+    std::fs::create_dir_all(container.host_path("/etc/api")).unwrap();
+    std::fs::write(container.host_path("/etc/api/app.conf"), "level = 1\n").unwrap();
+    std::fs::write(
+        container.host_path("/etc/ferry/ops.pub"),
+        rig.key.public_key().to_text(),
+    )
+    .unwrap();
+    std::fs::write(
+        container.host_path("/etc/ferry/agent.toml"),
+        "device_id = \"sd-1\"\ndata_dir = \"/var/lib/ferry\"\ninbox = \"/var/lib/ferry/inbox\"\n\
+         supervisor = \"systemd\"\nhealth_interval = \"5s\"\n[trust]\nkeys = [\"/etc/ferry/ops.pub\"]\n",
+    )
+    .unwrap();
+    // The project's own unit, pointed at the binary under test.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/ferry-agent.service"
+    ))
+    .unwrap()
+    .replace("/usr/bin/ferry-agent", env!("CARGO_BIN_EXE_ferry-agent"));
+    std::fs::write(
+        container.host_path("/etc/systemd/system/ferry-agent.service"),
+        unit,
+    )
+    .unwrap();
+    assert!(
+        container
+            .exec(&["systemctl", "daemon-reload"])
+            .status
+            .success()
+    );
+    // Type=notify: `start` returns only once the agent said READY=1.
+    let started = container.exec(&["systemctl", "start", "ferry-agent"]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    assert_eq!(
+        container.show("ferry-agent.service")["ActiveState"],
+        "active"
+    );
+    let device = Device {
+        inbox: container.host_path("/var/lib/ferry/inbox"),
+        container,
+    };
+    support::eventually("the inbox", || device.inbox.is_dir()).await;
+
+    // Install: a unit is written and started.
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    assert_eq!(device.install(&v1, "v1").await["outcome"], "installed");
+    let pid1 = device.main_pid();
+    assert!(
+        rig.records()
+            .contains(&("start".into(), "1.0.0".into(), pid1)),
+        "{:?}",
+        rig.records()
+    );
+    let unit = std::fs::read_to_string(
+        device
+            .container
+            .host_path("/etc/systemd/system/ferry-api.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("ExecStart=/var/lib/ferry/services/api/current/bin/api"),
+        "{unit}"
+    );
+    let enabled = device
+        .container
+        .exec(&["systemctl", "is-enabled", "ferry-api.service"]);
+    assert_eq!(String::from_utf8_lossy(&enabled.stdout).trim(), "enabled");
+
+    // Upgrade: systemd restarts it with the new binary.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    assert_eq!(device.install(&v2, "v2").await["outcome"], "installed");
+    let pid2 = device.main_pid();
+    assert_ne!(pid1, pid2);
+    assert!(
+        rig.records()
+            .contains(&("start".into(), "2.0.0".into(), pid2))
+    );
+
+    // A release that exits at once: rolled back, v2 serves again.
+    let crash = rig.release("3.0.0", 3, Build::CRASH, |m| m.health.window_secs = 3);
+    let result = device.install(&crash, "v3").await;
+    assert_eq!(result["outcome"], "rolled_back", "{result}");
+    let pid = device.main_pid();
+    assert!(
+        rig.records()
+            .contains(&("start".into(), "2.0.0".into(), pid)),
+        "{:?}",
+        rig.records()
+    );
+
+    // A release whose probe never passes: rolled back too.
+    let closed = support::broker::free_port();
+    let unreachable = rig.release("4.0.0", 4, Build::SERVE, |m| {
+        m.health.window_secs = 2;
+        m.health.probe = Some(Probe::Tcp {
+            address: format!("127.0.0.1:{closed}"),
+        });
+    });
+    let result = device.install(&unreachable, "v4").await;
+    assert_eq!(result["outcome"], "rolled_back", "{result}");
+    assert!(
+        result["reason"]
+            .as_str()
+            .unwrap()
+            .contains("probe did not pass"),
+        "{result}"
+    );
+    let pid = device.main_pid();
+    assert!(
+        rig.records()
+            .contains(&("start".into(), "2.0.0".into(), pid))
+    );
+
+    // A watched config file changes: SIGHUP through systemd, no restart.
+    let v5 = rig.release("5.0.0", 5, Build::SERVE, |m| {
+        m.reload = vec![ReloadRule {
+            paths: vec!["/etc/api/app.conf".into()],
+            action: ReloadAction::Signal(ReloadSignal::Hup),
+            debounce_ms: 100,
+        }];
+    });
+    assert_eq!(device.install(&v5, "v5").await["outcome"], "installed");
+    let pid5 = device.main_pid();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let edited = device
+        .container
+        .exec(&["sh", "-c", "echo 'level = 2' > /etc/api/app.conf"]);
+    assert!(edited.status.success());
+    support::eventually("SIGHUP to reach the service", || {
+        rig.records().iter().any(|r| r.0 == "hup" && r.2 == pid5)
+    })
+    .await;
+    assert_eq!(device.main_pid(), pid5, "restarted instead of reloaded");
+    assert_eq!(device.container.show("ferry-api.service")["NRestarts"], "0");
+
+    // A bad signature is refused and the running unit is left alone.
+    let v6 = rig.release("6.0.0", 6, Build::SERVE, |_| {});
+    let mut forged = v6.clone();
+    forged.envelope.signatures[0].sig[0] ^= 1;
+    let result = device.install(&forged, "v6").await;
+    assert_eq!(result["outcome"], "rejected", "{result}");
+    assert_eq!(device.main_pid(), pid5);
+}
