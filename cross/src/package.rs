@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_protocol::manifest::{
     ArtifactFormat, ArtifactInfo, ArtifactKind, BuildInfo, HealthSettings, MANIFEST_SCHEMA,
-    UnpackLimits,
+    ReloadRule, UnpackLimits,
 };
 use ferry_protocol::{Manifest, RelPath, ServiceName, Sha256Digest, Target, Timestamp};
 use sha2::{Digest, Sha256};
@@ -43,6 +43,10 @@ pub struct PackageRequest {
     pub expires: Option<Timestamp>,
     /// How the release was built.
     pub build: BuildInfo,
+    /// The health gate devices apply.
+    pub health: HealthSettings,
+    /// Paths devices watch, and what they do on a change.
+    pub reload: Vec<ReloadRule>,
 }
 
 /// The files `package` wrote.
@@ -173,8 +177,8 @@ pub fn package(request: &PackageRequest, out_dir: &Path) -> Result<Packaged, Pac
             entries: entries.len() as u64,
         },
         expires: request.expires,
-        health: HealthSettings::default(),
-        reload: Vec::new(),
+        health: request.health.clone(),
+        reload: request.reload.clone(),
         build: request.build.clone(),
     };
     write_file_atomically(out_dir, &manifest_path, |file| {

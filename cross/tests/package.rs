@@ -20,6 +20,8 @@ fn request(dir: &Path) -> PackageRequest {
         kind: None,
         expires: None,
         build: Default::default(),
+        health: Default::default(),
+        reload: Vec::new(),
     }
 }
 

@@ -473,3 +473,36 @@ fn packaging_the_same_directory_twice_gives_the_same_sha256() {
         fs::read(d.join("out2/api-1.2.3.tar.gz")).unwrap()
     );
 }
+
+#[test]
+fn health_and_reload_settings_reach_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    let mut args = PACKAGE.to_vec();
+    args.extend([
+        "--health-window",
+        "3",
+        "--probe",
+        "cmd:bin/api --check",
+        "--reload",
+        "/etc/api/app.conf=signal:SIGHUP",
+        "--reload",
+        "etc/api.toml=restart",
+    ]);
+    ok(d, &args);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.join("out/api-1.2.3.manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["health"]["window_secs"], 3);
+    assert_eq!(manifest["health"]["probe"]["type"], "command");
+    assert_eq!(manifest["health"]["probe"]["argv"][1], "--check");
+    assert_eq!(manifest["reload"][0]["paths"][0], "/etc/api/app.conf");
+    assert_eq!(manifest["reload"][0]["action"], "signal:SIGHUP");
+    assert_eq!(manifest["reload"][1]["action"], "restart");
+
+    let mut bad = PACKAGE.to_vec();
+    bad.extend(["--reload", "/etc/x=signal:SIGKILL"]);
+    let run = ferry(d, &bad);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("SIGKILL"), "{}", run.stderr);
+}

@@ -136,6 +136,8 @@ impl Rig {
                 kind: Some(ArtifactKind::C),
                 expires: None,
                 build: Default::default(),
+                health: Default::default(),
+                reload: Vec::new(),
             },
             &self.tmp.path().join(format!("out-{version}-{sequence}")),
         )

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use ferry_cross::PackageRequest;
-use ferry_protocol::manifest::{ArtifactKind, BuildInfo};
+use ferry_protocol::manifest::{ArtifactKind, BuildInfo, HealthSettings, Probe, ReloadRule};
 use ferry_protocol::names::ARMV7_TARGET;
 use ferry_protocol::{RelPath, ServiceName, Target, Timestamp};
 use serde_json::json;
@@ -36,6 +36,17 @@ pub(crate) struct Args {
     /// After this time devices refuse the release (RFC 3339, e.g. 2027-01-31T00:00:00Z).
     #[arg(long)]
     expires: Option<Timestamp>,
+    /// Seconds a new release must run without restarting before devices commit it.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    health_window: u32,
+    /// A check the new release must pass within the health window:
+    /// http://HOST:PORT/PATH (2xx), tcp:HOST:PORT (connects), or cmd:PROGRAM ARGS (exits 0, run in the release).
+    #[arg(long, value_name = "PROBE", value_parser = parse_probe)]
+    probe: Option<Probe>,
+    /// Watch PATH on the device and act on a change: PATH=signal:SIGHUP, PATH=reload or
+    /// PATH=restart. PATH is absolute or relative to the release. Repeatable.
+    #[arg(long, value_name = "PATH=ACTION", value_parser = parse_reload)]
+    reload: Vec<ReloadRule>,
     /// Output directory for SERVICE-VERSION.tar.gz and SERVICE-VERSION.manifest.json.
     #[arg(short = 'o', long = "out", value_name = "OUTDIR")]
     out: PathBuf,
@@ -64,6 +75,11 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
             packager: Some(concat!("ferry ", env!("CARGO_PKG_VERSION")).into()),
             ..BuildInfo::default()
         },
+        health: HealthSettings {
+            window_secs: args.health_window.max(1),
+            probe: args.probe,
+        },
+        reload: args.reload,
     };
     let packaged = ferry_cross::package(&request, &args.out)
         .with_context(|| format!("cannot package {}", request.dir.display()))?;
@@ -89,4 +105,36 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
             "kind": m.kind,
         }),
     ))
+}
+
+fn parse_probe(text: &str) -> Result<Probe, String> {
+    if text.starts_with("http://") || text.starts_with("https://") {
+        Ok(Probe::Http { url: text.into() })
+    } else if let Some(address) = text.strip_prefix("tcp:") {
+        Ok(Probe::Tcp {
+            address: address.into(),
+        })
+    } else if let Some(command) = text.strip_prefix("cmd:") {
+        let argv: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
+        if argv.is_empty() {
+            return Err("cmd: needs a program".into());
+        }
+        Ok(Probe::Command { argv })
+    } else {
+        Err("expected http://..., tcp:HOST:PORT or cmd:PROGRAM ARGS".into())
+    }
+}
+
+fn parse_reload(text: &str) -> Result<ReloadRule, String> {
+    let (path, action) = text
+        .rsplit_once('=')
+        .ok_or("expected PATH=ACTION, e.g. /etc/api/app.conf=signal:SIGHUP")?;
+    if path.is_empty() {
+        return Err("the path is empty".into());
+    }
+    Ok(ReloadRule {
+        paths: vec![path.into()],
+        action: action.parse()?,
+        debounce_ms: 500,
+    })
 }
