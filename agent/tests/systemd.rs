@@ -64,16 +64,19 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
          supervisor = \"systemd\"\nhealth_interval = \"5s\"\n[trust]\nkeys = [\"/etc/ferry/ops.pub\"]\n",
     )
     .unwrap();
-    // The project's own unit, pointed at the binary under test.
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../systemd/ferry-agent.service"
-    ))
-    .unwrap()
-    .replace("/usr/bin/ferry-agent", env!("CARGO_BIN_EXE_ferry-agent"));
-    std::fs::write(
+    // The binary under test where the project's own unit expects it. (Copied:
+    // the container sees the host's root file system, not what is mounted on it.)
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_ferry-agent"),
+        container.host_path("/usr/bin/ferry-agent"),
+    )
+    .unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../systemd/ferry-agent.service"
+        ),
         container.host_path("/etc/systemd/system/ferry-agent.service"),
-        unit,
     )
     .unwrap();
     assert!(
