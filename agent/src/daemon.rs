@@ -125,6 +125,10 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Resu
                     reporter.step(release.as_ref(), None, Step::Reload, status, Some(reason));
                 }
             }
+            () = supervisor.changed() => {
+                // A service started, stopped or crashed: tell monitoring now.
+                health_tick.reset_immediately();
+            }
             _ = health_tick.tick() => {
                 if let Some(reported) = &last_reported {
                     let report = health.collect(&supervisor, reported).await;
@@ -243,7 +247,13 @@ async fn worker(
                 match item {
                     None => return,
                     Some(Work::InboxChanged) => {
-                        while let Ok(Work::InboxChanged) = work.try_recv() {}
+                        // One scan covers every change queued so far; a new
+                        // policy queued among them still applies, first.
+                        while let Ok(queued) = work.try_recv() {
+                            if let Work::Policy(policy) = queued {
+                                installer.set_policy(policy);
+                            }
+                        }
                         if let Some(dir) = &inbox {
                             process_inbox(&mut installer, dir).await;
                         }

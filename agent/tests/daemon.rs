@@ -29,9 +29,20 @@ struct Agent {
 
 impl Agent {
     fn start(rig: &Rig, name: &str, broker: Option<&str>, inbox: Option<&Path>) -> Self {
+        Self::start_with(rig, name, broker, inbox, "")
+    }
+
+    /// Starts the agent; `extra` is added to the top of its config.
+    fn start_with(
+        rig: &Rig,
+        name: &str,
+        broker: Option<&str>,
+        inbox: Option<&Path>,
+        extra: &str,
+    ) -> Self {
         let data = rig.tmp.path().join(name);
         let mut text = format!(
-            "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"1s\"\n",
+            "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\n{extra}\n",
             data.display()
         );
         if let Some(inbox) = inbox {
@@ -50,7 +61,12 @@ impl Agent {
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // FERRY_TEST_AGENT_LOG=1 shows the agent's log when debugging a test.
+            .stderr(if std::env::var_os("FERRY_TEST_AGENT_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
         Self { child, data }
@@ -81,14 +97,16 @@ impl Watcher {
     async fn connect(broker: &Mosquitto) -> Self {
         let options = MqttOptions::new("test-watcher", "127.0.0.1", broker.port);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
-        client
-            .subscribe(format!("ferry/v1/devices/{DEVICE}/#"), QoS::AtLeastOnce)
-            .await
-            .unwrap();
         let (tx, messages) = mpsc::unbounded_channel();
+        let subscriber = client.clone();
         tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
+                    // (Re)subscribe on every connection: a restarted broker forgets.
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let topics = format!("ferry/v1/devices/{DEVICE}/#");
+                        let _ = subscriber.try_subscribe(topics, QoS::AtLeastOnce);
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
                     }
@@ -97,6 +115,8 @@ impl Watcher {
                 }
             }
         });
+        // Wait until subscribed, so nothing the agent says is missed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         Self { client, messages }
     }
 
@@ -158,10 +178,17 @@ fn runs(reported: &Reported, version: &str) -> bool {
 #[tokio::test]
 async fn desired_state_over_mqtt_is_installed_and_reported() {
     let rig = Rig::new();
-    let broker = Mosquitto::start(rig.tmp.path(), "");
+    let mut broker = Mosquitto::start(rig.tmp.path(), "");
     let server = ArtifactServer::start().await;
     let mut watcher = Watcher::connect(&broker).await;
-    let mut agent = Agent::start(&rig, "daemon", Some(&broker.url()), None);
+    // A long interval: health must also come at once when something changes.
+    let mut agent = Agent::start_with(
+        &rig,
+        "daemon",
+        Some(&broker.url()),
+        None,
+        "health_interval = \"1h\"",
+    );
 
     watcher
         .wait_for::<Status>("status", "the agent to come online", |s| {
@@ -192,6 +219,33 @@ async fn desired_state_over_mqtt_is_installed_and_reported() {
         "{service:?}"
     );
     assert!(health.memory.total_bytes > 0 && health.disk.total_bytes > 0);
+
+    // The service crashes: a health report says so at once, not in an hour.
+    let pid = service.pid.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    watcher
+        .wait_for::<Health>("health", "health after the crash", |h| {
+            h.services
+                .iter()
+                .any(|s| s.restarts >= 1 && s.state == ServiceState::Active)
+        })
+        .await;
+
+    // The broker restarts, forgetting everything: the agent reconnects and
+    // says again that it is online and what it runs.
+    broker.restart();
+    watcher
+        .wait_for::<Status>("status", "the agent back online", |s| {
+            s.state == Connectivity::Online
+        })
+        .await;
+    watcher
+        .wait_for::<Reported>("reported", "v1 reported again", |r| runs(r, "1.0.0"))
+        .await;
 
     // v2's first transfer is cut halfway; the agent resumes it.
     let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
@@ -333,4 +387,53 @@ async fn a_change_under_a_watched_path_reaches_the_service_as_sighup_without_a_r
         "{:?}",
         rig.records()
     );
+}
+
+#[tokio::test]
+async fn new_trust_keys_apply_without_a_restart() {
+    let rig = Rig::new();
+    let inbox = rig.tmp.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let _agent = Agent::start(&rig, "trust", None, Some(&inbox));
+    let config = rig.tmp.path().join("trust.toml");
+
+    // Signed by a key the device does not trust yet.
+    let other = ferry_protocol::SecretKey::from_seed(&[9; 32]);
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let by_other = ferry_protocol::Envelope::sign(v1.manifest.to_json(), &[&other]).unwrap();
+    let drop_release = |name: &str| {
+        std::fs::copy(&v1.artifact, inbox.join(format!("{name}.tar.gz"))).unwrap();
+        std::fs::write(
+            inbox.join(format!("{name}.envelope.json")),
+            by_other.to_json(),
+        )
+        .unwrap();
+        inbox.join(format!("{name}.result.json"))
+    };
+    let first = drop_release("first");
+    support::eventually_for("the first attempt", Duration::from_secs(30), || {
+        first.exists()
+    })
+    .await;
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&first).unwrap()).unwrap();
+    assert_eq!(result["outcome"], "rejected", "{result}");
+
+    // The operator adds the key to the device's config; the agent picks it up.
+    let other_pub = rig.tmp.path().join("other.pub");
+    std::fs::write(&other_pub, other.public_key().to_text()).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "keys = [",
+        &format!("keys = [\"{}\", ", other_pub.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = drop_release("second");
+    support::eventually_for("the second attempt", Duration::from_secs(30), || {
+        second.exists()
+    })
+    .await;
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&second).unwrap()).unwrap();
+    assert_eq!(result["outcome"], "installed", "{result}");
 }

@@ -197,8 +197,26 @@ async fn probes_gate_the_release() {
     assert_ne!(pid, pid1, "v1 is restarted after the rollback");
     assert!(exe_of(pid).contains("/releases/1.0.0-"));
 
-    // A probe that passes lets the release through.
-    let passing = rig.release("3.0.0", 3, Build::SERVE, |m| {
+    // An HTTP probe whose URL answers 404 fails too.
+    let server = support::artifacts::ArtifactServer::start().await;
+    let missing = format!("{}/artifacts/none", server.base);
+    let not_found = rig.release("2.1.0", 4, Build::SERVE, |m| {
+        m.health.window_secs = 2;
+        m.health.probe = Some(Probe::Http { url: missing });
+    });
+    let result = rig.install(&not_found).await;
+    assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
+    assert!(result.reason.unwrap().contains("answered 404"));
+
+    // An HTTP probe that answers 200 passes.
+    let healthy = server.add(b"ok".to_vec());
+    let http_ok = rig.release("2.2.0", 5, Build::SERVE, |m| {
+        m.health.probe = Some(Probe::Http { url: healthy });
+    });
+    assert_eq!(rig.install(&http_ok).await.outcome, Outcome::Installed);
+
+    // A command probe that passes lets the release through.
+    let passing = rig.release("3.0.0", 6, Build::SERVE, |m| {
         m.health.probe = Some(Probe::Command {
             argv: vec!["test".into(), "-f".into(), "etc.conf".into()],
         });

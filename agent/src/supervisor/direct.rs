@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_protocol::ServiceName;
@@ -23,7 +23,7 @@ use ferry_protocol::messages::ServiceState;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::{ServiceSpec, ServiceStatus, SupervisorError};
@@ -53,6 +53,16 @@ struct Handle {
 pub struct Direct {
     layout: Layout,
     services: Mutex<HashMap<ServiceName, Handle>>,
+    /// Signalled by every service task on a state change.
+    changed: Arc<Notify>,
+}
+
+/// Stops a service's process and waits until it is gone.
+async fn stop_and_wait(handle: &Handle) {
+    let (reply, done) = oneshot::channel();
+    if handle.commands.send(Order::Stop(reply)).is_ok() {
+        let _ = done.await;
+    }
 }
 
 impl Direct {
@@ -65,13 +75,22 @@ impl Direct {
         Ok(Self {
             layout,
             services: Mutex::new(HashMap::new()),
+            changed: Arc::new(Notify::new()),
         })
     }
 
-    pub(super) fn apply(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
-        let mut services = self.lock();
-        if services.get(&spec.service).is_some_and(|h| h.spec == *spec) {
-            return Ok(());
+    pub(super) async fn apply(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        let replaced = {
+            let mut services = self.lock();
+            if services.get(&spec.service).is_some_and(|h| h.spec == *spec) {
+                return Ok(());
+            }
+            services.remove(&spec.service)
+        };
+        // The old process must be gone before a new one can start: two
+        // instances of a service must never overlap.
+        if let Some(old) = replaced {
+            stop_and_wait(&old).await;
         }
         let (commands, rx) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(ServiceStatus {
@@ -84,10 +103,10 @@ impl Direct {
             pid_file: self.layout.run_dir().join(format!("{}.pid", spec.service)),
             log_file: self.layout.logs().join(format!("{}.log", spec.service)),
             status: status_tx,
+            changed: self.changed.clone(),
         };
         tokio::spawn(runner.run(rx));
-        // Replacing a handle drops its sender, which stops the old task's child.
-        services.insert(
+        self.lock().insert(
             spec.service.clone(),
             Handle {
                 spec: spec.clone(),
@@ -114,12 +133,14 @@ impl Direct {
     pub(super) async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
         let handle = self.lock().remove(service);
         if let Some(handle) = handle {
-            let (reply, done) = oneshot::channel();
-            if handle.commands.send(Order::Stop(reply)).is_ok() {
-                let _ = done.await;
-            }
+            stop_and_wait(&handle).await;
         }
         Ok(())
+    }
+
+    /// Resolves when any service's state has changed since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     pub(super) fn status(&self, service: &ServiceName) -> Result<ServiceStatus, SupervisorError> {
@@ -135,11 +156,6 @@ impl Direct {
         signal: Signal,
     ) -> Result<(), SupervisorError> {
         self.send(service, Order::Signal(signal))
-    }
-
-    /// A receiver that sees every state change of `service`.
-    pub fn watch(&self, service: &ServiceName) -> Option<watch::Receiver<ServiceStatus>> {
-        self.lock().get(service).map(|h| h.status.clone())
     }
 
     fn send(&self, service: &ServiceName, command: Order) -> Result<(), SupervisorError> {
@@ -161,6 +177,7 @@ struct Runner {
     pid_file: PathBuf,
     log_file: PathBuf,
     status: watch::Sender<ServiceStatus>,
+    changed: Arc<Notify>,
 }
 
 impl Runner {
@@ -282,11 +299,14 @@ impl Runner {
     }
 
     fn publish(&self, state: ServiceState, pid: Option<u32>, restarts: u32) {
-        self.status.send_replace(ServiceStatus {
+        let new = ServiceStatus {
             state,
             pid,
             restarts,
-        });
+        };
+        if self.status.send_replace(new) != new {
+            self.changed.notify_one();
+        }
     }
 }
 

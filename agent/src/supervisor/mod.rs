@@ -75,7 +75,7 @@ impl Supervisor {
     pub async fn apply(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
         match self {
             Self::Systemd(s) => s.apply(spec).await,
-            Self::Direct(d) => d.apply(spec),
+            Self::Direct(d) => d.apply(spec).await,
         }
     }
 
@@ -121,6 +121,16 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.reload(service).await,
             Self::Direct(d) => d.signal(service, Signal::SIGHUP),
+        }
+    }
+
+    /// Resolves when a service's state changes. Only the direct supervisor
+    /// sees changes as they happen; under systemd this never resolves and
+    /// changes show in the next periodic report.
+    pub async fn changed(&self) {
+        match self {
+            Self::Systemd(_) => std::future::pending().await,
+            Self::Direct(d) => d.changed().await,
         }
     }
 

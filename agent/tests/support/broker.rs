@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 pub struct Mosquitto {
     pub port: u16,
     child: Child,
+    config: std::path::PathBuf,
 }
 
 impl Mosquitto {
@@ -20,24 +21,41 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n{extra}\n"),
         )
         .unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("mosquitto not found ({e}); run scripts/setup"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        let child = spawn(&config, port);
+        Self {
+            port,
+            child,
+            config,
         }
-        Self { port, child }
+    }
+
+    /// Kills the broker and starts a new one on the same port, losing every
+    /// session and retained message.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.config, self.port);
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
+}
+
+fn spawn(config: &Path, port: u16) -> Child {
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("mosquitto not found ({e}); run scripts/setup"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 impl Drop for Mosquitto {
