@@ -291,13 +291,7 @@ impl Installer {
             }
         };
         let release = release_ref(&manifest);
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Verify,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::Verify);
 
         if let Some(installed) = self.state.services.get(&manifest.service) {
             if installed.manifest.sequence == manifest.sequence
@@ -320,13 +314,8 @@ impl Installer {
         let new_dir = match self.stage(&manifest, &request.source, rollout).await {
             Ok(dir) => dir,
             Err(StepError { step, reason }) => {
-                self.reporter.step(
-                    Some(&release),
-                    rollout,
-                    step,
-                    StepStatus::Failed,
-                    Some(reason.clone()),
-                );
+                self.reporter
+                    .failed(&release, rollout, step, reason.clone());
                 self.forget_if_empty(&manifest.service);
                 return Ok(self.conclude(release, rollout, Outcome::Failed, Some(reason)));
             }
@@ -360,49 +349,25 @@ impl Installer {
         let already_unpacked = dest.is_dir();
 
         // Disk.
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::DiskCheck,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::DiskCheck);
         if !already_unpacked {
             self.check_disk(manifest)?;
         }
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::DiskCheck,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::DiskCheck);
         if !already_unpacked {
             let artifact = self.fetch(manifest, source, rollout).await?;
             self.unpack(manifest, &artifact, &dest, rollout).await?;
         }
 
         // ELF.
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::ElfCheck,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::ElfCheck);
         if let Err(reason) = check_entrypoint(&dest, manifest, &self.target) {
             if !self.referenced(service, &dir_name) {
                 let _ = fs::remove_dir_all(&dest);
             }
             return Err(StepError::new(Step::ElfCheck, reason));
         }
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::ElfCheck,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::ElfCheck);
         Ok(dir_name)
     }
 
@@ -451,13 +416,7 @@ impl Installer {
         rollout: Option<&str>,
     ) -> Result<PathBuf, StepError> {
         let release = release_ref(manifest);
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Download,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::Download);
         let fetched = match source {
             ArtifactSource::File(path) => {
                 let (path, artifact, layout) =
@@ -475,20 +434,8 @@ impl Installer {
         };
         match fetched {
             Ok(path) => {
-                self.reporter.step(
-                    Some(&release),
-                    rollout,
-                    Step::Download,
-                    StepStatus::Succeeded,
-                    None,
-                );
-                self.reporter.step(
-                    Some(&release),
-                    rollout,
-                    Step::HashCheck,
-                    StepStatus::Succeeded,
-                    None,
-                );
+                self.reporter.succeeded(&release, rollout, Step::Download);
+                self.reporter.succeeded(&release, rollout, Step::HashCheck);
                 Ok(path)
             }
             Err(FetchError::Mismatch(e)) => Err(StepError::new(Step::HashCheck, e)),
@@ -549,13 +496,7 @@ impl Installer {
         rollout: Option<&str>,
     ) -> Result<(), StepError> {
         let release = release_ref(manifest);
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Unpack,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::Unpack);
         let limits = UnpackLimits {
             max_bytes: manifest
                 .limits
@@ -590,13 +531,7 @@ impl Installer {
             let _ = fs::remove_dir_all(&staging);
             return Err(StepError::new(Step::Unpack, reason));
         }
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Unpack,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::Unpack);
         Ok(())
     }
 
@@ -618,42 +553,19 @@ impl Installer {
         if let Err(e) = journal::write(&self.layout.journal_file(), &entry) {
             // Without a journal a crash could not be recovered: do not swap.
             let reason = format!("cannot write the journal: {e}");
-            self.reporter.step(
-                Some(&release),
-                rollout,
-                Step::Swap,
-                StepStatus::Failed,
-                Some(reason.clone()),
-            );
+            self.reporter
+                .failed(&release, rollout, Step::Swap, reason.clone());
             return self.conclude(release, rollout, Outcome::Failed, Some(reason));
         }
 
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Swap,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::Swap);
         if let Err(e) = self.point_links(&service, &entry.new_dir, entry.old_dir.as_deref()) {
             entry.reason = Some(format!("swap failed: {e}"));
             return self.roll_back(entry).await;
         }
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Swap,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::Swap);
 
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Restart,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::Restart);
         let spec = self.spec(&entry.manifest);
         let restarted = match self.supervisor.apply(&spec).await {
             Ok(()) => self.supervisor.restart(&service).await,
@@ -663,21 +575,9 @@ impl Installer {
             entry.reason = Some(format!("restart failed: {e}"));
             return self.roll_back(entry).await;
         }
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Restart,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::Restart);
 
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::HealthGate,
-            StepStatus::Started,
-            None,
-        );
+        self.reporter.started(&release, rollout, Step::HealthGate);
         if let Err(reason) = health_gate::run(
             &self.supervisor,
             &service,
@@ -687,23 +587,12 @@ impl Installer {
         )
         .await
         {
-            self.reporter.step(
-                Some(&release),
-                rollout,
-                Step::HealthGate,
-                StepStatus::Failed,
-                Some(reason.clone()),
-            );
+            self.reporter
+                .failed(&release, rollout, Step::HealthGate, reason.clone());
             entry.reason = Some(format!("health gate: {reason}"));
             return self.roll_back(entry).await;
         }
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::HealthGate,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::HealthGate);
 
         entry.phase = Phase::Committing;
         if let Err(e) = journal::write(&self.layout.journal_file(), &entry) {
@@ -737,13 +626,7 @@ impl Installer {
             tracing::error!(error = %e, "cannot clear the journal");
         }
         self.collect_garbage(&service);
-        self.reporter.step(
-            Some(&release),
-            rollout,
-            Step::Commit,
-            StepStatus::Succeeded,
-            None,
-        );
+        self.reporter.succeeded(&release, rollout, Step::Commit);
         self.publish_state();
         outcome
     }

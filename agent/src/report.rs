@@ -52,6 +52,27 @@ impl Reporter {
         self.event(release, rollout, step, status, None, reason);
     }
 
+    /// Reports that `step` of `release` began.
+    pub fn started(&self, release: &ReleaseRef, rollout: Option<&str>, step: Step) {
+        self.step(Some(release), rollout, step, StepStatus::Started, None);
+    }
+
+    /// Reports that `step` of `release` finished.
+    pub fn succeeded(&self, release: &ReleaseRef, rollout: Option<&str>, step: Step) {
+        self.step(Some(release), rollout, step, StepStatus::Succeeded, None);
+    }
+
+    /// Reports that `step` of `release` failed, and why.
+    pub fn failed(&self, release: &ReleaseRef, rollout: Option<&str>, step: Step, reason: String) {
+        self.step(
+            Some(release),
+            rollout,
+            step,
+            StepStatus::Failed,
+            Some(reason),
+        );
+    }
+
     /// Reports how far a long step has got.
     pub fn progress(
         &self,
