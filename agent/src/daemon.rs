@@ -39,8 +39,20 @@ enum Work {
 }
 
 /// Runs the agent until `shutdown` resolves.
+/// Runs the agent configured by the file at `config_path` until `shutdown`
+/// resolves; the file is watched and safe changes apply live.
 pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Result<(), SetupError> {
-    let mut config = Config::load(config_path)?;
+    let config = Config::load(config_path)?;
+    run_with(config, Some(config_path), shutdown).await
+}
+
+/// Runs an agent from a configuration value (tests, fleet simulators), with
+/// live reloads from `config_path` when given.
+pub async fn run_with(
+    mut config: Config,
+    config_path: Option<&Path>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SetupError> {
     let _lock = device::lock_data_dir(&config)?;
     let (reporter, mut reports) = Reporter::channel();
     let installer = device::installer(&config, reporter.clone())?;
@@ -61,11 +73,11 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Resu
         None => None,
     };
     let (config_tx, mut config_rx) = mpsc::unbounded_channel();
-    let _config_watcher = watch_file(config_path, config_tx);
+    let _config_watcher = config_path.and_then(|path| watch_file(path, config_tx));
 
     let mut session = Session::new(&config).map_err(|message| {
         SetupError::Config(crate::config::ConfigError::Parse {
-            path: config_path.to_owned(),
+            path: config_path.map(Path::to_owned).unwrap_or_default(),
             message,
         })
     })?;
@@ -139,7 +151,8 @@ pub async fn run(config_path: &Path, shutdown: impl Future<Output = ()>) -> Resu
                 let _ = work_tx.send(Work::InboxChanged);
             }
             Some(()) = config_rx.recv() => {
-                match Config::load(config_path) {
+                let Some(path) = config_path else { continue };
+                match Config::load(path) {
                     Ok(new) => {
                         apply_config_change(&config, &new, &work_tx, &mut health_tick);
                         config = new;

@@ -437,3 +437,23 @@ async fn new_trust_keys_apply_without_a_restart() {
         serde_json::from_slice(&std::fs::read(&second).unwrap()).unwrap();
     assert_eq!(result["outcome"], "installed", "{result}");
 }
+
+#[tokio::test]
+async fn the_last_will_marks_a_killed_agent_offline() {
+    let rig = Rig::new();
+    let broker = Mosquitto::start(rig.tmp.path(), "");
+    let mut watcher = Watcher::connect(&broker).await;
+    let mut agent = Agent::start(&rig, "will", Some(&broker.url()), None);
+    watcher
+        .wait_for::<Status>("status", "online", |s| s.state == Connectivity::Online)
+        .await;
+    // No goodbye: the broker publishes the will when the connection drops.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let status = watcher
+        .wait_for::<Status>("status", "the last will", |s| {
+            s.state == Connectivity::Offline
+        })
+        .await;
+    assert_eq!(status.agent_version, None);
+}
