@@ -4,7 +4,11 @@
 //!   over `ferry-protocol` (keys, signing, verification) and `ferry-cross`
 //!   (packaging).
 //! - [`files`]: reading and writing the operator's files safely.
+//! - [`serve`]: `ferry serve`, the manager: broker, ingestion, API, store.
+//! - [`client`]: how the CLI finds and talks to a manager.
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod client;
 pub mod files;
+pub mod serve;

@@ -4,9 +4,12 @@
 //! people and a JSON value for scripts (`--json`); this module prints the
 //! one asked for and turns failure into exit code 1.
 
+mod fleet;
 mod keygen;
 mod keys;
 mod package;
+mod publish;
+mod serve;
 mod sign;
 mod verify;
 
@@ -15,6 +18,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::client::Manager;
+
 /// Ferry: signed releases for fleets of ARMv7 Linux devices.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version)]
@@ -22,6 +27,20 @@ struct Cli {
     /// Print machine-readable JSON on standard output instead of text.
     #[arg(long, global = true)]
     json: bool,
+
+    /// The manager's URL [default: the manager last started on this machine].
+    #[arg(long, global = true, env = "FERRY_URL", value_name = "URL")]
+    url: Option<String>,
+
+    /// The operator token [default: read from that manager's data directory].
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -37,6 +56,20 @@ enum Command {
     Sign(sign::Args),
     /// Check a signed envelope, and optionally its artifact, offline.
     Verify(verify::Args),
+    /// Run the manager: MQTT broker, HTTP API, artifact store.
+    Serve(serve::Args),
+    /// Register a device (`ferry device add ID`) or show one (`ferry device ID`).
+    Device(fleet::DeviceArgs),
+    /// List the devices with their status and services.
+    Devices,
+    /// Upload a signed release and its artifact to the manager.
+    Publish(publish::Args),
+    /// Deploy a published release to devices.
+    Deploy(fleet::DeployArgs),
+    /// Recent health reports (`--follow` for new ones).
+    Health(fleet::HistoryArgs),
+    /// Recent deployment events (`--follow` for new ones).
+    Events(fleet::HistoryArgs),
 }
 
 /// What a command has to say: text for people, JSON for scripts.
@@ -68,11 +101,30 @@ impl Outcome {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     let result = match cli.command {
         Command::Keygen(args) => keygen::run(args),
         Command::Package(args) => package::run(args),
         Command::Sign(args) => sign::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Serve(args) => {
+            init_logging();
+            runtime().and_then(|rt| rt.block_on(serve::run(args)))
+        }
+        remote => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let manager = Manager::resolve(cli.url, cli.token)?;
+                match remote {
+                    Command::Device(args) => fleet::device(&manager, args).await,
+                    Command::Devices => fleet::devices(&manager).await,
+                    Command::Publish(args) => publish::run(&manager, args, json).await,
+                    Command::Deploy(args) => fleet::deploy(&manager, args).await,
+                    Command::Health(args) => fleet::history(&manager, "health", args, json).await,
+                    Command::Events(args) => fleet::history(&manager, "events", args, json).await,
+                    _ => unreachable!("local commands are handled above"),
+                }
+            })
+        }),
     };
     match result {
         Ok(outcome) => {
@@ -99,6 +151,21 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
 }
 
 /// Prints a line; a closed pipe (`ferry ... | head`) is not an error.

@@ -1,0 +1,286 @@
+//! Fleet commands: `ferry device add|ID`, `ferry devices`, `ferry deploy`,
+//! `ferry health`, `ferry events`.
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use super::Outcome;
+use crate::client::Manager;
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct DeviceArgs {
+    #[command(subcommand)]
+    action: Option<DeviceAction>,
+    /// Show this device.
+    id: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DeviceAction {
+    /// Register a device and print its MQTT and HTTP credentials.
+    Add {
+        /// The device id (letters, digits, '.', '_', '-').
+        id: String,
+        /// A tag to deploy by; repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+}
+
+pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcome> {
+    match (args.action, args.id) {
+        (Some(DeviceAction::Add { id, tags }), _) => {
+            let created = manager
+                .post("/v1/devices", &json!({ "device_id": id, "tags": tags }))
+                .await?;
+            let text = format!(
+                "device {id} added\nusername: {}\npassword: {}\n(put them in the device's agent.toml [broker]; the password is not shown again)",
+                created["username"].as_str().unwrap_or_default(),
+                created["password"].as_str().unwrap_or_default()
+            );
+            Ok(Outcome::ok(
+                text,
+                json!({ "device_id": created["device_id"], "username": created["username"], "password": created["password"] }),
+            ))
+        }
+        (None, Some(id)) => {
+            let device = manager.get(&format!("/v1/devices/{id}")).await?;
+            Ok(Outcome::ok(describe_device(&device), device))
+        }
+        (None, None) => anyhow::bail!("name a device, or `ferry device add ID`"),
+    }
+}
+
+fn services(device: &Value) -> String {
+    device["reported"]["services"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .map(|s| {
+                    format!(
+                        "{} {}",
+                        s["service"].as_str().unwrap_or("?"),
+                        s["version"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn describe_device(d: &Value) -> String {
+    let mut text = format!(
+        "{}  {}  tags: {}\nservices: {}\nlast seen: {}",
+        d["device_id"].as_str().unwrap_or("?"),
+        if d["online"].as_bool() == Some(true) {
+            "online"
+        } else {
+            "offline"
+        },
+        d["tags"]
+            .as_array()
+            .map(|t| t
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","))
+            .unwrap_or_default(),
+        services(d),
+        d["last_seen"].as_str().unwrap_or("never"),
+    );
+    if let Some(result) = d["reported"]["last_result"].as_object() {
+        text.push_str(&format!(
+            "\nlast deployment: {} {} {}{}",
+            result.get("service").and_then(Value::as_str).unwrap_or("?"),
+            result.get("version").and_then(Value::as_str).unwrap_or("?"),
+            result.get("outcome").and_then(Value::as_str).unwrap_or("?"),
+            result
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default(),
+        ));
+    }
+    if let Some(health) = d["health"].as_object() {
+        text.push_str(&format!(
+            "\nhealth: cpu {:.0}%  load {:.2}  memory {} MiB free  disk {} MiB free",
+            health
+                .get("cpu")
+                .and_then(|c| c["usage_percent"].as_f64())
+                .unwrap_or(0.0),
+            health
+                .get("cpu")
+                .and_then(|c| c["load1"].as_f64())
+                .unwrap_or(0.0),
+            health
+                .get("memory")
+                .and_then(|m| m["available_bytes"].as_u64())
+                .unwrap_or(0)
+                >> 20,
+            health
+                .get("disk")
+                .and_then(|m| m["free_bytes"].as_u64())
+                .unwrap_or(0)
+                >> 20,
+        ));
+    }
+    text
+}
+
+pub(crate) async fn devices(manager: &Manager) -> Result<Outcome> {
+    let list = manager.get("/v1/devices").await?;
+    let mut text = format!(
+        "{:<20} {:<8} {:<20} {}",
+        "DEVICE", "STATUS", "TAGS", "SERVICES"
+    );
+    for d in list.as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "\n{:<20} {:<8} {:<20} {}",
+            d["device_id"].as_str().unwrap_or("?"),
+            if d["online"].as_bool() == Some(true) {
+                "online"
+            } else {
+                "offline"
+            },
+            d["tags"]
+                .as_array()
+                .map(|t| t
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(","))
+                .unwrap_or_default(),
+            services(d),
+        ));
+    }
+    Ok(Outcome::ok(text, list))
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DeployArgs {
+    /// The service.
+    service: String,
+    /// The published version to deploy.
+    version: String,
+    /// Deploy to these devices; repeatable.
+    #[arg(long = "device", value_name = "ID", conflicts_with_all = ["tag", "all"], required_unless_present_any = ["tag", "all"])]
+    devices: Vec<String>,
+    /// Deploy to every device with this tag.
+    #[arg(long, conflicts_with = "all")]
+    tag: Option<String>,
+    /// Deploy to every device.
+    #[arg(long)]
+    all: bool,
+}
+
+pub(crate) async fn deploy(manager: &Manager, args: DeployArgs) -> Result<Outcome> {
+    let created = manager
+        .post(
+            "/v1/deployments",
+            &json!({
+                "service": args.service,
+                "version": args.version,
+                "devices": args.devices,
+                "tag": args.tag,
+                "all": args.all,
+            }),
+        )
+        .await?;
+    let devices: Vec<&str> = created["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    Ok(Outcome::ok(
+        format!(
+            "deployment {} of {} {} to {} device(s): {}\nwatch it with `ferry devices` or GET /v1/deployments/{}",
+            created["id"],
+            args.service,
+            args.version,
+            devices.len(),
+            devices.join(", "),
+            created["id"]
+        ),
+        created,
+    ))
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct HistoryArgs {
+    /// Only this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Keep printing new ones as they arrive.
+    #[arg(long)]
+    follow: bool,
+}
+
+/// `ferry health` and `ferry events`: recent history, and with `--follow`
+/// new entries as they arrive (one JSON object per line with `--json`).
+pub(crate) async fn history(
+    manager: &Manager,
+    kind: &str,
+    args: HistoryArgs,
+    json_out: bool,
+) -> Result<Outcome> {
+    let mut after = 0i64;
+    let device = args
+        .device
+        .map(|d| format!("&device={d}"))
+        .unwrap_or_default();
+    loop {
+        let rows = manager
+            .get(&format!("/v1/{kind}?after={after}{device}"))
+            .await?;
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        if !args.follow {
+            let text = rows
+                .iter()
+                .map(|r| line(kind, r))
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Ok(Outcome::ok(text, Value::Array(rows)));
+        }
+        for row in &rows {
+            after = after.max(row["id"].as_i64().unwrap_or(after));
+            if json_out {
+                println!("{row}");
+            } else {
+                println!("{}", line(kind, row));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+fn line(kind: &str, row: &Value) -> String {
+    let m = &row["message"];
+    let device = row["device_id"].as_str().unwrap_or("?");
+    if kind == "events" {
+        format!(
+            "{} {device} {} {} {} {}{}",
+            m["time"].as_str().unwrap_or(""),
+            m["release"]["service"].as_str().unwrap_or("-"),
+            m["release"]["version"].as_str().unwrap_or("-"),
+            m["step"].as_str().unwrap_or("?"),
+            m["status"].as_str().unwrap_or("?"),
+            m["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default(),
+        )
+    } else {
+        format!(
+            "{} {device} cpu {:.0}% load {:.2} mem {} MiB free, {} service(s)",
+            m["time"].as_str().unwrap_or(""),
+            m["cpu"]["usage_percent"].as_f64().unwrap_or(0.0),
+            m["cpu"]["load1"].as_f64().unwrap_or(0.0),
+            m["memory"]["available_bytes"].as_u64().unwrap_or(0) >> 20,
+            m["services"].as_array().map_or(0, Vec::len),
+        )
+    }
+}

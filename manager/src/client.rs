@@ -1,0 +1,136 @@
+//! The CLI's connection to a manager: where it is and the operator token.
+//!
+//! Found in this order: `--url` / `--token`; `FERRY_URL` / `FERRY_TOKEN`; the
+//! config file (`FERRY_CONFIG`, else `~/.config/ferry/cli.json`, with
+//! `url` and `token` or `token_file`); and last the manager `ferry serve`
+//! last started on this machine, which records itself in
+//! `~/.config/ferry/local-manager.json`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// How to reach a manager.
+pub struct Manager {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize, Default)]
+struct ClientFile {
+    url: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+fn read_file(path: Option<PathBuf>) -> ClientFile {
+    path.and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn config_dir_file(name: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("ferry").join(name))
+}
+
+impl Manager {
+    /// Resolves the manager from flags (which clap already filled from the
+    /// environment) and files.
+    pub fn resolve(url: Option<String>, token: Option<String>) -> Result<Self> {
+        let configured = read_file(
+            std::env::var_os("FERRY_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| config_dir_file("cli.json")),
+        );
+        let local = read_file(crate::serve::local_manager_file());
+        let token_from_file = |f: &ClientFile| {
+            f.token.clone().or_else(|| {
+                f.token_file
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .map(|t| t.trim().to_owned())
+            })
+        };
+        let url = url
+            .or(configured.url.clone())
+            .or(local.url.clone())
+            .context(
+                "no manager URL: pass --url, set FERRY_URL, or start `ferry serve` on this machine",
+            )?;
+        let token = token
+            .or_else(|| token_from_file(&configured))
+            .or_else(|| token_from_file(&local))
+            .context("no operator token: pass --token or set FERRY_TOKEN (the manager writes it to operator.token in its data directory)")?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends a request and reads a JSON answer, turning API errors into a sentence.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the manager at {}", self.url))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let message = body["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| status.to_string());
+            bail!("{message}")
+        }
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.request(reqwest::Method::POST, path).json(body))
+            .await
+    }
+
+    /// POST raw bytes to `path`.
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<Value> {
+        self.send(
+            self.request(reqwest::Method::POST, path)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    /// PUT a streamed body of `len` bytes to `path`.
+    pub async fn put_stream(&self, path: &str, body: reqwest::Body, len: u64) -> Result<Value> {
+        self.send(
+            self.request(reqwest::Method::PUT, path)
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(body),
+        )
+        .await
+    }
+}

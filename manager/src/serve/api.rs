@@ -1,0 +1,522 @@
+//! The HTTP API (JSON over HTTP, operator tokens) and the artifact store.
+//!
+//! | route | who | what |
+//! |---|---|---|
+//! | `GET /healthz` | anyone | liveness |
+//! | `POST /v1/devices` | operator | register a device; returns its credentials |
+//! | `GET /v1/devices`, `GET /v1/devices/{id}` | operator | fleet view |
+//! | `PUT /v1/artifacts/{sha256}` | operator | upload an artifact; refused unless the bytes hash to `sha256` |
+//! | `GET /v1/artifacts/{sha256}` | device or operator | download, with Range |
+//! | `POST /v1/releases`, `GET /v1/releases` | operator | publish an envelope (its artifact uploaded first), list |
+//! | `POST /v1/deployments`, `GET /v1/deployments[/{id}]` | operator | deploy a release to devices, progress |
+//! | `GET /v1/health`, `GET /v1/events` | operator | recent history (`?device=`, `?after=`) |
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use base64::Engine as _;
+use ferry_protocol::messages::{Desired, DesiredRelease, MESSAGE_SCHEMA, Message};
+use ferry_protocol::{DeviceId, Envelope, Sha256Digest};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tower_http::services::ServeFile;
+
+use super::ingest::Outgoing;
+use super::store::{Store, StoreError, password_hash};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Arc<Store>,
+    /// Where artifacts are kept, named by sha256.
+    pub artifacts: PathBuf,
+    /// The operator token.
+    pub token: Arc<String>,
+    /// Desired-state messages for the MQTT client.
+    pub outgoing: mpsc::UnboundedSender<Outgoing>,
+    /// How devices reach this manager over HTTP.
+    pub public_url: Arc<String>,
+}
+
+/// An error as the API answers it: a status and a sentence.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+fn bad(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The routes.
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/devices", get(list_devices).post(add_device))
+        .route("/v1/devices/{id}", get(show_device))
+        .route(
+            "/v1/artifacts/{sha}",
+            put(upload_artifact).get(download_artifact),
+        )
+        .route("/v1/releases", get(list_releases).post(publish_release))
+        .route("/v1/deployments", get(list_deployments).post(deploy))
+        .route("/v1/deployments/{id}", get(show_deployment))
+        .route("/v1/health", get(health_history))
+        .route("/v1/events", get(event_history))
+        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        .with_state(state)
+}
+
+/// Checks the operator's bearer token.
+fn operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => Ok(()),
+        Some(_) => Err(bad(StatusCode::UNAUTHORIZED, "the operator token is wrong")),
+        None => Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "an operator token is needed (Authorization: Bearer ...)",
+        )),
+    }
+}
+
+/// Checks a device's basic-auth credentials.
+fn device_or_operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    if operator(state, headers).is_ok() {
+        return Ok(());
+    }
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    let Some((user, password)) = basic.as_deref().and_then(|b| b.split_once(':')) else {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "device credentials are needed",
+        ));
+    };
+    match state.store.password_hash_of(user)? {
+        Some(hash) if constant_time_eq(hash.as_bytes(), password_hash(password).as_bytes()) => {
+            Ok(())
+        }
+        _ => Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "unknown device or wrong password",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct NewDevice {
+    device_id: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+async fn add_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let new: NewDevice = serde_json::from_slice(&body)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
+    let id =
+        DeviceId::new(new.device_id).map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let mut secret = [0u8; 24];
+    getrandom::fill(&mut secret)
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let password = hex::encode(secret);
+    state.store.add_device(&id, &password, &new.tags)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "device_id": id, "username": id, "password": password, "tags": new.tags })),
+    ))
+}
+
+async fn list_devices(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.devices()?))
+}
+
+async fn show_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    state
+        .store
+        .device(&id)?
+        .map(Json)
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no device {id}")))
+}
+
+fn parse_sha(sha: &str) -> ApiResult<Sha256Digest> {
+    sha.parse()
+        .map_err(|_| bad(StatusCode::BAD_REQUEST, format!("{sha:?} is not a sha256")))
+}
+
+async fn upload_artifact(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(sha): Path<String>,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let expected = parse_sha(&sha)?;
+    let path = state.artifacts.join(expected.to_string());
+    if path.exists() {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({ "sha256": expected, "stored": "already" })),
+        ));
+    }
+    let temp = state
+        .artifacts
+        .join(format!(".upload-{expected}-{}", std::process::id()));
+    let io = |e: std::io::Error| {
+        bad(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("storing the artifact: {e}"),
+        )
+    };
+    let mut file = tokio::fs::File::create(&temp).await.map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    use futures_util::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&temp).await;
+                return Err(bad(
+                    StatusCode::BAD_REQUEST,
+                    format!("upload interrupted: {e}"),
+                ));
+            }
+        };
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.sync_all().await.map_err(io)?;
+    let actual = Sha256Digest::from_bytes(hasher.finalize().into());
+    if actual != expected {
+        let _ = tokio::fs::remove_file(&temp).await;
+        return Err(bad(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the uploaded bytes hash to {actual}, not {expected}; nothing was stored"),
+        ));
+    }
+    tokio::fs::rename(&temp, &path).await.map_err(io)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "sha256": actual, "size": size })),
+    ))
+}
+
+async fn download_artifact(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(sha): Path<String>,
+    request: Request,
+) -> ApiResult<Response> {
+    device_or_operator(&state, &headers)?;
+    let sha = parse_sha(&sha)?;
+    let path = state.artifacts.join(sha.to_string());
+    if !path.exists() {
+        return Err(bad(StatusCode::NOT_FOUND, format!("no artifact {sha}")));
+    }
+    // ServeFile answers Range requests and sets Content-Length.
+    let response = tower::ServiceExt::oneshot(ServeFile::new(path), request)
+        .await
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(response.into_response())
+}
+
+async fn publish_release(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let envelope =
+        Envelope::from_json(&body).map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let manifest = envelope
+        .unverified_manifest()
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let artifact = state.artifacts.join(manifest.artifact.sha256.to_string());
+    let stored = tokio::fs::metadata(&artifact).await.ok().map(|m| m.len());
+    match stored {
+        None => {
+            return Err(bad(
+                StatusCode::CONFLICT,
+                format!(
+                    "upload the artifact {} first (PUT /v1/artifacts/{{sha256}})",
+                    manifest.artifact.sha256
+                ),
+            ));
+        }
+        Some(size) if size != manifest.artifact.size => {
+            return Err(bad(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the stored artifact is {size} bytes, the manifest says {}",
+                    manifest.artifact.size
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    state.store.add_release(
+        manifest.service.as_str(),
+        &manifest.version.to_string(),
+        manifest.sequence,
+        &manifest.artifact.sha256,
+        manifest.artifact.size,
+        &String::from_utf8_lossy(&envelope.to_json()),
+    )?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "service": manifest.service,
+            "version": manifest.version.to_string(),
+            "sequence": manifest.sequence,
+            "sha256": manifest.artifact.sha256,
+        })),
+    ))
+}
+
+async fn list_releases(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.releases()?))
+}
+
+#[derive(Deserialize)]
+struct NewDeployment {
+    service: String,
+    version: String,
+    #[serde(default)]
+    devices: Vec<String>,
+    #[serde(default)]
+    tag: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn deploy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let request: NewDeployment = serde_json::from_slice(&body)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
+    let release = state
+        .store
+        .release(&request.service, &request.version)?
+        .ok_or_else(|| {
+            bad(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no release {} {}; publish it first",
+                    request.service, request.version
+                ),
+            )
+        })?;
+    let envelope = Envelope::from_json(release.envelope.as_bytes())
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+
+    let fleet = state.store.devices()?;
+    let selectors = usize::from(!request.devices.is_empty())
+        + usize::from(request.tag.is_some())
+        + usize::from(request.all);
+    if selectors != 1 {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            "choose the devices with exactly one of: devices, tag, all",
+        ));
+    }
+    let targets: Vec<String> = if request.all {
+        fleet.iter().map(|d| d.device_id.clone()).collect()
+    } else if let Some(tag) = &request.tag {
+        fleet
+            .iter()
+            .filter(|d| d.tags.contains(tag))
+            .map(|d| d.device_id.clone())
+            .collect()
+    } else {
+        for id in &request.devices {
+            if !fleet.iter().any(|d| &d.device_id == id) {
+                return Err(bad(
+                    StatusCode::NOT_FOUND,
+                    format!("no device {id}; add it with `ferry device add`"),
+                ));
+            }
+        }
+        request.devices.clone()
+    };
+    if targets.is_empty() {
+        return Err(bad(StatusCode::NOT_FOUND, "no device matches"));
+    }
+
+    // Each device's desired state keeps its other services and gets this release.
+    let url = format!("{}/v1/artifacts/{}", state.public_url, release.sha256);
+    let mut payloads = Vec::new();
+    for device in &targets {
+        let mut releases: Vec<DesiredRelease> = match state.store.desired(device)? {
+            Some(text) => Desired::decode(text.as_bytes())
+                .map(|d| d.releases)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        releases.retain(|r| {
+            r.envelope
+                .unverified_manifest()
+                .map(|m| m.service.as_str() != request.service)
+                .unwrap_or(false)
+        });
+        releases.push(DesiredRelease {
+            envelope: envelope.clone(),
+            artifact_url: Some(url.clone()),
+        });
+        payloads.push((device.clone(), releases));
+    }
+    // The deployment id goes into the rollout field, so it is known first.
+    let id = state
+        .store
+        .add_deployment(&request.service, &request.version)?;
+    let rollout = format!("deploy-{id}");
+    let mut desired = Vec::new();
+    for (device, releases) in payloads {
+        let message = Desired {
+            schema: MESSAGE_SCHEMA,
+            rollout: Some(rollout.clone()),
+            releases,
+        };
+        desired.push((
+            device,
+            String::from_utf8_lossy(&message.encode()).into_owned(),
+        ));
+    }
+    state.store.add_deployment_targets(id, &desired)?;
+    for (device, payload) in &desired {
+        let _ = state.outgoing.send(Outgoing {
+            device: device.clone(),
+            payload: payload.clone().into_bytes(),
+        });
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "rollout": rollout, "devices": targets })),
+    ))
+}
+
+async fn list_deployments(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    Ok(Json(state.store.deployments()?))
+}
+
+async fn show_deployment(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    state
+        .store
+        .deployments()?
+        .into_iter()
+        .find(|d| d.id == id)
+        .map(Json)
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no deployment {id}")))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    device: Option<String>,
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+async fn history(
+    state: &AppState,
+    headers: &HeaderMap,
+    kind: &str,
+    q: HistoryQuery,
+) -> ApiResult<Json<serde_json::Value>> {
+    operator(state, headers)?;
+    let rows = state
+        .store
+        .history(kind, q.device.as_deref(), q.after, q.limit.clamp(1, 1000))?;
+    Ok(Json(json!(
+        rows.into_iter()
+            .map(
+                |(id, device, payload)| json!({ "id": id, "device_id": device, "message": payload })
+            )
+            .collect::<Vec<_>>()
+    )))
+}
+
+async fn health_history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<impl IntoResponse> {
+    history(&state, &headers, "health", q).await
+}
+
+async fn event_history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<impl IntoResponse> {
+    history(&state, &headers, "events", q).await
+}

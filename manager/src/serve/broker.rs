@@ -1,0 +1,190 @@
+//! The embedded MQTT broker (rmqtt), with Ferry's authentication and ACL.
+//!
+//! - A device connects with its id as client id and user name, and the
+//!   password `ferry device add` printed; anyone else is refused.
+//! - A device may publish only under `ferry/v1/devices/{its id}/` on the
+//!   topics a device publishes (reported, events, health, status), and may
+//!   subscribe only to its own `desired` topic. The check is a hook on every
+//!   publish and subscribe, keyed on the authenticated user name, so one
+//!   device can never read another's desired state.
+//! - The manager's own client is a superuser with a password made at start.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ferry_protocol::topics::{Topic, TopicKind};
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::types::{AuthResult, PublishAclResult, SubscribeAclResult};
+
+use super::store::{Store, password_hash};
+
+/// Credentials of the manager's own MQTT client.
+#[derive(Debug, Clone)]
+pub struct ManagerLogin {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Starts the broker on `listen`; runs until the returned future is dropped.
+pub async fn start(
+    listen: SocketAddr,
+    store: Arc<Store>,
+    manager: ManagerLogin,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let scx = ServerContext::new()
+        // The manager shares the machine with its broker: never refuse
+        // devices because the CPU is busy.
+        .busy_check_enable(false)
+        .plugins_config_map_add("rmqtt-retainer", "storage.type = \"ram\"")
+        .build()
+        .await;
+    rmqtt_retainer::register(&scx, true, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("retainer: {e}"))?;
+    scx.plugins
+        .start("rmqtt-retainer")
+        .await
+        .map_err(|e| anyhow::anyhow!("retainer: {e}"))?;
+
+    let register = scx.extends.hook_mgr().register();
+    let guard = Arc::new(Guard { store, manager });
+    for hook in [
+        Type::ClientAuthenticate,
+        Type::MessagePublishCheckAcl,
+        Type::ClientSubscribeCheckAcl,
+    ] {
+        register.add(hook, Box::new(GuardHook(guard.clone()))).await;
+    }
+    register.start().await;
+
+    let listener = Builder::new()
+        .name("ferry/tcp")
+        .laddr(listen)
+        .allow_anonymous(false)
+        .max_inflight(std::num::NonZeroU16::new(128).unwrap_or(std::num::NonZeroU16::MIN))
+        .max_mqueue_len(10_000)
+        .max_packet_size(1024 * 1024)
+        .bind()
+        .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?
+        .tcp()
+        .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?;
+    let server = MqttServer::new(scx).listener(listener).build();
+    Ok(async move {
+        if let Err(e) = server.run().await {
+            tracing::error!("MQTT broker stopped: {e}");
+        }
+    })
+}
+
+/// Authentication and ACL in one handler.
+struct Guard {
+    store: Arc<Store>,
+    manager: ManagerLogin,
+}
+
+/// The handler rmqtt calls; one guard serves all three hooks.
+struct GuardHook(Arc<Guard>);
+
+#[async_trait]
+impl Handler for GuardHook {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::ClientAuthenticate(info) => {
+                let user = info.username().map(|u| u.to_string()).unwrap_or_default();
+                let password = info
+                    .password()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_default();
+                let client_id = info.client_id().to_string();
+                let result = self.0.authenticate(&user, &password, &client_id);
+                (false, Some(HookResult::AuthResult(result)))
+            }
+            Parameter::MessagePublishCheckAcl(session, publish) => {
+                let user = session
+                    .id
+                    .username
+                    .as_ref()
+                    .map(|u| u.to_string())
+                    .unwrap_or_default();
+                let allowed = match publish.topic.parse::<Topic>() {
+                    Ok(topic) => topic.device.as_str() == user && topic.kind.published_by_device(),
+                    Err(_) => false,
+                };
+                if allowed {
+                    (true, acc)
+                } else {
+                    tracing::warn!(device = %user, topic = %publish.topic, "publish refused");
+                    (
+                        false,
+                        Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                            false,
+                            Some("not this device's topic".into()),
+                        ))),
+                    )
+                }
+            }
+            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
+                let user = session
+                    .id
+                    .username
+                    .as_ref()
+                    .map(|u| u.to_string())
+                    .unwrap_or_default();
+                let allowed = match subscribe.topic_filter.parse::<Topic>() {
+                    Ok(topic) => topic.device.as_str() == user && topic.kind == TopicKind::Desired,
+                    Err(_) => false,
+                };
+                if allowed {
+                    (
+                        false,
+                        Some(HookResult::SubscribeAclResult(
+                            SubscribeAclResult::new_success(subscribe.opts.qos(), None),
+                        )),
+                    )
+                } else {
+                    tracing::warn!(device = %user, filter = %subscribe.topic_filter, "subscribe refused");
+                    (
+                        false,
+                        Some(HookResult::SubscribeAclResult(
+                            SubscribeAclResult::new_failure(
+                                rmqtt::codec::v5::SubscribeAckReason::NotAuthorized,
+                            ),
+                        )),
+                    )
+                }
+            }
+            _ => (true, acc),
+        }
+    }
+}
+
+impl Guard {
+    fn authenticate(&self, user: &str, password: &str, client_id: &str) -> AuthResult {
+        if user == self.manager.username {
+            return if password == self.manager.password {
+                AuthResult::Allow(true, None)
+            } else {
+                AuthResult::BadUsernameOrPassword
+            };
+        }
+        // A device's client id is its user name: no one takes over another
+        // device's session.
+        if client_id != user {
+            return AuthResult::NotAuthorized;
+        }
+        match self.store.password_hash_of(user) {
+            Ok(Some(hash)) if hash == password_hash(password) => AuthResult::Allow(false, None),
+            Ok(_) => AuthResult::BadUsernameOrPassword,
+            Err(e) => {
+                tracing::error!("device lookup failed: {e}");
+                AuthResult::NotAuthorized
+            }
+        }
+    }
+}

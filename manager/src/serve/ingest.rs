@@ -1,0 +1,147 @@
+//! The manager's MQTT client: consumes what devices publish and publishes
+//! their desired state. The same code serves the embedded broker and an
+//! external one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::messages::{Event, Message, Reported, StepStatus};
+use ferry_protocol::topics::{Topic, TopicKind};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use super::store::Store;
+
+/// A desired-state message to publish (retained).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The device.
+    pub device: String,
+    /// The `desired` payload.
+    pub payload: Vec<u8>,
+}
+
+/// Where the broker is and who the manager is on it.
+#[derive(Debug, Clone)]
+pub struct BrokerLogin {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+}
+
+/// Runs the client until the process ends: reconnects with backoff, and on
+/// every connection subscribes again and republishes every device's desired
+/// state (a restarted broker may have lost its retained messages).
+pub async fn run(
+    login: BrokerLogin,
+    store: Arc<Store>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    let client_id = format!("ferry-manager-{}", std::process::id());
+    let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(true);
+    options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    if let (Some(user), Some(password)) = (&login.username, &login.password) {
+        options.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => match event {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!("manager connected to the broker");
+                    for kind in [TopicKind::Reported, TopicKind::Events, TopicKind::Health, TopicKind::Status] {
+                        let qos = if kind.delivery().qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                        let _ = client.try_subscribe(kind.all_devices_filter(), qos);
+                    }
+                    republish_all(&client, &store);
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if let Err(e) = ingest(&store, &p.topic, &p.payload) {
+                        tracing::warn!(topic = %p.topic, "message not recorded: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            },
+            Some(message) = outgoing.recv() => publish_desired(&client, &message.device, message.payload),
+        }
+    }
+}
+
+fn publish_desired(client: &AsyncClient, device: &str, payload: Vec<u8>) {
+    let topic = format!("ferry/v1/devices/{device}/desired");
+    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, payload) {
+        tracing::warn!(device, "desired state not sent: {e}");
+    }
+}
+
+fn republish_all(client: &AsyncClient, store: &Store) {
+    match store.devices() {
+        Ok(devices) => {
+            for device in devices {
+                if let Ok(Some(payload)) = store.desired(&device.device_id) {
+                    publish_desired(client, &device.device_id, payload.into_bytes());
+                }
+            }
+        }
+        Err(e) => tracing::error!("cannot read desired states: {e}"),
+    }
+}
+
+/// Records one device message, and what it says about deployments.
+fn ingest(store: &Store, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let topic: Topic = topic.parse()?;
+    let device = topic.device.as_str();
+    // Decode before storing: malformed or oversized payloads are refused.
+    match topic.kind {
+        TopicKind::Reported => {
+            let reported = Reported::decode(payload)?;
+            if let Some(result) = &reported.last_result {
+                if let Some(id) = deployment_id(result.rollout.as_deref()) {
+                    let status = serde_json::to_value(result.outcome)?;
+                    store.set_deployment_status(
+                        id,
+                        device,
+                        status.as_str().unwrap_or("failed"),
+                        result.reason.as_deref(),
+                    )?;
+                }
+            }
+        }
+        TopicKind::Events => {
+            let event = Event::decode(payload)?;
+            if let Some(id) = deployment_id(event.rollout.as_deref()) {
+                if event.status != StepStatus::Failed {
+                    store.set_deployment_status(id, device, "installing", None)?;
+                }
+            }
+        }
+        TopicKind::Health => {
+            ferry_protocol::messages::Health::decode(payload)?;
+        }
+        TopicKind::Status => {
+            ferry_protocol::messages::Status::decode(payload)?;
+        }
+        TopicKind::Desired => return Ok(()),
+    }
+    store.record(device, topic.kind.segment(), payload)?;
+    Ok(())
+}
+
+/// The deployment a rollout id names (`deploy-<id>`).
+pub fn deployment_id(rollout: Option<&str>) -> Option<i64> {
+    rollout?.strip_prefix("deploy-")?.parse().ok()
+}

@@ -1,0 +1,211 @@
+//! `ferry serve`: the manager.
+//!
+//! One process: the embedded MQTT broker ([`broker`]) unless an external one
+//! is named, the MQTT client that ingests device messages and publishes
+//! desired state ([`ingest`]), the HTTP API and artifact store ([`api`]),
+//! and SQLite ([`store`]) under the data directory.
+
+pub mod api;
+pub mod broker;
+pub mod ingest;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_protocol::Timestamp;
+use tokio::sync::mpsc;
+
+use crate::files::{Existing, write_atomic};
+
+/// Where the manager listens and keeps its state.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The embedded broker's address (ignored with an external broker).
+    pub mqtt_listen: SocketAddr,
+    /// The HTTP API's address.
+    pub http_listen: SocketAddr,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// An external broker (`mqtt://[user:pass@]host:port`) instead of the embedded one.
+    pub broker: Option<String>,
+    /// The URL devices use to reach the HTTP API (artifact downloads).
+    pub public_url: Option<String>,
+    /// Devices silent this long are marked offline.
+    pub offline_after: Duration,
+}
+
+/// The operator token file in a data directory.
+pub fn token_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("operator.token")
+}
+
+/// Reads the operator token, creating it (mode 0600) on first start.
+fn operator_token(data_dir: &Path) -> Result<(String, bool)> {
+    let path = token_file(data_dir);
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok((token.trim().to_owned(), false));
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token = hex::encode(bytes);
+    write_atomic(
+        &path,
+        format!("{token}\n").as_bytes(),
+        0o600,
+        Existing::Keep,
+    )?;
+    Ok((token, true))
+}
+
+/// Runs the manager until `shutdown` resolves.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).ok();
+    let artifacts = config.data_dir.join("artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let store = Arc::new(store::Store::open(&config.data_dir.join("ferry.db"))?);
+    let (token, created) = operator_token(&config.data_dir)?;
+    let token_path = token_file(&config.data_dir);
+    if created {
+        tracing::info!(file = %token_path.display(), "created the operator token");
+    }
+
+    // The broker: embedded, or external.
+    let (login, broker_task) = match &config.broker {
+        Some(url) => (parse_external(url)?, None),
+        None => {
+            let mut secret = [0u8; 24];
+            getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let manager = broker::ManagerLogin {
+                username: "ferry-manager".into(),
+                password: hex::encode(secret),
+            };
+            let task = broker::start(config.mqtt_listen, store.clone(), manager.clone()).await?;
+            let host = if config.mqtt_listen.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                config.mqtt_listen.ip().to_string()
+            };
+            let login = ingest::BrokerLogin {
+                host,
+                port: config.mqtt_listen.port(),
+                username: Some(manager.username),
+                password: Some(manager.password),
+            };
+            (login, Some(task))
+        }
+    };
+    if let Some(task) = broker_task {
+        tokio::spawn(task);
+    }
+    let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
+    tokio::spawn(ingest::run(login, store.clone(), outgoing_rx));
+
+    // Silence means offline.
+    let silence_store = store.clone();
+    let offline_after = config.offline_after;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(offline_after / 3);
+        loop {
+            tick.tick().await;
+            let cutoff = Timestamp::from(std::time::SystemTime::now() - offline_after).to_string();
+            if let Err(e) = silence_store.mark_silent_offline(&cutoff) {
+                tracing::warn!("offline check: {e}");
+            }
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    let http_addr = listener.local_addr()?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| {
+        let host = if http_addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            http_addr.ip().to_string()
+        };
+        format!("http://{host}:{}", http_addr.port())
+    });
+    let state = api::AppState {
+        store,
+        artifacts,
+        token: Arc::new(token),
+        outgoing: outgoing_tx,
+        public_url: Arc::new(public_url.clone()),
+    };
+    remember_local_manager(&public_url, &token_path);
+    tracing::info!(
+        http = %http_addr,
+        mqtt = %config.broker.clone().unwrap_or_else(|| config.mqtt_listen.to_string()),
+        token = %token_path.display(),
+        "ferry manager running"
+    );
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server")?;
+    Ok(())
+}
+
+/// `mqtt://[user:pass@]host[:port]`.
+fn parse_external(url: &str) -> Result<ingest::BrokerLogin> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .with_context(|| format!("broker url {url:?} must start with mqtt://"))?;
+    let (credentials, address) = match rest.rsplit_once('@') {
+        Some((c, a)) => (Some(c), a),
+        None => (None, rest),
+    };
+    let (host, port) = match address.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse().with_context(|| format!("bad port in {url:?}"))?,
+        ),
+        None => (address, 1883),
+    };
+    let (username, password) = match credentials.and_then(|c| c.split_once(':')) {
+        Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
+        None => (credentials.map(str::to_owned), None),
+    };
+    Ok(ingest::BrokerLogin {
+        host: host.to_owned(),
+        port,
+        username,
+        password,
+    })
+}
+
+/// Where `ferry serve` tells CLIs on the same machine how to reach it.
+pub fn local_manager_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("ferry").join("local-manager.json"))
+}
+
+fn remember_local_manager(url: &str, token_file: &Path) {
+    let Some(path) = local_manager_file() else {
+        return;
+    };
+    let token_file = std::fs::canonicalize(token_file).unwrap_or_else(|_| token_file.to_owned());
+    let text = serde_json::json!({ "url": url, "token_file": token_file }).to_string();
+    let written = path
+        .parent()
+        .map(std::fs::create_dir_all)
+        .transpose()
+        .map_err(anyhow::Error::from)
+        .and_then(|_| write_atomic(&path, text.as_bytes(), 0o600, Existing::Replace));
+    if let Err(e) = written {
+        tracing::debug!("cannot record the local manager: {e:#}");
+    }
+}

@@ -1,0 +1,437 @@
+//! The manager's state in SQLite: devices and their credentials, releases,
+//! desired state, deployments, and what devices report (latest plus a
+//! bounded history of health and events).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ferry_protocol::{DeviceId, Sha256Digest, Timestamp};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// How many health reports and events are kept per device.
+pub const HISTORY: i64 = 200;
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// Stored JSON that no longer reads.
+    #[error("stored data: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The database behind a lock: SQLite serialises writers anyway, and every
+/// statement here is short.
+pub struct Store {
+    db: Mutex<Connection>,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    /// Its id (also its MQTT user name).
+    pub device_id: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Whether it is connected.
+    pub online: bool,
+    /// When it was last heard from.
+    pub last_seen: Option<String>,
+    /// Its latest `reported` message.
+    pub reported: Option<serde_json::Value>,
+    /// Its latest health report.
+    pub health: Option<serde_json::Value>,
+}
+
+/// A published release.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseRow {
+    /// Service.
+    pub service: String,
+    /// Version.
+    pub version: String,
+    /// Sequence.
+    pub sequence: u64,
+    /// Artifact digest.
+    pub sha256: String,
+    /// Artifact size.
+    pub size: u64,
+    /// When it was published.
+    pub created: String,
+    /// The signed envelope.
+    #[serde(skip)]
+    pub envelope: String,
+}
+
+/// One device's part in a deployment.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentTarget {
+    /// The device.
+    pub device_id: String,
+    /// pending, installing, installed, failed, rolled_back or rejected.
+    pub status: String,
+    /// Why, when it did not install.
+    pub reason: Option<String>,
+    /// When the status last changed.
+    pub updated: String,
+}
+
+/// A deployment and its per-device progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentRow {
+    /// Its id; devices see it as rollout `deploy-<id>`.
+    pub id: i64,
+    /// Service.
+    pub service: String,
+    /// Version.
+    pub version: String,
+    /// When it was made.
+    pub created: String,
+    /// Each device's progress.
+    pub devices: Vec<DeploymentTarget>,
+}
+
+fn now() -> String {
+    Timestamp::from(std::time::SystemTime::now()).to_string()
+}
+
+/// SHA-256 of a device password, as stored.
+pub fn password_hash(password: &str) -> String {
+    hex::encode(Sha256::digest(password.as_bytes()))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Connection::open(path)?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS devices (
+                 id TEXT PRIMARY KEY, password_sha256 TEXT NOT NULL,
+                 tags TEXT NOT NULL DEFAULT '[]', created TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS device_state (
+                 device_id TEXT PRIMARY KEY, online INTEGER NOT NULL DEFAULT 0,
+                 last_seen TEXT, reported TEXT, health TEXT);
+             CREATE TABLE IF NOT EXISTS releases (
+                 service TEXT NOT NULL, version TEXT NOT NULL, sequence INTEGER NOT NULL,
+                 sha256 TEXT NOT NULL, size INTEGER NOT NULL, envelope TEXT NOT NULL,
+                 created TEXT NOT NULL, PRIMARY KEY (service, version));
+             CREATE TABLE IF NOT EXISTS desired (device_id TEXT PRIMARY KEY, payload TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS deployments (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL,
+                 version TEXT NOT NULL, created TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS deployment_devices (
+                 deployment_id INTEGER NOT NULL, device_id TEXT NOT NULL, status TEXT NOT NULL,
+                 reason TEXT, updated TEXT NOT NULL, PRIMARY KEY (deployment_id, device_id));
+             CREATE TABLE IF NOT EXISTS history (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,
+                 kind TEXT NOT NULL, time TEXT NOT NULL, payload TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS history_by_device ON history (device_id, kind, id);",
+        )?;
+        Ok(Self { db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a device, or replaces its password and tags.
+    pub fn add_device(&self, id: &DeviceId, password: &str, tags: &[String]) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO devices (id, password_sha256, tags, created) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET password_sha256 = ?2, tags = ?3",
+            params![
+                id.as_str(),
+                password_hash(password),
+                serde_json::to_string(tags)?,
+                now()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The stored password hash of a device.
+    pub fn password_hash_of(&self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT password_sha256 FROM devices WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Every device with its latest state.
+    pub fn devices(&self) -> Result<Vec<DeviceRow>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT d.id, d.tags, COALESCE(s.online, 0), s.last_seen, s.reported, s.health
+             FROM devices d LEFT JOIN device_state s ON s.device_id = d.id ORDER BY d.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, bool>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device_id, tags, online, last_seen, reported, health) = row?;
+            out.push(DeviceRow {
+                device_id,
+                tags: serde_json::from_str(&tags)?,
+                online,
+                last_seen,
+                reported: reported.map(|r| serde_json::from_str(&r)).transpose()?,
+                health: health.map(|h| serde_json::from_str(&h)).transpose()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One device.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
+        Ok(self.devices()?.into_iter().find(|d| d.device_id == id))
+    }
+
+    /// Records a message from a device: latest state and bounded history.
+    pub fn record(&self, device: &str, kind: &str, payload: &[u8]) -> Result<()> {
+        let text = String::from_utf8_lossy(payload);
+        let db = self.db();
+        let time = now();
+        db.execute(
+            "INSERT INTO device_state (device_id, last_seen) VALUES (?1, ?2)
+             ON CONFLICT (device_id) DO UPDATE SET last_seen = ?2",
+            params![device, time],
+        )?;
+        match kind {
+            "reported" => {
+                db.execute(
+                    "UPDATE device_state SET reported = ?2 WHERE device_id = ?1",
+                    params![device, text],
+                )?;
+            }
+            "health" => {
+                db.execute(
+                    "UPDATE device_state SET health = ?2, online = 1 WHERE device_id = ?1",
+                    params![device, text],
+                )?;
+            }
+            "status" => {
+                let online = text.contains("\"online\"");
+                db.execute(
+                    "UPDATE device_state SET online = ?2 WHERE device_id = ?1",
+                    params![device, online],
+                )?;
+            }
+            _ => {}
+        }
+        if kind == "health" || kind == "events" {
+            db.execute(
+                "INSERT INTO history (device_id, kind, time, payload) VALUES (?1, ?2, ?3, ?4)",
+                params![device, kind, time, text],
+            )?;
+            db.execute(
+                "DELETE FROM history WHERE device_id = ?1 AND kind = ?2 AND id <= (
+                     SELECT id FROM history WHERE device_id = ?1 AND kind = ?2
+                     ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+                params![device, kind, HISTORY],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The history of one kind ("health" or "events") after row `after`,
+    /// oldest first: (row id, device, payload).
+    pub fn history(
+        &self,
+        kind: &str,
+        device: Option<&str>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, serde_json::Value)>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT id, device_id, payload FROM history
+             WHERE kind = ?1 AND id > ?2 AND (?3 IS NULL OR device_id = ?3)
+             ORDER BY id DESC LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![kind, after, device, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, device, payload) = row?;
+            out.push((id, device, serde_json::from_str(&payload)?));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Stores a published release.
+    pub fn add_release(
+        &self,
+        service: &str,
+        version: &str,
+        sequence: u64,
+        sha256: &Sha256Digest,
+        size: u64,
+        envelope: &str,
+    ) -> Result<()> {
+        self.db().execute(
+            "INSERT INTO releases (service, version, sequence, sha256, size, envelope, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (service, version) DO UPDATE SET sequence = ?3, sha256 = ?4, size = ?5, envelope = ?6",
+            params![service, version, sequence as i64, sha256.to_string(), size as i64, envelope, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Every release, newest sequence first per service.
+    pub fn releases(&self) -> Result<Vec<ReleaseRow>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT service, version, sequence, sha256, size, created, envelope FROM releases
+             ORDER BY service, sequence DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ReleaseRow {
+                service: r.get(0)?,
+                version: r.get(1)?,
+                sequence: r.get::<_, i64>(2)? as u64,
+                sha256: r.get(3)?,
+                size: r.get::<_, i64>(4)? as u64,
+                created: r.get(5)?,
+                envelope: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// One release.
+    pub fn release(&self, service: &str, version: &str) -> Result<Option<ReleaseRow>> {
+        Ok(self
+            .releases()?
+            .into_iter()
+            .find(|r| r.service == service && r.version == version))
+    }
+
+    /// The device's desired state payload, if any.
+    pub fn desired(&self, device: &str) -> Result<Option<String>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT payload FROM desired WHERE device_id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Records a new deployment; returns its id.
+    pub fn add_deployment(&self, service: &str, version: &str) -> Result<i64> {
+        let db = self.db();
+        db.execute(
+            "INSERT INTO deployments (service, version, created) VALUES (?1, ?2, ?3)",
+            params![service, version, now()],
+        )?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// Sets the new desired payload of each device in deployment `id`, and
+    /// starts tracking its progress; all or nothing.
+    pub fn add_deployment_targets(&self, id: i64, desired: &[(String, String)]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let time = now();
+        for (device, payload) in desired {
+            tx.execute(
+                "INSERT INTO desired (device_id, payload) VALUES (?1, ?2)
+                 ON CONFLICT (device_id) DO UPDATE SET payload = ?2",
+                params![device, payload],
+            )?;
+            tx.execute(
+                "INSERT INTO deployment_devices (deployment_id, device_id, status, updated) VALUES (?1, ?2, 'pending', ?3)",
+                params![id, device, time],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Updates a device's progress in a deployment (from its events and reports).
+    pub fn set_deployment_status(
+        &self,
+        id: i64,
+        device: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.db().execute(
+            "UPDATE deployment_devices SET status = ?3, reason = ?4, updated = ?5
+             WHERE deployment_id = ?1 AND device_id = ?2 AND status NOT IN ('installed', 'failed', 'rolled_back', 'rejected')",
+            params![id, device, status, reason, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Deployments, newest first.
+    pub fn deployments(&self) -> Result<Vec<DeploymentRow>> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT id, service, version, created FROM deployments ORDER BY id DESC")?;
+        let heads = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<std::result::Result<Vec<(i64, String, String, String)>, _>>()?;
+        let mut targets = db.prepare(
+            "SELECT device_id, status, reason, updated FROM deployment_devices WHERE deployment_id = ?1 ORDER BY device_id",
+        )?;
+        let mut out = Vec::new();
+        for (id, service, version, created) in heads {
+            let devices = targets
+                .query_map([id], |r| {
+                    Ok(DeploymentTarget {
+                        device_id: r.get(0)?,
+                        status: r.get(1)?,
+                        reason: r.get(2)?,
+                        updated: r.get(3)?,
+                    })
+                })?
+                .collect::<std::result::Result<_, _>>()?;
+            out.push(DeploymentRow {
+                id,
+                service,
+                version,
+                created,
+                devices,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Marks devices not heard from since `cutoff` offline; returns them.
+    pub fn mark_silent_offline(&self, cutoff: &str) -> Result<usize> {
+        Ok(self.db().execute(
+            "UPDATE device_state SET online = 0 WHERE online = 1 AND (last_seen IS NULL OR last_seen < ?1)",
+            [cutoff],
+        )?)
+    }
+}
