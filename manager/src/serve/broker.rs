@@ -67,6 +67,8 @@ pub async fn start(
         .name("ferry/tcp")
         .laddr(listen)
         .allow_anonymous(false)
+        // A restarted manager must get its port back while old connections linger in TIME_WAIT.
+        .reuseaddr(Some(true))
         .max_inflight(std::num::NonZeroU16::new(128).unwrap_or(std::num::NonZeroU16::MIN))
         .max_mqueue_len(10_000)
         .max_packet_size(1024 * 1024)

@@ -1,0 +1,321 @@
+//! Harness for end-to-end tests: a manager (`ferry serve`, in-process, on
+//! free loopback ports), agents (the agent library's daemon, in-process,
+//! each with its own data directory and direct supervisor), and signed
+//! releases of a real C service built with the machine's `cc`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry::serve::{ServeConfig, serve};
+use ferry_cross::{PackageRequest, package};
+use ferry_protocol::manifest::ArtifactKind;
+use ferry_protocol::{Envelope, Manifest, RelPath, SecretKey, ServiceName, Target};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running manager.
+pub struct Manager {
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    client: reqwest::Client,
+}
+
+impl Manager {
+    /// Starts a manager with the embedded broker, keeping state in `data_dir`.
+    pub async fn start(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
+        // HTTP clients in this process use rustls with ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = ServeConfig {
+            mqtt_listen: mqtt,
+            http_listen: http,
+            data_dir: data_dir.to_owned(),
+            broker: None,
+            public_url: None,
+            offline_after: Duration::from_secs(90),
+        };
+        // The manager gets a runtime of its own, as it would a process of its
+        // own: stopping it ends every task and connection it had.
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(serve(config, async {
+                    let _ = stopped.await;
+                }))
+                .unwrap();
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        });
+        let client = reqwest::Client::new();
+        let url = format!("http://{http}/healthz");
+        for _ in 0..200 {
+            if client.get(&url).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let token = std::fs::read_to_string(data_dir.join("operator.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Self {
+            http,
+            mqtt,
+            data_dir: data_dir.to_owned(),
+            token,
+            stop: Some(stop),
+            thread: Some(thread),
+            client,
+        }
+    }
+
+    /// Stops the manager, as a process exit would: every task and connection ends.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// An authenticated request.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(&self.token)
+    }
+
+    /// GET, expecting success, as JSON.
+    pub async fn get(&self, path: &str) -> Value {
+        let response = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    /// POST JSON, expecting success.
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let response = self
+            .request(reqwest::Method::POST, path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "POST {path}: {status} {body}");
+        body
+    }
+
+    /// Registers a device; returns its password.
+    pub async fn add_device(&self, id: &str, tags: &[&str]) -> String {
+        let created = self
+            .post("/v1/devices", json!({ "device_id": id, "tags": tags }))
+            .await;
+        created["password"].as_str().unwrap().to_owned()
+    }
+
+    /// Uploads a release's artifact, then its envelope.
+    pub async fn publish(&self, release: &Release) {
+        let bytes = std::fs::read(&release.artifact).unwrap();
+        let sha = release.manifest.artifact.sha256;
+        let put = self
+            .request(reqwest::Method::PUT, &format!("/v1/artifacts/{sha}"))
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(put.status().is_success(), "upload: {}", put.status());
+        let post = self
+            .request(reqwest::Method::POST, "/v1/releases")
+            .body(release.envelope.to_json())
+            .send()
+            .await
+            .unwrap();
+        assert!(post.status().is_success(), "publish: {}", post.status());
+    }
+
+    /// A device's view, once `check` holds (or panics after `limit`).
+    pub async fn wait_device(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let device = self.get(&format!("/v1/devices/{id}")).await;
+            if check(&device) {
+                return device;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {id}: {what}\n{device:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The version of `service` a device view says is installed.
+pub fn installed_version(device: &Value, service: &str) -> Option<String> {
+    device["reported"]["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["service"] == service)
+        .and_then(|s| s["version"].as_str())
+        .map(str::to_owned)
+}
+
+/// An agent running in-process until dropped.
+pub struct Agent {
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts an agent for `device` against the manager's broker.
+    pub fn start(dir: &Path, device: &str, password: &str, mqtt: SocketAddr, trust: &Path) -> Self {
+        let data_dir = dir.join(format!("agent-{device}"));
+        let text = format!(
+            "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"1s\"\n\
+             [broker]\nurl = \"mqtt://{mqtt}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
+            data_dir.display(),
+            trust.display()
+        );
+        let config = ferry_agent::config::Config::parse(&text).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            ferry_agent::daemon::run_with(config, None, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            data_dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        kill_services(&self.data_dir);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        kill_services(&self.data_dir);
+    }
+}
+
+/// Stops the service processes an agent's direct supervisor started.
+pub fn kill_services(data_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("run")) {
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if let Some(pid) = text
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A signed release on disk.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub manifest: Manifest,
+    pub envelope: Envelope,
+    pub artifact: PathBuf,
+}
+
+/// Builds, packages and signs version `version` of service `api`, a C
+/// program that writes "start VERSION PID" to `out` and waits.
+pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &Path) -> Release {
+    let tree = dir.join(format!("tree-{version}"));
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    let source = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../agent/tests/support/service.c"
+    );
+    let status = Command::new("cc")
+        .arg("-O2")
+        .arg(format!("-DVERSION=\"{version}\""))
+        .arg(format!("-DOUT=\"{}\"", out.display()))
+        .arg(source)
+        .arg("-o")
+        .arg(tree.join("bin/api"))
+        .status()
+        .expect("cc not found; run scripts/setup");
+    assert!(status.success());
+    let packaged = package(
+        &PackageRequest {
+            dir: tree,
+            service: ServiceName::new("api").unwrap(),
+            version: version.parse().unwrap(),
+            entrypoint: RelPath::new("bin/api").unwrap(),
+            sequence,
+            target: Target::new(ferry_agent::BUILD_TARGET).unwrap(),
+            kind: Some(ArtifactKind::C),
+            expires: None,
+            build: Default::default(),
+            health: ferry_protocol::manifest::HealthSettings {
+                window_secs: 1,
+                probe: None,
+            },
+            reload: Vec::new(),
+        },
+        &dir.join(format!("out-{version}")),
+    )
+    .unwrap();
+    let envelope = Envelope::sign(packaged.manifest.to_json(), &[key]).unwrap();
+    Release {
+        manifest: packaged.manifest,
+        envelope,
+        artifact: packaged.artifact,
+    }
+}
