@@ -39,13 +39,23 @@ pub struct Manager {
 impl Manager {
     /// Starts a manager with the embedded broker, keeping state in `data_dir`.
     pub async fn start(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
+        Self::start_with(data_dir, mqtt, http, None).await
+    }
+
+    /// Starts a manager; with `broker`, against that external broker.
+    pub async fn start_with(
+        data_dir: &Path,
+        mqtt: SocketAddr,
+        http: SocketAddr,
+        broker: Option<String>,
+    ) -> Self {
         // HTTP clients in this process use rustls with ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = ServeConfig {
             mqtt_listen: mqtt,
             http_listen: http,
             data_dir: data_dir.to_owned(),
-            broker: None,
+            broker,
             public_url: None,
             offline_after: Duration::from_secs(90),
         };
@@ -317,5 +327,69 @@ pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &
         manifest: packaged.manifest,
         envelope,
         artifact: packaged.artifact,
+    }
+}
+
+/// A real mosquitto with a password file and Ferry's ACL, as the README
+/// documents it for an external broker.
+pub struct Mosquitto {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto on a free port with these users; `acl` is the ACL file's text.
+    pub fn start(dir: &Path, users: &[(&str, &str)], acl: &str) -> Self {
+        let port = free_port();
+        let passwd = dir.join("mosquitto.passwd");
+        let _ = std::fs::remove_file(&passwd);
+        std::fs::write(&passwd, "").unwrap();
+        for (user, password) in users {
+            let status = Command::new("mosquitto_passwd")
+                .arg("-b")
+                .arg(&passwd)
+                .arg(user)
+                .arg(password)
+                .status()
+                .expect("mosquitto_passwd not found; run scripts/setup");
+            assert!(status.success());
+        }
+        let acl_file = dir.join("mosquitto.acl");
+        std::fs::write(&acl_file, acl).unwrap();
+        let config = dir.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\nuse_username_as_clientid true\n\
+                 password_file {}\nacl_file {}\nuser root\npersistence false\n\
+                 max_inflight_messages 100\nmax_queued_messages 10000\n",
+                passwd.display(),
+                acl_file.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto not found; run scripts/setup");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, child }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -333,3 +333,87 @@ async fn uploads_are_checked_and_downloads_resume_with_range() {
     assert_eq!(rest.bytes().await.unwrap().to_vec(), bytes[from..].to_vec());
     manager.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_as_the_external_broker() {
+    let fleet = Fleet::new();
+    let http = addr(free_port());
+    let data = fleet.dir.path().join("manager");
+    // The ACL the README documents for mosquitto.
+    let acl = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manager/mosquitto.acl"
+    ))
+    .unwrap();
+
+    // Devices are registered with the manager first; their credentials then
+    // go into mosquitto's password file.
+    let unused = addr(free_port());
+    let provisioning =
+        Manager::start_with(&data, unused, http, Some("mqtt://127.0.0.1:1".into())).await;
+    let pw1 = provisioning.add_device("gw-1", &[]).await;
+    let pw2 = provisioning.add_device("gw-2", &[]).await;
+    provisioning.stop().await;
+    let broker = ferry_e2e::Mosquitto::start(
+        fleet.dir.path(),
+        &[
+            ("ferry-manager", "manager-secret"),
+            ("gw-1", &pw1),
+            ("gw-2", &pw2),
+        ],
+        &acl,
+    );
+    let mqtt = addr(broker.port);
+    let manager = Manager::start_with(
+        &data,
+        unused,
+        http,
+        Some(format!(
+            "mqtt://ferry-manager:manager-secret@127.0.0.1:{}",
+            broker.port
+        )),
+    )
+    .await;
+    let a1 = Agent::start(fleet.dir.path(), "gw-1", &pw1, mqtt, &fleet.trust);
+    let a2 = Agent::start(fleet.dir.path(), "gw-2", &pw2, mqtt, &fleet.trust);
+    let out = fleet.dir.path().join("service.out");
+    let v1 = release(fleet.dir.path(), &fleet.key, "1.0.0", 1, &out);
+    manager.publish(&v1).await;
+    manager
+        .post(
+            "/v1/deployments",
+            json!({ "service": "api", "version": "1.0.0", "all": true }),
+        )
+        .await;
+    for id in ["gw-1", "gw-2"] {
+        let device = manager
+            .wait_device(id, "v1 through mosquitto", |d| {
+                installed_version(d, "api").as_deref() == Some("1.0.0")
+            })
+            .await;
+        assert_eq!(device["online"], true);
+    }
+
+    // mosquitto's ACL keeps a device out of another's topics too: gw-1's
+    // forged report for gw-2 never reaches the manager.
+    let (client, mut eventloop, ok) = connect(mqtt, "gw-1", "gw-1", &pw1).await;
+    assert_eq!(ok, Ok(()));
+    let forged = json!({"schema": 1, "time": "2026-01-01T00:00:00Z", "agent_version": "forged", "services": []});
+    client
+        .publish(
+            "ferry/v1/devices/gw-2/reported",
+            QoS::AtLeastOnce,
+            false,
+            forged.to_string(),
+        )
+        .await
+        .unwrap();
+    let poll = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let gw2 = manager.get("/v1/devices/gw-2").await;
+    assert_ne!(gw2["reported"]["agent_version"], "forged", "{gw2}");
+    poll.abort();
+    a1.stop().await;
+    a2.stop().await;
+    manager.stop().await;
+}
