@@ -248,9 +248,9 @@ pub(crate) async fn history(
         for row in &rows {
             after = after.max(row["id"].as_i64().unwrap_or(after));
             if json_out {
-                println!("{row}");
+                super::print_stdout(&row.to_string());
             } else {
-                println!("{}", line(kind, row));
+                super::print_stdout(&line(kind, row));
             }
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;

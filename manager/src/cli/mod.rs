@@ -58,6 +58,8 @@ enum Command {
     Verify(verify::Args),
     /// Run the manager: MQTT broker, HTTP API, artifact store.
     Serve(serve::Args),
+    /// See it all work: a manager, two agents and a sample service, until Ctrl-C.
+    Demo(DemoArgs),
     /// Register a device (`ferry device add ID`) or show one (`ferry device ID`).
     Device(fleet::DeviceArgs),
     /// List the devices with their status and services.
@@ -70,6 +72,19 @@ enum Command {
     Health(fleet::HistoryArgs),
     /// Recent deployment events (`--follow` for new ones).
     Events(fleet::HistoryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Scratch directory for the demo's manager, devices and builds.
+    #[arg(long, default_value = "ferry-demo")]
+    dir: std::path::PathBuf,
+    /// The manager's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: std::net::SocketAddr,
+    /// The embedded broker's address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: std::net::SocketAddr,
 }
 
 /// What a command has to say: text for people, JSON for scripts.
@@ -111,6 +126,20 @@ pub fn main() -> ExitCode {
             init_logging();
             runtime().and_then(|rt| rt.block_on(serve::run(args)))
         }
+        Command::Demo(args) => runtime().and_then(|rt| {
+            rt.block_on(async {
+                crate::demo::run(crate::demo::DemoConfig {
+                    dir: args.dir,
+                    http_listen: args.http_listen,
+                    mqtt_listen: args.mqtt_listen,
+                })
+                .await?;
+                Ok(Outcome::ok(
+                    "demo stopped".into(),
+                    serde_json::json!({ "ok": true }),
+                ))
+            })
+        }),
         remote => runtime().and_then(|rt| {
             rt.block_on(async {
                 let manager = Manager::resolve(cli.url, cli.token)?;
@@ -169,7 +198,7 @@ fn init_logging() {
 }
 
 /// Prints a line; a closed pipe (`ferry ... | head`) is not an error.
-fn print_stdout(text: &str) {
+pub(crate) fn print_stdout(text: &str) {
     let mut out = io::stdout().lock();
     if let Err(e) = writeln!(out, "{text}") {
         if e.kind() != io::ErrorKind::BrokenPipe {

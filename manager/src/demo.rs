@@ -1,0 +1,341 @@
+//! `ferry demo`: the whole system on one machine, in one command.
+//!
+//! Starts a manager, two agents (direct supervisor, each with its own data
+//! directory), builds a small C service with the host's `cc`, signs and
+//! publishes v1, deploys it, then v2, and shows the devices swap versions
+//! and report health. Everything lives in a scratch directory and runs until
+//! Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferry_cross::{PackageRequest, package};
+use ferry_protocol::manifest::{ArtifactKind, BuildInfo, HealthSettings};
+use ferry_protocol::{Envelope, RelPath, SecretKey, ServiceName, Target};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::client::Manager;
+use crate::serve::{ServeConfig, serve, token_file};
+
+/// Where the demo runs.
+pub struct DemoConfig {
+    /// Scratch directory (created; reused if present).
+    pub dir: PathBuf,
+    /// The manager's HTTP address.
+    pub http_listen: std::net::SocketAddr,
+    /// The embedded broker's address.
+    pub mqtt_listen: std::net::SocketAddr,
+}
+
+const SAMPLE: &str = r#"/* The Ferry demo service: says hello every few seconds. */
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    for (;;) {
+        printf("hello from the ferry demo, version %s\n", VERSION);
+        fflush(stdout);
+        sleep(5);
+    }
+}
+"#;
+
+fn step(text: &str) {
+    say(&format!("==> {text}"));
+}
+
+/// Prints a line; a reader that went away is not an error.
+fn say(text: &str) {
+    crate::cli::print_stdout(text);
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(config: DemoConfig) -> Result<()> {
+    let dir = &config.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    step(&format!(
+        "starting the manager (HTTP {}, MQTT {})",
+        config.http_listen, config.mqtt_listen
+    ));
+    let data_dir = dir.join("manager");
+    let (stop_manager, manager_stopped) = oneshot::channel::<()>();
+    let serve_config = ServeConfig {
+        mqtt_listen: config.mqtt_listen,
+        http_listen: config.http_listen,
+        data_dir: data_dir.clone(),
+        broker: None,
+        public_url: None,
+        offline_after: Duration::from_secs(30),
+    };
+    let manager_task = tokio::spawn(serve(serve_config, async {
+        let _ = manager_stopped.await;
+    }));
+    let url = format!("http://{}", loopback(config.http_listen));
+    wait_for_manager(&url, &data_dir, &manager_task).await?;
+    let token = std::fs::read_to_string(token_file(&data_dir))?
+        .trim()
+        .to_owned();
+    let manager = Manager::resolve(Some(url.clone()), Some(token.clone()))?;
+
+    step("creating a release key (ops.pub; the secret key stays in memory)");
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let key = SecretKey::from_seed(&seed);
+    std::fs::write(dir.join("ops.pub"), key.public_key().to_text())?;
+
+    step("registering two devices and starting their agents");
+    let mut agents = Vec::new();
+    for (id, tag) in [("demo-1", "lab"), ("demo-2", "lab")] {
+        let created = manager
+            .post("/v1/devices", &json!({ "device_id": id, "tags": [tag] }))
+            .await?;
+        let password = created["password"].as_str().unwrap_or_default().to_owned();
+        agents.push(start_agent(&dir, id, &password, config.mqtt_listen).await?);
+    }
+
+    for (version, sequence) in [("1.0.0", 1), ("2.0.0", 2)] {
+        step(&format!(
+            "building hello {version} with cc, packaging and signing it"
+        ));
+        let release = build_release(&dir, &key, version, sequence)?;
+        step(&format!("publishing hello {version}"));
+        let artifact = std::fs::read(&release.1)?;
+        let sha = release.0.unverified_manifest()?.artifact.sha256;
+        let len = artifact.len() as u64;
+        manager
+            .put_stream(
+                &format!("/v1/artifacts/{sha}"),
+                reqwest::Body::from(artifact),
+                len,
+            )
+            .await?;
+        manager
+            .post_bytes("/v1/releases", release.0.to_json())
+            .await?;
+        step(&format!(
+            "deploying hello {version} to every device tagged lab"
+        ));
+        manager
+            .post(
+                "/v1/deployments",
+                &json!({ "service": "hello", "version": version, "tag": "lab" }),
+            )
+            .await?;
+        wait_for_version(&manager, version).await?;
+        print_fleet(&manager).await?;
+    }
+
+    say("");
+    say(&format!("The demo is running. Try, in another terminal:"));
+    say(&format!("  ferry --url {url} --token {token} devices"));
+    say(&format!(
+        "  ferry --url {url} --token {token} events --follow"
+    ));
+    say(&format!(
+        "  curl -H 'Authorization: Bearer {token}' {url}/v1/devices"
+    ));
+    say(&format!(
+        "Service output: {}/agent-demo-1/logs/hello.log",
+        dir.display()
+    ));
+    say(&format!("Press Ctrl-C to stop."));
+    tokio::signal::ctrl_c().await.ok();
+
+    step("stopping");
+    for agent in agents {
+        let _ = agent.stop.send(());
+        let _ = agent.task.await;
+        stop_services(&agent.data_dir);
+    }
+    let _ = stop_manager.send(());
+    let _ = manager_task.await;
+    Ok(())
+}
+
+fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+async fn wait_for_manager(
+    url: &str,
+    data_dir: &Path,
+    task: &tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if task.is_finished() {
+            bail!("the manager did not start (ports busy? try --http-listen and --mqtt-listen)");
+        }
+        if client.get(format!("{url}/healthz")).send().await.is_ok()
+            && token_file(data_dir).exists()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the manager did not answer at {url}")
+}
+
+struct DemoAgent {
+    data_dir: PathBuf,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_agent(
+    dir: &Path,
+    id: &str,
+    password: &str,
+    mqtt: std::net::SocketAddr,
+) -> Result<DemoAgent> {
+    let data_dir = dir.join(format!("agent-{id}"));
+    let text = format!(
+        "device_id = \"{id}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"2s\"\n\
+         [broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
+        data_dir.display(),
+        loopback(mqtt),
+        dir.join("ops.pub").display()
+    );
+    std::fs::write(dir.join(format!("agent-{id}.toml")), &text)?;
+    let config = ferry_agent::config::Config::parse(&text).map_err(|e| anyhow::anyhow!(e))?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = ferry_agent::daemon::run_with(config, None, async {
+            let _ = stopped.await;
+        })
+        .await
+        {
+            eprintln!("agent stopped: {e}");
+        }
+    });
+    Ok(DemoAgent {
+        data_dir,
+        stop,
+        task,
+    })
+}
+
+fn build_release(
+    dir: &Path,
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+) -> Result<(Envelope, PathBuf)> {
+    let tree = dir.join(format!("build/hello-{version}"));
+    std::fs::create_dir_all(tree.join("bin"))?;
+    let source = dir.join("build/hello.c");
+    std::fs::write(&source, SAMPLE)?;
+    let status = Command::new("cc")
+        .arg("-O2")
+        .arg(format!("-DVERSION=\"{version}\""))
+        .arg(&source)
+        .arg("-o")
+        .arg(tree.join("bin/hello"))
+        .status()
+        .context("cannot run cc: install a C compiler (Debian: apt-get install gcc)")?;
+    if !status.success() {
+        bail!("cc failed to build the sample service");
+    }
+    let packaged = package(
+        &PackageRequest {
+            dir: tree,
+            service: ServiceName::new("hello")?,
+            version: version.parse()?,
+            entrypoint: RelPath::new("bin/hello")?,
+            sequence,
+            target: Target::new(ferry_agent::BUILD_TARGET)?,
+            kind: Some(ArtifactKind::C),
+            expires: None,
+            build: BuildInfo {
+                packager: Some(concat!("ferry ", env!("CARGO_PKG_VERSION")).into()),
+                compiler: Some("cc".into()),
+                flags: Some("-O2".into()),
+                git_commit: None,
+            },
+            health: HealthSettings {
+                window_secs: 2,
+                probe: None,
+            },
+            reload: Vec::new(),
+        },
+        &dir.join("releases"),
+    )?;
+    let envelope = Envelope::sign(packaged.manifest.to_json(), &[key])?;
+    Ok((envelope, packaged.artifact))
+}
+
+fn version_of(device: &Value) -> Option<&str> {
+    device["reported"]["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["service"] == "hello")?["version"]
+        .as_str()
+}
+
+async fn wait_for_version(manager: &Manager, version: &str) -> Result<()> {
+    for _ in 0..240 {
+        let devices = manager.get("/v1/devices").await?;
+        let all = devices
+            .as_array()
+            .map(|d| !d.is_empty() && d.iter().all(|d| version_of(d) == Some(version)));
+        if all == Some(true) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("the devices did not report hello {version} within a minute")
+}
+
+async fn print_fleet(manager: &Manager) -> Result<()> {
+    let devices = manager.get("/v1/devices").await?;
+    for d in devices.as_array().into_iter().flatten() {
+        say(&format!(
+            "    {:<8} {:<8} hello {:<6} pid {:<7} rss {:>5} KiB  last result: {}",
+            d["device_id"].as_str().unwrap_or("?"),
+            if d["online"] == true {
+                "online"
+            } else {
+                "offline"
+            },
+            version_of(d).unwrap_or("-"),
+            d["health"]["services"][0]["pid"]
+                .as_u64()
+                .map_or("-".into(), |p| p.to_string()),
+            d["health"]["services"][0]["rss_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+                / 1024,
+            d["reported"]["last_result"]["outcome"]
+                .as_str()
+                .unwrap_or("-"),
+        ));
+    }
+    Ok(())
+}
+
+fn stop_services(data_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("run")) {
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if let Some(pid) = text
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+    }
+}
