@@ -131,7 +131,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
     }
 
     say("");
-    say(&format!("The demo is running. Try, in another terminal:"));
+    say("The demo is running. Try, in another terminal:");
     say(&format!("  ferry --url {url} --token {token} devices"));
     say(&format!(
         "  ferry --url {url} --token {token} events --follow"
@@ -143,7 +143,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         "Service output: {}/agent-demo-1/logs/hello.log",
         dir.display()
     ));
-    say(&format!("Press Ctrl-C to stop."));
+    say("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await.ok();
 
     step("stopping");
