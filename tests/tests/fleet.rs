@@ -417,3 +417,21 @@ async fn mosquitto_as_the_external_broker() {
     a2.stop().await;
     manager.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_drops_off_is_marked_offline_by_its_last_will() {
+    let fleet = Fleet::new();
+    let (mqtt, http) = (addr(free_port()), addr(free_port()));
+    let manager = Manager::start(&fleet.dir.path().join("manager"), mqtt, http).await;
+    let password = manager.add_device("gw-1", &[]).await;
+    let agent = Agent::start(fleet.dir.path(), "gw-1", &password, mqtt, &fleet.trust);
+    manager
+        .wait_device("gw-1", "online", |d| d["online"] == true)
+        .await;
+    // The agent vanishes without a goodbye: its connection just drops.
+    drop(agent);
+    manager
+        .wait_device("gw-1", "offline", |d| d["online"] == false)
+        .await;
+    manager.stop().await;
+}

@@ -3,6 +3,7 @@
 //! | route | who | what |
 //! |---|---|---|
 //! | `GET /healthz` | anyone | liveness |
+//! | `GET /openapi.json` | anyone | this table, as OpenAPI 3 |
 //! | `POST /v1/devices` | operator | register a device; returns its credentials |
 //! | `GET /v1/devices`, `GET /v1/devices/{id}` | operator | fleet view |
 //! | `PUT /v1/artifacts/{sha256}` | operator | upload an artifact; refused unless the bytes hash to `sha256` |
@@ -73,6 +74,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi))
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}", get(show_device))
         .route(
@@ -84,8 +86,21 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/deployments/{id}", get(show_deployment))
         .route("/v1/health", get(health_history))
         .route("/v1/events", get(event_history))
+        .fallback(|| async {
+            bad(
+                StatusCode::NOT_FOUND,
+                "no such API route; see /openapi.json",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .with_state(state)
+}
+
+/// The API's description, kept beside the code in `manager/api/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// Checks the operator's bearer token.
