@@ -1,54 +1,13 @@
 //! The operator's first commands, run as a user would type them:
 //! keygen, package, sign, verify; then tampering, thresholds and refusals.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn ferry(dir: &Path, args: &[&str]) -> Run {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: String::from_utf8(stdout).unwrap(),
-        stderr: String::from_utf8(stderr).unwrap(),
-    }
-}
-
-/// Runs a command that must succeed.
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let run = ferry(dir, args);
-    assert_eq!(run.code, 0, "ferry {args:?} failed:\n{}", run.stderr);
-    run.stdout
-}
-
-/// Runs a command that must fail, and returns its one-line complaint.
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let run = ferry(dir, args);
-    assert_eq!(
-        run.code, 1,
-        "ferry {args:?} should fail:\n{}{}",
-        run.stdout, run.stderr
-    );
-    let line = run.stderr.trim_end();
-    assert!(!line.contains('\n'), "more than one line: {line}");
-    assert!(line.starts_with("ferry: "), "{line}");
-    line.to_owned()
-}
+use common::{fails, ferry, ok};
 
 fn service_dir(root: &Path) -> PathBuf {
     let dir = root.join("svc");

@@ -1,0 +1,178 @@
+//! The fleet commands as a user types them, against `ferry serve` started
+//! as a process: the CLI finds the local manager by itself.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fails, ferry_env, ok};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn device_publish_deploy_and_views_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let http = free_port();
+    let _serve = Serve(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "serve",
+                "--mqtt-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .args([
+                "--http-listen",
+                &format!("127.0.0.1:{http}"),
+                "--data-dir",
+                "data",
+            ])
+            .current_dir(d)
+            .env("HOME", d)
+            .env_remove("XDG_CONFIG_HOME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.join(".config/ferry/local-manager.json").exists() {
+        assert!(Instant::now() < deadline, "ferry serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token_mode = std::fs::metadata(d.join("data/operator.token"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(token_mode, 0o600);
+
+    // No --url, no --token: the CLI finds the manager this machine started.
+    let added: serde_json::Value =
+        serde_json::from_str(&ok(d, &["device", "add", "gw-1", "--tag", "lab", "--json"])).unwrap();
+    let keys: Vec<&String> = added.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["device_id", "password", "username"]);
+    assert_eq!(added["device_id"], "gw-1");
+    assert_eq!(added["username"], "gw-1");
+    assert!(added["password"].as_str().unwrap().len() >= 32);
+
+    // Package, sign, publish.
+    std::fs::create_dir_all(d.join("svc/bin")).unwrap();
+    std::fs::write(d.join("svc/bin/api"), b"\x7fELF placeholder").unwrap();
+    std::fs::set_permissions(
+        d.join("svc/bin/api"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    ok(d, &["keygen", "--out", "ops"]);
+    ok(
+        d,
+        &[
+            "package",
+            "svc",
+            "--service",
+            "api",
+            "--version",
+            "1.2.3",
+            "--entrypoint",
+            "bin/api",
+            "--sequence",
+            "3",
+            "-o",
+            "out",
+        ],
+    );
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "env.json",
+        ],
+    );
+    let published = ok(d, &["publish", "env.json", "out/api-1.2.3.tar.gz"]);
+    assert!(
+        published.starts_with("published api 1.2.3 (sequence 3"),
+        "{published}"
+    );
+    let wrong_artifact = common::ferry(d, &["publish", "env.json", "ops.pub"]);
+    assert_eq!(wrong_artifact.code, 1);
+    assert!(
+        wrong_artifact.stderr.contains("wrong artifact?"),
+        "{}",
+        wrong_artifact.stderr
+    );
+
+    // Deploy: an unknown device is named; a tag works.
+    let line = fails(d, &["deploy", "api", "1.2.3", "--device", "nobody"]);
+    assert_eq!(
+        line,
+        "ferry: error: no device nobody; add it with `ferry device add`"
+    );
+    let line = fails(d, &["deploy", "api", "9.9.9", "--all"]);
+    assert!(
+        line.contains("no release api 9.9.9; publish it first"),
+        "{line}"
+    );
+    let deployed: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &["deploy", "api", "1.2.3", "--tag", "lab", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(deployed["devices"][0], "gw-1");
+
+    // Views.
+    let devices: serde_json::Value = serde_json::from_str(&ok(d, &["devices", "--json"])).unwrap();
+    assert_eq!(devices[0]["device_id"], "gw-1");
+    assert_eq!(devices[0]["online"], false);
+    let table = ok(d, &["devices"]);
+    assert!(table.lines().nth(1).unwrap().starts_with("gw-1"), "{table}");
+    let one = ok(d, &["device", "gw-1"]);
+    assert!(one.starts_with("gw-1  offline  tags: lab"), "{one}");
+    let events: serde_json::Value = serde_json::from_str(&ok(d, &["events", "--json"])).unwrap();
+    assert!(events.as_array().unwrap().is_empty());
+
+    // The environment works too, and a wrong token is named.
+    let url = format!("http://127.0.0.1:{http}");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let token = std::fs::read_to_string(d.join("data/operator.token")).unwrap();
+    let run = ferry_env(
+        elsewhere.path(),
+        &[("FERRY_URL", &url), ("FERRY_TOKEN", token.trim())],
+        &["devices", "--json"],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = ferry_env(
+        elsewhere.path(),
+        &[("FERRY_URL", &url), ("FERRY_TOKEN", "wrong")],
+        &["devices"],
+    );
+    assert_eq!(run.code, 1);
+    assert_eq!(
+        run.stderr.trim(),
+        "ferry: error: the operator token is wrong"
+    );
+    let run = ferry_env(elsewhere.path(), &[], &["devices"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("no manager URL"), "{}", run.stderr);
+}
