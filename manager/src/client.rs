@@ -114,6 +114,12 @@ impl Manager {
             .await
     }
 
+    /// PUT `body` as JSON to `path`.
+    pub async fn put_json(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.request(reqwest::Method::PUT, path).json(body))
+            .await
+    }
+
     /// POST raw bytes to `path`.
     pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<Value> {
         self.send(

@@ -73,6 +73,12 @@ fn device_publish_deploy_and_views_through_the_cli() {
     assert_eq!(added["username"], "gw-1");
     assert!(added["password"].as_str().unwrap().len() >= 32);
 
+    // Tags can change later; deploying by tag follows them.
+    let retagged = ok(d, &["device", "tags", "gw-1", "lab", "north"]);
+    assert_eq!(retagged.trim(), "gw-1 tags: lab, north");
+    let line = fails(d, &["device", "tags", "gw-9", "x"]);
+    assert_eq!(line, "ferry: error: no device gw-9");
+
     // Package, sign, publish.
     std::fs::create_dir_all(d.join("svc/bin")).unwrap();
     std::fs::write(d.join("svc/bin/api"), b"\x7fELF placeholder").unwrap();
@@ -148,7 +154,7 @@ fn device_publish_deploy_and_views_through_the_cli() {
     let table = ok(d, &["devices"]);
     assert!(table.lines().nth(1).unwrap().starts_with("gw-1"), "{table}");
     let one = ok(d, &["device", "gw-1"]);
-    assert!(one.starts_with("gw-1  offline  tags: lab"), "{one}");
+    assert!(one.starts_with("gw-1  offline  tags: lab,north"), "{one}");
     let events: serde_json::Value = serde_json::from_str(&ok(d, &["events", "--json"])).unwrap();
     assert!(events.as_array().unwrap().is_empty());
 

@@ -26,6 +26,13 @@ enum DeviceAction {
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
+    /// Replace a device's tags.
+    Tags {
+        /// The device id.
+        id: String,
+        /// Its new tags (none clears them).
+        tags: Vec<String>,
+    },
 }
 
 pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcome> {
@@ -43,6 +50,12 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
                 text,
                 json!({ "device_id": created["device_id"], "username": created["username"], "password": created["password"] }),
             ))
+        }
+        (Some(DeviceAction::Tags { id, tags }), _) => {
+            let set = manager
+                .put_json(&format!("/v1/devices/{id}/tags"), &json!(tags))
+                .await?;
+            Ok(Outcome::ok(format!("{id} tags: {}", tags.join(", ")), set))
         }
         (None, Some(id)) => {
             let device = manager.get(&format!("/v1/devices/{id}")).await?;

@@ -6,6 +6,7 @@
 //! | `GET /openapi.json` | anyone | this table, as OpenAPI 3 |
 //! | `POST /v1/devices` | operator | register a device; returns its credentials |
 //! | `GET /v1/devices`, `GET /v1/devices/{id}` | operator | fleet view |
+//! | `PUT /v1/devices/{id}/tags` | operator | replace a device's tags |
 //! | `PUT /v1/artifacts/{sha256}` | operator | upload an artifact; refused unless the bytes hash to `sha256` |
 //! | `GET /v1/artifacts/{sha256}` | device or operator | download, with Range |
 //! | `POST /v1/releases`, `GET /v1/releases` | operator | publish an envelope (its artifact uploaded first), list |
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/tags", put(set_tags))
         .route(
             "/v1/artifacts/{sha}",
             put(upload_artifact).get(download_artifact),
@@ -198,6 +200,22 @@ async fn show_device(
         .device(&id)?
         .map(Json)
         .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no device {id}")))
+}
+
+async fn set_tags(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let tags: Vec<String> = serde_json::from_slice(&body)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
+    if state.store.set_tags(&id, &tags)? {
+        Ok(Json(json!({ "device_id": id, "tags": tags })))
+    } else {
+        Err(bad(StatusCode::NOT_FOUND, format!("no device {id}")))
+    }
 }
 
 fn parse_sha(sha: &str) -> ApiResult<Sha256Digest> {

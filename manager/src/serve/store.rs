@@ -157,6 +157,15 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a device's tags; false when there is no such device.
+    pub fn set_tags(&self, id: &str, tags: &[String]) -> Result<bool> {
+        let changed = self.db().execute(
+            "UPDATE devices SET tags = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(tags)?],
+        )?;
+        Ok(changed == 1)
+    }
+
     /// The stored password hash of a device.
     pub fn password_hash_of(&self, id: &str) -> Result<Option<String>> {
         Ok(self
