@@ -30,6 +30,25 @@ pub struct DemoConfig {
     pub mqtt_listen: std::net::SocketAddr,
 }
 
+const GO_SAMPLE: &str = r#"// The Ferry demo service in Go: says hello every few seconds.
+package main
+
+import (
+	"fmt"
+	"time"
+)
+
+// Set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	for {
+		fmt.Printf("hello from the ferry demo (Go), version %s\n", version)
+		time.Sleep(5 * time.Second)
+	}
+}
+"#;
+
 const SAMPLE: &str = r#"/* The Ferry demo service: says hello every few seconds. */
 #include <stdio.h>
 #include <unistd.h>
@@ -98,36 +117,47 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         agents.push(start_agent(&dir, id, &password, config.mqtt_listen).await?);
     }
 
+    let mut services = vec![Sample::C];
+    if go_available() {
+        services.push(Sample::Go);
+    } else {
+        step("no Go toolchain found: the demo deploys the C service only");
+    }
     for (version, sequence) in [("1.0.0", 1), ("2.0.0", 2)] {
-        step(&format!(
-            "building hello {version} with cc, packaging and signing it"
-        ));
-        let release = build_release(&dir, &key, version, sequence)?;
-        step(&format!("publishing hello {version}"));
-        let artifact = std::fs::read(&release.1)?;
-        let sha = release.0.unverified_manifest()?.artifact.sha256;
-        let len = artifact.len() as u64;
-        manager
-            .put_stream(
-                &format!("/v1/artifacts/{sha}"),
-                reqwest::Body::from(artifact),
-                len,
-            )
-            .await?;
-        manager
-            .post_bytes("/v1/releases", release.0.to_json())
-            .await?;
-        step(&format!(
-            "deploying hello {version} to every device tagged lab"
-        ));
-        manager
-            .post(
-                "/v1/deployments",
-                &json!({ "service": "hello", "version": version, "tag": "lab" }),
-            )
-            .await?;
-        wait_for_version(&manager, version).await?;
-        print_fleet(&manager).await?;
+        for sample in &services {
+            let service = sample.service();
+            step(&format!(
+                "building {service} {version} with {}, packaging and signing it",
+                sample.compiler()
+            ));
+            let release = build_release(&dir, &key, *sample, version, sequence)?;
+            let artifact = std::fs::read(&release.1)?;
+            let sha = release.0.unverified_manifest()?.artifact.sha256;
+            let len = artifact.len() as u64;
+            manager
+                .put_stream(
+                    &format!("/v1/artifacts/{sha}"),
+                    reqwest::Body::from(artifact),
+                    len,
+                )
+                .await?;
+            manager
+                .post_bytes("/v1/releases", release.0.to_json())
+                .await?;
+            step(&format!(
+                "published {service} {version}; deploying it to every device tagged lab"
+            ));
+            manager
+                .post(
+                    "/v1/deployments",
+                    &json!({ "service": service, "version": version, "tag": "lab" }),
+                )
+                .await?;
+        }
+        for sample in &services {
+            wait_for_version(&manager, sample.service(), version).await?;
+        }
+        print_fleet(&manager, &services).await?;
     }
 
     say("");
@@ -224,41 +254,105 @@ async fn start_agent(
     })
 }
 
+/// The demo's sample services.
+#[derive(Debug, Clone, Copy)]
+enum Sample {
+    C,
+    Go,
+}
+
+impl Sample {
+    fn service(self) -> &'static str {
+        match self {
+            Sample::C => "hello",
+            Sample::Go => "hello-go",
+        }
+    }
+
+    fn compiler(self) -> &'static str {
+        match self {
+            Sample::C => "cc",
+            Sample::Go => "go",
+        }
+    }
+}
+
+fn go_available() -> bool {
+    Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Builds the sample for this machine into `binary`; returns the flags used.
+fn compile(dir: &Path, sample: Sample, version: &str, binary: &Path) -> Result<String> {
+    let build = dir.join("build");
+    let (mut command, flags) = match sample {
+        Sample::C => {
+            let source = build.join("hello.c");
+            std::fs::write(&source, SAMPLE)?;
+            let mut c = Command::new("cc");
+            c.arg("-O2")
+                .arg(format!("-DVERSION=\"{version}\""))
+                .arg(&source)
+                .arg("-o")
+                .arg(binary);
+            (c, "-O2".to_string())
+        }
+        Sample::Go => {
+            let source = build.join("hello.go");
+            std::fs::write(&source, GO_SAMPLE)?;
+            let flags = format!("-s -w -X main.version={version}");
+            let mut go = Command::new("go");
+            go.arg("build")
+                .arg("-ldflags")
+                .arg(&flags)
+                .arg("-o")
+                .arg(binary)
+                .arg(&source);
+            go.env("CGO_ENABLED", "0")
+                .env("GOCACHE", build.join("go-cache"));
+            (go, flags)
+        }
+    };
+    let status = command.status().with_context(|| match sample {
+        Sample::C => "cannot run cc: install a C compiler (Debian: apt-get install gcc)",
+        Sample::Go => "cannot run go",
+    })?;
+    if !status.success() {
+        bail!("{} failed to build the sample service", sample.compiler());
+    }
+    Ok(flags)
+}
+
 fn build_release(
     dir: &Path,
     key: &SecretKey,
+    sample: Sample,
     version: &str,
     sequence: u64,
 ) -> Result<(Envelope, PathBuf)> {
-    let tree = dir.join(format!("build/hello-{version}"));
+    let service = sample.service();
+    let tree = dir.join(format!("build/{service}-{version}"));
     std::fs::create_dir_all(tree.join("bin"))?;
-    let source = dir.join("build/hello.c");
-    std::fs::write(&source, SAMPLE)?;
-    let status = Command::new("cc")
-        .arg("-O2")
-        .arg(format!("-DVERSION=\"{version}\""))
-        .arg(&source)
-        .arg("-o")
-        .arg(tree.join("bin/hello"))
-        .status()
-        .context("cannot run cc: install a C compiler (Debian: apt-get install gcc)")?;
-    if !status.success() {
-        bail!("cc failed to build the sample service");
-    }
+    let flags = compile(dir, sample, version, &tree.join("bin").join(service))?;
     let packaged = package(
         &PackageRequest {
             dir: tree,
-            service: ServiceName::new("hello")?,
+            service: ServiceName::new(service)?,
             version: version.parse()?,
-            entrypoint: RelPath::new("bin/hello")?,
+            entrypoint: RelPath::new(format!("bin/{service}"))?,
             sequence,
             target: Target::new(ferry_agent::BUILD_TARGET)?,
-            kind: Some(ArtifactKind::C),
+            kind: Some(match sample {
+                Sample::C => ArtifactKind::C,
+                Sample::Go => ArtifactKind::Go,
+            }),
             expires: None,
             build: BuildInfo {
                 packager: Some(concat!("ferry ", env!("CARGO_PKG_VERSION")).into()),
-                compiler: Some("cc".into()),
-                flags: Some("-O2".into()),
+                compiler: Some(sample.compiler().into()),
+                flags: Some(flags),
                 git_commit: None,
             },
             health: HealthSettings {
@@ -273,51 +367,57 @@ fn build_release(
     Ok((envelope, packaged.artifact))
 }
 
-fn version_of(device: &Value) -> Option<&str> {
+fn version_of<'a>(device: &'a Value, service: &str) -> Option<&'a str> {
     device["reported"]["services"]
         .as_array()?
         .iter()
-        .find(|s| s["service"] == "hello")?["version"]
+        .find(|s| s["service"] == service)?["version"]
         .as_str()
 }
 
-async fn wait_for_version(manager: &Manager, version: &str) -> Result<()> {
+async fn wait_for_version(manager: &Manager, service: &str, version: &str) -> Result<()> {
     for _ in 0..240 {
         let devices = manager.get("/v1/devices").await?;
         let all = devices
             .as_array()
-            .map(|d| !d.is_empty() && d.iter().all(|d| version_of(d) == Some(version)));
+            .map(|d| !d.is_empty() && d.iter().all(|d| version_of(d, service) == Some(version)));
         if all == Some(true) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    bail!("the devices did not report hello {version} within a minute")
+    bail!("the devices did not report {service} {version} within a minute")
 }
 
-async fn print_fleet(manager: &Manager) -> Result<()> {
+async fn print_fleet(manager: &Manager, services: &[Sample]) -> Result<()> {
     let devices = manager.get("/v1/devices").await?;
     for d in devices.as_array().into_iter().flatten() {
-        say(&format!(
-            "    {:<8} {:<8} hello {:<6} pid {:<7} rss {:>5} KiB  last result: {}",
-            d["device_id"].as_str().unwrap_or("?"),
-            if d["online"] == true {
-                "online"
-            } else {
-                "offline"
-            },
-            version_of(d).unwrap_or("-"),
-            d["health"]["services"][0]["pid"]
-                .as_u64()
-                .map_or("-".into(), |p| p.to_string()),
-            d["health"]["services"][0]["rss_bytes"]
-                .as_u64()
-                .unwrap_or(0)
-                / 1024,
-            d["reported"]["last_result"]["outcome"]
-                .as_str()
-                .unwrap_or("-"),
-        ));
+        for sample in services {
+            let service = sample.service();
+            let health = d["health"]["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["service"] == service))
+                .cloned()
+                .unwrap_or(Value::Null);
+            say(&format!(
+                "    {:<8} {:<8} {:<8} {:<6} pid {:<7} rss {:>5} KiB  {}",
+                d["device_id"].as_str().unwrap_or("?"),
+                if d["online"] == true {
+                    "online"
+                } else {
+                    "offline"
+                },
+                service,
+                version_of(d, service).unwrap_or("-"),
+                health["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+                health["rss_bytes"].as_u64().unwrap_or(0) / 1024,
+                if version_of(d, service).is_some() {
+                    "installed"
+                } else {
+                    "-"
+                },
+            ));
+        }
     }
     Ok(())
 }

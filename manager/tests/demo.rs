@@ -36,18 +36,31 @@ fn the_demo_deploys_v1_then_v2_to_two_devices_and_stops_on_ctrl_c() {
         }
     }
     let text = lines.join("\n");
-    let rows = |version: &str| {
+    // Fleet rows read: DEVICE STATUS SERVICE VERSION pid ...
+    let rows = |service: &str, version: &str| {
         lines
             .iter()
             .filter(|l| {
-                l.contains(&format!("hello {version}"))
-                    && l.contains("online")
-                    && l.contains("installed")
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.get(1) == Some(&"online")
+                    && words.get(2) == Some(&service)
+                    && words.get(3) == Some(&version)
             })
             .count()
     };
-    assert_eq!(rows("1.0.0"), 2, "{text}");
-    assert_eq!(rows("2.0.0"), 2, "{text}");
+    assert_eq!(rows("hello", "1.0.0"), 2, "{text}");
+    assert_eq!(rows("hello", "2.0.0"), 2, "{text}");
+    // With a Go toolchain on the machine, the Go sample goes out too.
+    let go = Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if go {
+        assert_eq!(rows("hello-go", "1.0.0"), 2, "{text}");
+        assert_eq!(rows("hello-go", "2.0.0"), 2, "{text}");
+    } else {
+        assert!(text.contains("no Go toolchain found"), "{text}");
+    }
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(demo.id() as i32),
