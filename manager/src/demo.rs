@@ -423,19 +423,5 @@ async fn print_fleet(manager: &Manager, services: &[Sample]) -> Result<()> {
 }
 
 fn stop_services(data_dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(data_dir.join("run")) {
-        for entry in entries.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            if let Some(pid) = text
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-    }
+    ferry_agent::supervisor::direct::stop_leftovers(&data_dir.join("run"));
 }

@@ -258,21 +258,7 @@ impl Drop for Agent {
 
 /// Stops the service processes an agent's direct supervisor started.
 pub fn kill_services(data_dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(data_dir.join("run")) {
-        for entry in entries.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            if let Some(pid) = text
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
+    ferry_agent::supervisor::direct::stop_leftovers(&data_dir.join("run"));
 }
 
 /// A signed release on disk.

@@ -337,6 +337,16 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+/// Whether `pid` is still the process that started at `started` and has not
+/// exited (a zombie waiting to be reaped has).
+fn still_running(pid: u32, started: u64) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let zombie = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)) == Some("Z");
+    !zombie && start_time(pid) == Some(started)
+}
+
 fn write_pid_file(path: &Path, pid: u32) {
     let line = format!("{pid} {}\n", start_time(pid).unwrap_or(0));
     if let Err(e) = crate::durable::write_file(path, line.as_bytes()) {
@@ -348,9 +358,11 @@ fn remove_pid_file(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
-/// Stops the process groups named by pid files a previous agent left, when
-/// the process is still the one that was started.
-fn stop_leftovers(run_dir: &Path) {
+/// Stops the process groups named by the pid files in `run_dir` (a data
+/// directory's `run/`), when each process is still the one that was
+/// started: what a previous agent left running, or what an embedding
+/// program (a demo, a test) wants gone when it is done.
+pub fn stop_leftovers(run_dir: &Path) {
     let Ok(entries) = fs::read_dir(run_dir) else {
         return;
     };
@@ -363,12 +375,12 @@ fn stop_leftovers(run_dir: &Path) {
         let mut fields = recorded.split_whitespace().map(|f| f.parse::<u64>().ok());
         if let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) {
             let pid = u32::try_from(pid).unwrap_or(0);
-            if pid > 1 && start_time(pid) == Some(started) {
+            if pid > 1 && still_running(pid, started) {
                 tracing::info!(pid, file = %path.display(), "stopping a service left running by a previous agent");
                 let group = Pid::from_raw(pid as i32);
                 let _ = killpg(group, Signal::SIGTERM);
                 let deadline = std::time::Instant::now() + STOP_GRACE;
-                while start_time(pid) == Some(started) && std::time::Instant::now() < deadline {
+                while still_running(pid, started) && std::time::Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let _ = killpg(group, Signal::SIGKILL);

@@ -255,23 +255,9 @@ impl Drop for Rig {
     }
 }
 
-/// Stops every process group named by a pid file under `data/run`.
+/// Stops every service process named by a pid file under `data/run`.
 pub fn kill_services(data: &Path) {
-    if let Ok(entries) = fs::read_dir(data.join("run")) {
-        for entry in entries.flatten() {
-            let text = fs::read_to_string(entry.path()).unwrap_or_default();
-            if let Some(pid) = text
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
+    ferry_agent::supervisor::direct::stop_leftovers(&data.join("run"));
 }
 
 fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {

@@ -84,23 +84,32 @@ fn services(device: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+fn status(d: &Value) -> &'static str {
+    if d["online"].as_bool() == Some(true) {
+        "online"
+    } else {
+        "offline"
+    }
+}
+
+fn tags(d: &Value) -> String {
+    d["tags"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 fn describe_device(d: &Value) -> String {
     let mut text = format!(
         "{}  {}  tags: {}\nservices: {}\nlast seen: {}",
         d["device_id"].as_str().unwrap_or("?"),
-        if d["online"].as_bool() == Some(true) {
-            "online"
-        } else {
-            "offline"
-        },
-        d["tags"]
-            .as_array()
-            .map(|t| t
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(","))
-            .unwrap_or_default(),
+        status(d),
+        tags(d),
         services(d),
         d["last_seen"].as_str().unwrap_or("never"),
     );
@@ -153,19 +162,8 @@ pub(crate) async fn devices(manager: &Manager) -> Result<Outcome> {
         text.push_str(&format!(
             "\n{:<20} {:<8} {:<20} {}",
             d["device_id"].as_str().unwrap_or("?"),
-            if d["online"].as_bool() == Some(true) {
-                "online"
-            } else {
-                "offline"
-            },
-            d["tags"]
-                .as_array()
-                .map(|t| t
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(","))
-                .unwrap_or_default(),
+            status(d),
+            tags(d),
             services(d),
         ));
     }

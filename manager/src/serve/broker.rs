@@ -108,12 +108,7 @@ impl Handler for GuardHook {
                 (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let user = session
-                    .id
-                    .username
-                    .as_ref()
-                    .map(|u| u.to_string())
-                    .unwrap_or_default();
+                let user = user_of(session);
                 let allowed = match publish.topic.parse::<Topic>() {
                     Ok(topic) => topic.device.as_str() == user && topic.kind.published_by_device(),
                     Err(_) => false,
@@ -132,12 +127,7 @@ impl Handler for GuardHook {
                 }
             }
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
-                let user = session
-                    .id
-                    .username
-                    .as_ref()
-                    .map(|u| u.to_string())
-                    .unwrap_or_default();
+                let user = user_of(session);
                 let allowed = match subscribe.topic_filter.parse::<Topic>() {
                     Ok(topic) => topic.device.as_str() == user && topic.kind == TopicKind::Desired,
                     Err(_) => false,
@@ -164,6 +154,16 @@ impl Handler for GuardHook {
             _ => (true, acc),
         }
     }
+}
+
+/// The authenticated user name of a session ("" if none).
+fn user_of(session: &rmqtt::session::Session) -> String {
+    session
+        .id
+        .username
+        .as_ref()
+        .map(|u| u.to_string())
+        .unwrap_or_default()
 }
 
 impl Guard {
