@@ -49,16 +49,26 @@ impl Manager {
         http: SocketAddr,
         broker: Option<String>,
     ) -> Self {
-        // HTTP clients in this process use rustls with ring.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = ServeConfig {
+        Self::start_configured(ServeConfig {
             mqtt_listen: mqtt,
             http_listen: http,
             data_dir: data_dir.to_owned(),
             broker,
             public_url: None,
             offline_after: Duration::from_secs(90),
-        };
+        })
+        .await
+    }
+
+    /// Starts a manager with exactly this configuration.
+    pub async fn start_configured(config: ServeConfig) -> Self {
+        // HTTP clients in this process use rustls with ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (data_dir, mqtt, http) = (
+            config.data_dir.clone(),
+            config.mqtt_listen,
+            config.http_listen,
+        );
         // The manager gets a runtime of its own, as it would a process of its
         // own: stopping it ends every task and connection it had.
         let (stop, stopped) = oneshot::channel::<()>();

@@ -435,3 +435,40 @@ async fn a_device_that_drops_off_is_marked_offline_by_its_last_will() {
         .await;
     manager.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_falls_silent_is_marked_offline() {
+    let fleet = Fleet::new();
+    let (mqtt, http) = (addr(free_port()), addr(free_port()));
+    let manager = Manager::start_configured(ferry::serve::ServeConfig {
+        mqtt_listen: mqtt,
+        http_listen: http,
+        data_dir: fleet.dir.path().join("manager"),
+        broker: None,
+        public_url: None,
+        offline_after: Duration::from_secs(3),
+    })
+    .await;
+    let password = manager.add_device("gw-1", &[]).await;
+    // A device says it is online, then stays connected but says nothing more.
+    let (client, mut eventloop, ok) = connect(mqtt, "gw-1", "gw-1", &password).await;
+    assert_eq!(ok, Ok(()));
+    client
+        .publish(
+            "ferry/v1/devices/gw-1/status",
+            QoS::AtLeastOnce,
+            true,
+            r#"{"schema":1,"state":"online"}"#,
+        )
+        .await
+        .unwrap();
+    let poll = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    manager
+        .wait_device("gw-1", "online", |d| d["online"] == true)
+        .await;
+    manager
+        .wait_device("gw-1", "offline after silence", |d| d["online"] == false)
+        .await;
+    poll.abort();
+    manager.stop().await;
+}
