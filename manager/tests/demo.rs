@@ -1,16 +1,12 @@
 //! `ferry demo`, run as a newcomer would: it must bring two devices to v1,
 //! then v2, and stop cleanly on Ctrl-C.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
 
 #[test]
 fn the_demo_deploys_v1_then_v2_to_two_devices_and_stops_on_ctrl_c() {

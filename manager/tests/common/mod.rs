@@ -60,3 +60,12 @@ pub fn fails(dir: &Path, args: &[&str]) -> String {
     assert!(line.starts_with("ferry: "), "{line}");
     line.to_owned()
 }
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
