@@ -67,7 +67,7 @@ pub async fn run_with(
         Some(dir) => Some(
             inbox::watch(dir, inbox_tx).map_err(|e| SetupError::DataDir {
                 path: dir.clone(),
-                source: std::io::Error::other(e),
+                error: std::io::Error::other(e),
             })?,
         ),
         None => None,

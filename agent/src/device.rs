@@ -22,12 +22,12 @@ pub enum SetupError {
     #[error("{0}")]
     Target(#[from] ferry_protocol::NameError),
     /// The data directory cannot be used.
-    #[error("data directory {path}: {source}")]
+    #[error("data directory {path}: {error}")]
     DataDir {
         /// The directory.
         path: std::path::PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Another agent uses the same data directory.
     #[error("another ferry-agent is using {0}; drop the release into its inbox instead")]
@@ -45,9 +45,9 @@ pub fn systemd_is_running() -> bool {
 /// Takes the data directory's lock, so two agents never install at once.
 pub fn lock_data_dir(config: &Config) -> Result<Flock<File>, SetupError> {
     let root = &config.data_dir;
-    std::fs::create_dir_all(root).map_err(|source| SetupError::DataDir {
+    std::fs::create_dir_all(root).map_err(|error| SetupError::DataDir {
         path: root.clone(),
-        source,
+        error,
     })?;
     let path = root.join("lock");
     let file = File::options()
@@ -55,9 +55,9 @@ pub fn lock_data_dir(config: &Config) -> Result<Flock<File>, SetupError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| SetupError::DataDir {
+        .map_err(|error| SetupError::DataDir {
             path: path.clone(),
-            source,
+            error,
         })?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| SetupError::Busy(root.clone()))
 }
@@ -71,10 +71,10 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
             Supervisor::Systemd(Systemd::new(&config.unit_dir))
         }
         SupervisorKind::Auto | SupervisorKind::Direct => {
-            Supervisor::Direct(Direct::new(layout.clone()).map_err(|source| {
+            Supervisor::Direct(Direct::new(layout.clone()).map_err(|error| {
                 SetupError::DataDir {
                     path: config.data_dir.clone(),
-                    source,
+                    error,
                 }
             })?)
         }
@@ -98,9 +98,9 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         http: http_client()?,
         credentials,
     })
-    .map_err(|source| SetupError::DataDir {
+    .map_err(|error| SetupError::DataDir {
         path: config.data_dir.clone(),
-        source,
+        error,
     })
 }
 

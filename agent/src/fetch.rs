@@ -44,18 +44,18 @@ pub enum FetchError {
         status: StatusCode,
     },
     /// A local file could not be read or written.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being done.
         what: String,
         /// Why it failed.
-        source: io::Error,
+        error: io::Error,
     },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> FetchError {
     let what = what.into();
-    move |source| FetchError::Io { what, source }
+    move |error| FetchError::Io { what, error }
 }
 
 /// An artifact being written to its `.part` file.

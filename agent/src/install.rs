@@ -426,7 +426,7 @@ impl Installer {
                     .unwrap_or_else(|e| {
                         Err(FetchError::Io {
                             what: "copying the artifact".into(),
-                            source: std::io::Error::other(e),
+                            error: std::io::Error::other(e),
                         })
                     })
             }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
 use ferry_agent::config::Config;
 use ferry_agent::install::{ArtifactSource, InstallRequest};
 use ferry_agent::report::Reporter;
@@ -12,36 +11,98 @@ use ferry_agent::{VERSION, daemon, device};
 use ferry_protocol::Envelope;
 use ferry_protocol::messages::Outcome;
 
-/// Installs signed releases on this device and keeps them running.
-#[derive(Debug, Parser)]
-#[command(name = "ferry-agent", version = VERSION)]
-struct Cli {
-    /// The agent's configuration file.
-    #[arg(
-        long,
-        short = 'c',
-        value_name = "FILE",
-        default_value = "/etc/ferry/agent.toml"
-    )]
-    config: PathBuf,
+const DEFAULT_CONFIG: &str = "/etc/ferry/agent.toml";
 
-    #[command(subcommand)]
+const HELP: &str = "\
+Installs signed releases on this device and keeps them running.
+
+Usage: ferry-agent [OPTIONS] [COMMAND]
+
+Commands:
+  install ENVELOPE ARTIFACT  Install a release from files (a USB stick, a copy
+                             over ssh), then exit
+  (none)                     Run the agent
+
+Options:
+  -c, --config FILE  The agent's configuration file [default: /etc/ferry/agent.toml]
+  -h, --help         Print help
+  -V, --version      Print version
+";
+
+/// What the command line asks for.
+#[derive(Debug)]
+struct Cli {
+    config: PathBuf,
     command: Option<Command>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug)]
 enum Command {
-    /// Install a release from files (a USB stick, a copy over ssh), then exit.
+    /// Install a release from files, then exit.
     Install {
-        /// The signed envelope.
         envelope: PathBuf,
-        /// The artifact (.tar.gz) it names.
         artifact: PathBuf,
     },
 }
 
+/// What parsing the command line led to.
+enum Parsed {
+    Run(Cli),
+    /// --help or --version: print this and exit 0.
+    Print(String),
+}
+
+// lexopt rather than clap: the agent's command line is small and every
+// hundred kilobytes counts on the device.
+fn parse_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Parsed, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut config = PathBuf::from(DEFAULT_CONFIG);
+    let mut words: Vec<PathBuf> = Vec::new();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('c') | Long("config") => config = parser.value()?.into(),
+            Short('h') | Long("help") => return Ok(Parsed::Print(HELP.into())),
+            Short('V') | Long("version") => {
+                return Ok(Parsed::Print(format!("ferry-agent {VERSION}\n")));
+            }
+            Value(word) => words.push(word.into()),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    let mut words = words.into_iter();
+    let command = match words.next() {
+        None => None,
+        Some(word) if word.as_os_str() == "install" => {
+            let (Some(envelope), Some(artifact), None) = (words.next(), words.next(), words.next())
+            else {
+                return Err("usage: ferry-agent install ENVELOPE ARTIFACT".into());
+            };
+            Some(Command::Install { envelope, artifact })
+        }
+        Some(word) => {
+            return Err(format!(
+                "unknown command {:?} (try --help)",
+                word.display().to_string()
+            )
+            .into());
+        }
+    };
+    Ok(Parsed::Run(Cli { config, command }))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Parsed::Run(cli)) => cli,
+        Ok(Parsed::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)

@@ -80,12 +80,12 @@ pub enum UnpackError {
     #[error("archive is corrupt or truncated: {0}")]
     Corrupt(io::Error),
     /// The destination could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         /// The file or directory being written.
         path: PathBuf,
         /// What went wrong.
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -93,7 +93,7 @@ pub enum UnpackError {
 pub fn unpack(archive: &Path, dest: &Path, limits: UnpackLimits) -> Result<Unpacked, UnpackError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
-        move |source| UnpackError::Write { path, source }
+        move |error| UnpackError::Write { path, error }
     };
     let file = File::open(archive).map_err(UnpackError::Corrupt)?;
     fs::create_dir(dest).map_err(write_err(dest))?;
@@ -214,10 +214,10 @@ fn copy(from: &mut impl Read, to: &mut File, path: &Path) -> Result<u64, CopyErr
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(CopyError::Read(e)),
         };
-        to.write_all(&buf[..n]).map_err(|source| {
+        to.write_all(&buf[..n]).map_err(|error| {
             CopyError::Write(UnpackError::Write {
                 path: path.to_owned(),
-                source,
+                error,
             })
         })?;
         total += n as u64;

@@ -1,11 +1,14 @@
-//! Turning a service's files into a Ferry release.
+//! Turning a service into a Ferry release.
 //!
 //! - [`package`]: packs a directory into a reproducible `.tar.gz` and writes
 //!   its unsigned manifest beside it (`ferry package`).
-//!
-//! Building Go and C programs for ARMv7 (`ferry build go|c`) lands here too.
+//! - [`build`]: cross-compiles a Go module or a C program for the ARMv7
+//!   devices, checks the result as devices will, and packages it
+//!   (`ferry build go|c`).
 #![deny(missing_docs)]
 
+pub mod build;
 pub mod package;
 
+pub use build::{BuildError, BuildRequest, Built, CBuild, GoBuild, build_c, build_go};
 pub use package::{PackageError, PackageRequest, Packaged, package};

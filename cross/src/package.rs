@@ -64,12 +64,12 @@ pub struct Packaged {
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
     /// A file or directory could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The path concerned.
         path: PathBuf,
         /// What went wrong.
-        source: io::Error,
+        error: io::Error,
     },
     /// The source is not a directory.
     #[error("{0} is not a directory")]
@@ -101,9 +101,9 @@ pub enum PackageError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PackageError + '_ {
-    move |source| PackageError::Io {
+    move |error| PackageError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -299,7 +299,7 @@ fn write_archive(
     })?;
     digest.ok_or_else(|| PackageError::Io {
         path: path.to_owned(),
-        source: io::Error::other("archive was not written"),
+        error: io::Error::other("archive was not written"),
     })
 }
 
@@ -366,7 +366,7 @@ fn write_file_atomically(
     file.sync_all().map_err(io_err(path))?;
     temp.persist(path).map_err(|e| PackageError::Io {
         path: path.to_owned(),
-        source: e.error,
+        error: e.error,
     })?;
     Ok(())
 }

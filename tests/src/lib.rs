@@ -1,7 +1,8 @@
 //! Harness for end-to-end tests: a manager (`ferry serve`, in-process, on
 //! free loopback ports), agents (the agent library's daemon, in-process,
-//! each with its own data directory and direct supervisor), and signed
-//! releases of a real C service built with the machine's `cc`.
+//! each with its own data directory and direct supervisor, or the ARMv7
+//! device binary as a process under qemu-arm), and signed releases of a
+//! real C service built with the machine's `cc`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -220,16 +221,27 @@ pub struct Agent {
     task: Option<JoinHandle<()>>,
 }
 
+/// An agent configuration for tests: direct supervisor, 1 s health reports.
+fn agent_config(
+    data_dir: &Path,
+    device: &str,
+    password: &str,
+    mqtt: SocketAddr,
+    trust: &Path,
+) -> String {
+    format!(
+        "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"1s\"\n\
+         [broker]\nurl = \"mqtt://{mqtt}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
+        data_dir.display(),
+        trust.display()
+    )
+}
+
 impl Agent {
     /// Starts an agent for `device` against the manager's broker.
     pub fn start(dir: &Path, device: &str, password: &str, mqtt: SocketAddr, trust: &Path) -> Self {
         let data_dir = dir.join(format!("agent-{device}"));
-        let text = format!(
-            "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"1s\"\n\
-             [broker]\nurl = \"mqtt://{mqtt}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
-            data_dir.display(),
-            trust.display()
-        );
+        let text = agent_config(&data_dir, device, password, mqtt, trust);
         let config = ferry_agent::config::Config::parse(&text).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -263,6 +275,106 @@ impl Drop for Agent {
             task.abort();
         }
         kill_services(&self.data_dir);
+    }
+}
+
+/// Where the ARM C library lives; qemu-arm loads dynamically linked ARM
+/// programs (the agent, C services) from there.
+pub const ARM_SYSROOT: &str = "/usr/arm-linux-gnueabihf";
+
+/// The ARMv7 device agent, built with the documented command
+/// (`cargo agent-armv7`; a no-op when it is up to date).
+pub fn armv7_agent_binary() -> PathBuf {
+    assert!(
+        Path::new("/proc/sys/fs/binfmt_misc/qemu-arm").exists(),
+        "qemu-arm is not registered with binfmt_misc; run scripts/setup"
+    );
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The device profile and target have their own build directories, so
+    // this does not wait on the lock of the `cargo test` running it.
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .arg("agent-armv7")
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "cargo agent-armv7 failed");
+    let binary = workspace.join("target/armv7-unknown-linux-gnueabihf/device/ferry-agent");
+    assert!(binary.is_file(), "{} was not built", binary.display());
+    binary
+}
+
+/// An agent binary running as its own process (the ARMv7 one under qemu),
+/// stopped with SIGTERM when dropped; its log is `data_dir/../DEVICE.log`.
+pub struct ProcessAgent {
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: std::process::Child,
+}
+
+impl ProcessAgent {
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        device: &str,
+        password: &str,
+        mqtt: SocketAddr,
+        trust: &Path,
+    ) -> Self {
+        let data_dir = dir.join(format!("agent-{device}"));
+        let config = dir.join(format!("{device}.toml"));
+        std::fs::write(
+            &config,
+            agent_config(&data_dir, device, password, mqtt, trust),
+        )
+        .unwrap();
+        let log = dir.join(format!("{device}.log"));
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            // Inherited by the services it starts, as a device's would be.
+            .env("QEMU_LD_PREFIX", ARM_SYSROOT)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            data_dir,
+            log,
+            child,
+        }
+    }
+
+    /// What the agent logged so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessAgent {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_services(&self.data_dir);
+    }
+}
+
+/// Signs a packaged release with `key`.
+pub fn sign(packaged: &ferry_cross::Packaged, key: &SecretKey) -> Release {
+    Release {
+        envelope: Envelope::sign(packaged.manifest.to_json(), &[key]).unwrap(),
+        manifest: packaged.manifest.clone(),
+        artifact: packaged.artifact.clone(),
     }
 }
 
@@ -318,12 +430,7 @@ pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &
         &dir.join(format!("out-{version}")),
     )
     .unwrap();
-    let envelope = Envelope::sign(packaged.manifest.to_json(), &[key]).unwrap();
-    Release {
-        manifest: packaged.manifest,
-        envelope,
-        artifact: packaged.artifact,
-    }
+    sign(&packaged, key)
 }
 
 /// A real mosquitto with a password file and Ferry's ACL, as the README

@@ -124,7 +124,7 @@ impl Direct {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SupervisorError::Io {
                 what: format!("starting {service}"),
-                source: std::io::Error::other(e),
+                error: std::io::Error::other(e),
             }),
             Err(_) => Err(SupervisorError::Unknown(service.clone())),
         }

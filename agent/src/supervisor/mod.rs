@@ -42,12 +42,12 @@ pub struct ServiceStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     /// A command (systemctl) or process could not be run.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was being done.
         what: String,
         /// Why it failed.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// systemctl ran and said no.
     #[error("{command} failed: {stderr}")]

@@ -46,9 +46,9 @@ impl Systemd {
         if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
             return Ok(());
         }
-        durable::write_file(&path, text.as_bytes()).map_err(|source| SupervisorError::Io {
+        durable::write_file(&path, text.as_bytes()).map_err(|error| SupervisorError::Io {
             what: format!("writing {}", path.display()),
-            source,
+            error,
         })?;
         systemctl(&["daemon-reload"]).await?;
         systemctl(&["enable", &unit]).await?;
@@ -65,9 +65,9 @@ impl Systemd {
     pub(super) async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
         let unit = unit_name(service);
         systemctl(&["disable", "--now", &unit]).await?;
-        durable::remove_file(&self.unit_dir.join(&unit)).map_err(|source| SupervisorError::Io {
+        durable::remove_file(&self.unit_dir.join(&unit)).map_err(|error| SupervisorError::Io {
             what: format!("removing {unit}"),
-            source,
+            error,
         })?;
         systemctl(&["daemon-reload"]).await.map(drop)
     }
@@ -148,9 +148,9 @@ async fn systemctl(args: &[&str]) -> Result<String, SupervisorError> {
         .args(args)
         .output()
         .await
-        .map_err(|source| SupervisorError::Io {
+        .map_err(|error| SupervisorError::Io {
             what: command.clone(),
-            source,
+            error,
         })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -4,11 +4,13 @@
 //! people and a JSON value for scripts (`--json`); this module prints the
 //! one asked for and turns failure into exit code 1.
 
+mod build;
 mod fleet;
 mod keygen;
 mod keys;
 mod package;
 mod publish;
+mod release_args;
 mod serve;
 mod sign;
 mod verify;
@@ -52,6 +54,9 @@ enum Command {
     Keygen(keygen::Args),
     /// Pack a directory into a reproducible release artifact and its unsigned manifest.
     Package(package::Args),
+    /// Cross-compile a Go or C service for the ARMv7 devices and package it.
+    #[command(subcommand)]
+    Build(build::Args),
     /// Sign a manifest (or add signatures to an envelope).
     Sign(sign::Args),
     /// Check a signed envelope, and optionally its artifact, offline.
@@ -104,6 +109,11 @@ impl Outcome {
         }
     }
 
+    /// Puts `line` before the text for people.
+    pub(crate) fn prepend_text(&mut self, line: &str) {
+        self.text = format!("{line}\n{}", self.text);
+    }
+
     pub(crate) fn refused(text: String, json: serde_json::Value) -> Self {
         Self {
             ok: false,
@@ -120,6 +130,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen(args) => keygen::run(args),
         Command::Package(args) => package::run(args),
+        Command::Build(args) => build::run(args),
         Command::Sign(args) => sign::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Serve(args) => {
