@@ -304,6 +304,29 @@ pub fn armv7_agent_binary() -> PathBuf {
     binary
 }
 
+/// The agent built for this machine with the device profile (what the
+/// ARMv7 build is compared against).
+pub fn native_agent_binary() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "ferry-agent",
+            "--bin",
+            "ferry-agent",
+            "--profile",
+            "device",
+        ])
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "building the native agent failed");
+    workspace.join("target/device/ferry-agent")
+}
+
 /// An agent binary running as its own process (the ARMv7 one under qemu),
 /// stopped with SIGTERM when dropped; its log is `data_dir/../DEVICE.log`.
 pub struct ProcessAgent {
@@ -343,6 +366,11 @@ impl ProcessAgent {
             log,
             child,
         }
+    }
+
+    /// The agent's process id (under emulation, qemu's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What the agent logged so far (for failure messages).

@@ -1,0 +1,188 @@
+//! The agent's footprint: peak resident memory idle and while it installs a
+//! 20 MB release, for the device-profile binary on this machine and the
+//! ARMv7 binary under qemu-arm (whose figures include qemu's own memory,
+//! so they bound the device's from above). Prints figures; asserts nothing
+//! about speed.
+//!
+//! `cargo bench -p ferry-e2e --bench agent_footprint`
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_cross::{PackageRequest, package};
+use ferry_e2e::{Manager, ProcessAgent, armv7_agent_binary, free_port, native_agent_binary, sign};
+use ferry_protocol::manifest::{ArtifactKind, HealthSettings};
+use ferry_protocol::names::ARMV7_TARGET;
+use ferry_protocol::{RelPath, SecretKey, ServiceName, Target};
+use serde_json::json;
+
+const PAYLOAD_BYTES: usize = 20 * 1024 * 1024;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// VmRSS and VmHWM (peak) of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Bytes gzip cannot shrink (xorshift), so the artifact really is 20 MB.
+fn incompressible(len: usize) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+struct Case {
+    name: &'static str,
+    agent: PathBuf,
+    compiler: &'static str,
+    compiler_args: &'static [&'static str],
+    target: String,
+}
+
+fn release_tree(root: &Path, case: &Case) -> PathBuf {
+    let tree = root.join(format!("tree-{}", case.name));
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("data")).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cross/samples/hello-c/hello.c");
+    let status = Command::new(case.compiler)
+        .args(case.compiler_args)
+        .arg("-O2")
+        .arg("-o")
+        .arg(tree.join("bin/hello-c"))
+        .arg(source)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(tree.join("port"), free_port().to_string()).unwrap();
+    std::fs::write(tree.join("data/blob"), incompressible(PAYLOAD_BYTES)).unwrap();
+    tree
+}
+
+async fn measure(case: Case) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key = SecretKey::from_seed(&[9; 32]);
+    let trust = root.join("ops.pub");
+    std::fs::write(&trust, key.public_key().to_text()).unwrap();
+    let packaged = package(
+        &PackageRequest {
+            dir: release_tree(root, &case),
+            service: ServiceName::new("hello-c").unwrap(),
+            version: "1.0.0".parse().unwrap(),
+            entrypoint: RelPath::new("bin/hello-c").unwrap(),
+            sequence: 1,
+            target: Target::new(&case.target).unwrap(),
+            kind: Some(ArtifactKind::C),
+            expires: None,
+            build: Default::default(),
+            health: HealthSettings {
+                window_secs: 2,
+                probe: None,
+            },
+            reload: Vec::new(),
+        },
+        &root.join("out"),
+    )
+    .unwrap();
+    let release = sign(&packaged, &key);
+
+    let mqtt = addr(free_port());
+    let manager = Manager::start(&root.join("manager"), mqtt, addr(free_port())).await;
+    let password = manager.add_device("bench-1", &[]).await;
+    let agent = ProcessAgent::start(&case.agent, root, "bench-1", &password, mqtt, &trust);
+    manager
+        .wait_device("bench-1", "online", |d| d["online"] == true)
+        .await;
+    // Idle: connected, reporting health every second, for a while.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (idle_rss, idle_peak) = memory_kib(agent.pid());
+
+    manager.publish(&release).await;
+    let started = Instant::now();
+    manager
+        .post(
+            "/v1/deployments",
+            json!({ "service": "hello-c", "version": "1.0.0", "devices": ["bench-1"] }),
+        )
+        .await;
+    let device = manager
+        .wait_device("bench-1", "the install", |d| {
+            d["reported"]["last_result"]["version"] == "1.0.0"
+        })
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        device["reported"]["last_result"]["outcome"],
+        "installed",
+        "{}",
+        agent.log_text()
+    );
+    let (_, install_peak) = memory_kib(agent.pid());
+    println!(
+        "{:<28} idle RSS {:>6} KiB (peak {:>6} KiB) | peak during a {} MiB install {:>6} KiB | deploy to installed {:>6.2} s (health window 2 s)",
+        case.name,
+        idle_rss,
+        idle_peak,
+        PAYLOAD_BYTES / (1024 * 1024),
+        install_peak,
+        took.as_secs_f64()
+    );
+    drop(agent);
+    manager.stop().await;
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: only
+    // measure when asked to.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let native = Case {
+        name: "x86-64 native",
+        agent: native_agent_binary(),
+        compiler: "cc",
+        compiler_args: &[],
+        target: ferry_agent::BUILD_TARGET.to_owned(),
+    };
+    let arm = Case {
+        name: "armv7 under qemu-arm",
+        agent: armv7_agent_binary(),
+        compiler: "arm-linux-gnueabihf-gcc",
+        compiler_args: &["-static"],
+        target: ARMV7_TARGET.to_owned(),
+    };
+    for (name, binary) in [("x86-64", &native.agent), ("armv7", &arm.agent)] {
+        let size = std::fs::metadata(binary).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "agent binary, {name:<7} {size:>9} bytes ({:.2} MiB), stripped",
+            size as f64 / 1048576.0
+        );
+    }
+    runtime.block_on(measure(native));
+    runtime.block_on(measure(arm));
+}
