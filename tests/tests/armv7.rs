@@ -194,8 +194,8 @@ async fn armv7_agent_runs_upgrades_and_rolls_back_go_and_c_services() {
             &key,
         )
     };
-    let c = |version: &str, sequence: u64| {
-        let request = request(&c_src, "hello-c", version, sequence, &c_files, c_port);
+    let c = |version: &str, sequence: u64, probe_port: u16| {
+        let request = request(&c_src, "hello-c", version, sequence, &c_files, probe_port);
         sign(
             &build_c(&request, &CBuild::default(), &out)
                 .unwrap()
@@ -212,7 +212,11 @@ async fn armv7_agent_runs_upgrades_and_rolls_back_go_and_c_services() {
             go_port,
             format!("hello-go 1.0.0 {go_commit}"),
         ),
-        (c("1.0.0", 1), c_port, format!("hello-c 1.0.0 {c_commit}")),
+        (
+            c("1.0.0", 1, c_port),
+            c_port,
+            format!("hello-c 1.0.0 {c_commit}"),
+        ),
     ] {
         device.deploy(&release).await;
         let result = device.result_of(&release).await;
@@ -227,7 +231,11 @@ async fn armv7_agent_runs_upgrades_and_rolls_back_go_and_c_services() {
             go_port,
             format!("hello-go 1.1.0 {go_commit}"),
         ),
-        (c("1.1.0", 2), c_port, format!("hello-c 1.1.0 {c_commit}")),
+        (
+            c("1.1.0", 2, c_port),
+            c_port,
+            format!("hello-c 1.1.0 {c_commit}"),
+        ),
     ] {
         device.deploy(&release).await;
         let result = device.result_of(&release).await;
@@ -235,14 +243,27 @@ async fn armv7_agent_runs_upgrades_and_rolls_back_go_and_c_services() {
         assert_eq!(ask_version(port), expected);
     }
 
-    // A release whose health probe never passes (it checks a port the
-    // service does not listen on) is rolled back to 1.1.0.
-    let broken = go("1.2.0", 3, free_port());
-    device.deploy(&broken).await;
-    let result = device.result_of(&broken).await;
-    assert_eq!(result["outcome"], "rolled_back", "{result}");
-    assert_eq!(device.installed("hello-go").await.as_deref(), Some("1.1.0"));
-    assert_eq!(ask_version(go_port), format!("hello-go 1.1.0 {go_commit}"));
+    // Releases whose health probe never passes (it checks a port the
+    // service does not listen on) are rolled back to 1.1.0, Go and C alike.
+    for (broken, port, expected) in [
+        (
+            go("1.2.0", 3, free_port()),
+            go_port,
+            format!("hello-go 1.1.0 {go_commit}"),
+        ),
+        (
+            c("1.2.0", 3, free_port()),
+            c_port,
+            format!("hello-c 1.1.0 {c_commit}"),
+        ),
+    ] {
+        device.deploy(&broken).await;
+        let result = device.result_of(&broken).await;
+        assert_eq!(result["outcome"], "rolled_back", "{result}");
+        let service = broken.manifest.service.as_str();
+        assert_eq!(device.installed(service).await.as_deref(), Some("1.1.0"));
+        assert_eq!(ask_version(port), expected);
+    }
 
     // The same C service built for x86-64 and (wrongly) labelled armv7: the
     // ARM agent refuses it before the swap, and 1.1.0 keeps running.
