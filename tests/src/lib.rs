@@ -422,6 +422,29 @@ pub struct Release {
 /// Builds, packages and signs version `version` of service `api`, a C
 /// program that writes "start VERSION PID" to `out` and waits.
 pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &Path) -> Release {
+    build_release(dir, key, version, sequence, out, false)
+}
+
+/// Like [`release`], but the program exits with 1 at once, every time: a
+/// release that crash-loops on every device.
+pub fn crashing_release(
+    dir: &Path,
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+    out: &Path,
+) -> Release {
+    build_release(dir, key, version, sequence, out, true)
+}
+
+fn build_release(
+    dir: &Path,
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+    out: &Path,
+    crash: bool,
+) -> Release {
     let tree = dir.join(format!("tree-{version}"));
     std::fs::create_dir_all(tree.join("bin")).unwrap();
     let source = concat!(
@@ -432,6 +455,7 @@ pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &
         .arg("-O2")
         .arg(format!("-DVERSION=\"{version}\""))
         .arg(format!("-DOUT=\"{}\"", out.display()))
+        .args(crash.then_some("-DCRASH"))
         .arg(source)
         .arg("-o")
         .arg(tree.join("bin/api"))

@@ -176,15 +176,22 @@ pub(crate) struct DeployArgs {
     service: String,
     /// The published version to deploy.
     version: String,
-    /// Deploy to these devices; repeatable.
+    #[command(flatten)]
+    targets: Targets,
+}
+
+/// Which devices: exactly one of `--device ID...`, `--tag T`, `--all`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Targets {
+    /// These devices; repeatable.
     #[arg(long = "device", value_name = "ID", conflicts_with_all = ["tag", "all"], required_unless_present_any = ["tag", "all"])]
-    devices: Vec<String>,
-    /// Deploy to every device with this tag.
+    pub devices: Vec<String>,
+    /// Every device with this tag.
     #[arg(long, conflicts_with = "all")]
-    tag: Option<String>,
-    /// Deploy to every device.
+    pub tag: Option<String>,
+    /// Every device.
     #[arg(long)]
-    all: bool,
+    pub all: bool,
 }
 
 pub(crate) async fn deploy(manager: &Manager, args: DeployArgs) -> Result<Outcome> {
@@ -194,9 +201,9 @@ pub(crate) async fn deploy(manager: &Manager, args: DeployArgs) -> Result<Outcom
             &json!({
                 "service": args.service,
                 "version": args.version,
-                "devices": args.devices,
-                "tag": args.tag,
-                "all": args.all,
+                "devices": args.targets.devices,
+                "tag": args.targets.tag,
+                "all": args.targets.all,
             }),
         )
         .await?;

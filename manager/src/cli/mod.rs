@@ -11,6 +11,7 @@ mod keys;
 mod package;
 mod publish;
 mod release_args;
+mod rollout;
 mod serve;
 mod sign;
 mod verify;
@@ -73,6 +74,9 @@ enum Command {
     Publish(publish::Args),
     /// Deploy a published release to devices.
     Deploy(fleet::DeployArgs),
+    /// Staged rollouts: canary, waves, failure threshold (start, status, list, pause, resume, abort).
+    #[command(subcommand)]
+    Rollout(rollout::Args),
     /// Recent health reports (`--follow` for new ones).
     Health(fleet::HistoryArgs),
     /// Recent deployment events (`--follow` for new ones).
@@ -159,6 +163,7 @@ pub fn main() -> ExitCode {
                     Command::Devices => fleet::devices(&manager).await,
                     Command::Publish(args) => publish::run(&manager, args, json).await,
                     Command::Deploy(args) => fleet::deploy(&manager, args).await,
+                    Command::Rollout(args) => rollout::run(&manager, args, json).await,
                     Command::Health(args) => fleet::history(&manager, "health", args, json).await,
                     Command::Events(args) => fleet::history(&manager, "events", args, json).await,
                     _ => unreachable!("local commands are handled above"),

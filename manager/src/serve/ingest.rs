@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_protocol::messages::{Event, Message, Reported, StepStatus};
+use ferry_protocol::messages::{Event, Message, Outcome, Reported, StepStatus};
 use ferry_protocol::topics::{Topic, TopicKind};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-use super::store::Store;
+use super::rollout;
+use super::store::{DeviceStep, Store};
 
 /// A desired-state message to publish (retained).
 #[derive(Debug, Clone)]
@@ -41,6 +42,7 @@ pub async fn run(
     login: BrokerLogin,
     store: Arc<Store>,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    wake: Arc<Notify>,
 ) {
     let client_id = format!("ferry-manager-{}", std::process::id());
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
@@ -65,7 +67,7 @@ pub async fn run(
                     republish_all(&client, &store);
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    if let Err(e) = ingest(&store, &p.topic, &p.payload) {
+                    if let Err(e) = ingest(&store, &wake, &p.topic, &p.payload) {
                         tracing::warn!(topic = %p.topic, "message not recorded: {e}");
                     }
                 }
@@ -102,7 +104,7 @@ fn republish_all(client: &AsyncClient, store: &Store) {
 }
 
 /// Records one device message, and what it says about deployments.
-fn ingest(store: &Store, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+fn ingest(store: &Store, wake: &Notify, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
     let topic: Topic = topic.parse()?;
     let device = topic.device.as_str();
     // Decode before storing: malformed or oversized payloads are refused.
@@ -110,6 +112,27 @@ fn ingest(store: &Store, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
         TopicKind::Reported => {
             let reported = Reported::decode(payload)?;
             if let Some(result) = &reported.last_result {
+                if let Some(id) = rollout::rollout_id(result.rollout.as_deref()) {
+                    let step = match result.outcome {
+                        Outcome::Installed => DeviceStep::Installed,
+                        Outcome::Rejected => DeviceStep::Rejected,
+                        Outcome::Failed => DeviceStep::Failed,
+                        Outcome::RolledBack => DeviceStep::RolledBack,
+                    };
+                    let release = (
+                        result.release.service.as_str(),
+                        result.release.version.as_str(),
+                    );
+                    if store.report_rollout_device(
+                        id,
+                        device,
+                        release,
+                        step,
+                        result.reason.as_deref(),
+                    )? {
+                        wake.notify_one();
+                    }
+                }
                 if let Some(id) = deployment_id(result.rollout.as_deref()) {
                     let status = serde_json::to_value(result.outcome)?;
                     store.set_deployment_status(
@@ -123,6 +146,21 @@ fn ingest(store: &Store, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
         }
         TopicKind::Events => {
             let event = Event::decode(payload)?;
+            if let (Some(id), Some(release)) = (
+                rollout::rollout_id(event.rollout.as_deref()),
+                &event.release,
+            ) {
+                if event.status != StepStatus::Failed {
+                    let release = (release.service.as_str(), release.version.as_str());
+                    store.report_rollout_device(
+                        id,
+                        device,
+                        release,
+                        DeviceStep::Installing,
+                        None,
+                    )?;
+                }
+            }
             if let Some(id) = deployment_id(event.rollout.as_deref()) {
                 if event.status != StepStatus::Failed {
                     store.set_deployment_status(id, device, "installing", None)?;

@@ -7,7 +7,9 @@
 
 pub mod api;
 pub mod broker;
+pub mod desired;
 pub mod ingest;
+pub mod rollout;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -108,7 +110,8 @@ pub async fn serve(
         tokio::spawn(task);
     }
     let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
-    tokio::spawn(ingest::run(login, store.clone(), outgoing_rx));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(ingest::run(login, store.clone(), outgoing_rx, wake.clone()));
 
     // Silence means offline.
     let silence_store = store.clone();
@@ -136,12 +139,21 @@ pub async fn serve(
         };
         format!("http://{host}:{}", http_addr.port())
     });
+    let public_url_shared = Arc::new(public_url.clone());
+    let engine = rollout::Engine {
+        store: store.clone(),
+        outgoing: outgoing_tx.clone(),
+        public_url: public_url_shared.clone(),
+        wake,
+    };
+    tokio::spawn(engine.clone().run());
     let state = api::AppState {
         store,
         artifacts,
         token: Arc::new(token),
         outgoing: outgoing_tx,
-        public_url: Arc::new(public_url.clone()),
+        public_url: public_url_shared,
+        rollouts: engine,
     };
     remember_local_manager(&public_url, &token_path);
     tracing::info!(

@@ -11,6 +11,8 @@
 //! | `GET /v1/artifacts/{sha256}` | device or operator | download, with Range |
 //! | `POST /v1/releases`, `GET /v1/releases` | operator | publish an envelope (its artifact uploaded first), list |
 //! | `POST /v1/deployments`, `GET /v1/deployments[/{id}]` | operator | deploy a release to devices, progress |
+//! | `POST /v1/rollouts`, `GET /v1/rollouts[/{id}]` | operator | staged rollouts: start, progress by stage |
+//! | `POST /v1/rollouts/{id}/{pause,resume,abort}` | operator | steer a rollout |
 //! | `GET /v1/health`, `GET /v1/events` | operator | recent history (`?device=`, `?after=`) |
 
 use std::path::PathBuf;
@@ -23,7 +25,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use base64::Engine as _;
-use ferry_protocol::messages::{Desired, DesiredRelease, MESSAGE_SCHEMA, Message};
 use ferry_protocol::{DeviceId, Envelope, Sha256Digest};
 use serde::Deserialize;
 use serde_json::json;
@@ -31,6 +32,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tower_http::services::ServeFile;
+
+mod rollouts;
 
 use super::ingest::Outgoing;
 use super::store::{Store, StoreError, password_hash};
@@ -48,6 +51,8 @@ pub struct AppState {
     pub outgoing: mpsc::UnboundedSender<Outgoing>,
     /// How devices reach this manager over HTTP.
     pub public_url: Arc<String>,
+    /// The rollout engine (woken when a rollout changes).
+    pub rollouts: super::rollout::Engine,
 }
 
 /// An error as the API answers it: a status and a sentence.
@@ -86,6 +91,12 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/releases", get(list_releases).post(publish_release))
         .route("/v1/deployments", get(list_deployments).post(deploy))
         .route("/v1/deployments/{id}", get(show_deployment))
+        .route("/v1/rollouts", get(rollouts::list).post(rollouts::start))
+        .route("/v1/rollouts/{id}", get(rollouts::show))
+        .route(
+            "/v1/rollouts/{id}/{action}",
+            axum::routing::post(rollouts::act),
+        )
         .route("/v1/health", get(health_history))
         .route("/v1/events", get(event_history))
         .fallback(|| async {
@@ -99,7 +110,7 @@ pub fn router(state: AppState) -> axum::Router {
 }
 
 /// The API's description, kept beside the code in `manager/api/openapi.json`.
-pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+pub const OPENAPI: &str = include_str!("../../../api/openapi.json");
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
@@ -431,44 +442,17 @@ async fn deploy(
         return Err(bad(StatusCode::NOT_FOUND, "no device matches"));
     }
 
-    // Each device's desired state keeps its other services and gets this release.
-    let url = format!("{}/v1/artifacts/{}", state.public_url, release.sha256);
-    let mut payloads = Vec::new();
-    for device in &targets {
-        let mut releases: Vec<DesiredRelease> = match state.store.desired(device)? {
-            Some(text) => Desired::decode(text.as_bytes())
-                .map(|d| d.releases)
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        releases.retain(|r| {
-            r.envelope
-                .unverified_manifest()
-                .map(|m| m.service.as_str() != request.service)
-                .unwrap_or(false)
-        });
-        releases.push(DesiredRelease {
-            envelope: envelope.clone(),
-            artifact_url: Some(url.clone()),
-        });
-        payloads.push((device.clone(), releases));
-    }
     // The deployment id goes into the rollout field, so it is known first.
+    let url = format!("{}/v1/artifacts/{}", state.public_url, release.sha256);
     let id = state
         .store
         .add_deployment(&request.service, &request.version)?;
     let rollout = format!("deploy-{id}");
     let mut desired = Vec::new();
-    for (device, releases) in payloads {
-        let message = Desired {
-            schema: MESSAGE_SCHEMA,
-            rollout: Some(rollout.clone()),
-            releases,
-        };
-        desired.push((
-            device,
-            String::from_utf8_lossy(&message.encode()).into_owned(),
-        ));
+    for device in &targets {
+        let payload =
+            super::desired::with_release(&state.store, device, &envelope, &url, &rollout)?;
+        desired.push((device.clone(), payload));
     }
     state.store.add_deployment_targets(id, &desired)?;
     for (device, payload) in &desired {

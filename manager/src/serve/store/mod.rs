@@ -10,6 +10,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+mod rollouts;
+
+pub use rollouts::{DeviceStep, RolloutDevice, RolloutRow};
+
 /// How many health reports and events are kept per device.
 pub const HISTORY: i64 = 200;
 
@@ -22,6 +26,9 @@ pub enum StoreError {
     /// Stored JSON that no longer reads.
     #[error("stored data: {0}")]
     Json(#[from] serde_json::Error),
+    /// Stored data that reads but does not make sense.
+    #[error("stored data: {0}")]
+    Invalid(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -97,7 +104,7 @@ pub struct DeploymentRow {
     pub devices: Vec<DeploymentTarget>,
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     Timestamp::from(std::time::SystemTime::now()).to_string()
 }
 
@@ -133,7 +140,15 @@ impl Store {
              CREATE TABLE IF NOT EXISTS history (
                  id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,
                  kind TEXT NOT NULL, time TEXT NOT NULL, payload TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS history_by_device ON history (device_id, kind, id);",
+             CREATE INDEX IF NOT EXISTS history_by_device ON history (device_id, kind, id);
+             CREATE TABLE IF NOT EXISTS rollouts (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL,
+                 version TEXT NOT NULL, plan TEXT NOT NULL, state TEXT NOT NULL,
+                 reason TEXT, created TEXT NOT NULL, updated TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS rollout_devices (
+                 rollout_id INTEGER NOT NULL, device_id TEXT NOT NULL,
+                 position INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT,
+                 sent_at TEXT, updated TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id));",
         )?;
         Ok(Self { db: Mutex::new(db) })
     }

@@ -1,0 +1,244 @@
+//! `ferry rollout start|status|list|pause|resume|abort`: staged rollouts.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use super::Outcome;
+use super::fleet::Targets;
+use crate::client::Manager;
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Args {
+    /// Start a staged rollout of a published release.
+    Start(StartArgs),
+    /// A rollout's progress, stage by stage (`--watch` until it ends).
+    Status {
+        /// The rollout's id.
+        id: i64,
+        /// Follow it with a progress bar per stage until it completes or aborts.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every rollout, newest first.
+    List,
+    /// Send the release to no more devices until resumed.
+    Pause {
+        /// The rollout's id.
+        id: i64,
+    },
+    /// Go on with a paused rollout.
+    Resume {
+        /// The rollout's id.
+        id: i64,
+    },
+    /// Stop a rollout for good.
+    Abort {
+        /// The rollout's id.
+        id: i64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct StartArgs {
+    /// The service.
+    service: String,
+    /// The published version to roll out.
+    version: String,
+    #[command(flatten)]
+    targets: Targets,
+    /// Devices updated first, alone, before any wave.
+    #[arg(long, default_value_t = 0)]
+    canary: u32,
+    /// Cumulative shares of the devices per wave, e.g. 10%,50%,100% (100% is added when missing).
+    #[arg(long, value_name = "P%,P%,...", value_parser = parse_waves, default_value = "100%")]
+    waves: Waves,
+    /// At most this many devices installing at once.
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<u32>,
+    /// A device with no outcome this long after it was sent counts as failed (e.g. 90s, 10m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10m")]
+    device_timeout: Duration,
+    /// Failures tolerated before the rollout aborts: a count (3) or a share of the devices sent so far (20%).
+    #[arg(long, value_name = "N|P%", default_value = "0")]
+    max_failures: String,
+}
+
+#[derive(Debug, Clone)]
+struct Waves(Vec<u8>);
+
+fn parse_waves(text: &str) -> Result<Waves, String> {
+    text.split(',')
+        .map(|w| {
+            let w = w.trim();
+            w.strip_suffix('%')
+                .unwrap_or(w)
+                .parse::<u8>()
+                .map_err(|_| format!("{w:?} is not a percentage"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Waves)
+}
+
+pub(crate) async fn run(manager: &Manager, args: Args, json_out: bool) -> Result<Outcome> {
+    match args {
+        Args::Start(args) => start(manager, args).await,
+        Args::Status { id, watch } => status(manager, id, watch && !json_out).await,
+        Args::List => list(manager).await,
+        Args::Pause { id } => act(manager, id, "pause").await,
+        Args::Resume { id } => act(manager, id, "resume").await,
+        Args::Abort { id } => act(manager, id, "abort").await,
+    }
+}
+
+async fn start(manager: &Manager, args: StartArgs) -> Result<Outcome> {
+    let created = manager
+        .post(
+            "/v1/rollouts",
+            &json!({
+                "service": args.service,
+                "version": args.version,
+                "devices": args.targets.devices,
+                "tag": args.targets.tag,
+                "all": args.targets.all,
+                "canary": args.canary,
+                "waves": args.waves.0,
+                "max_in_flight": args.max_in_flight,
+                "device_timeout_secs": args.device_timeout.as_secs().max(1),
+                "max_failures": args.max_failures,
+            }),
+        )
+        .await?;
+    let count = created["devices"].as_array().map_or(0, Vec::len);
+    Ok(Outcome::ok(
+        format!(
+            "rollout {} of {} {} to {count} device(s) started\nwatch it with `ferry rollout status {} --watch`",
+            created["id"], args.service, args.version, created["id"]
+        ),
+        created,
+    ))
+}
+
+/// One line for a rollout.
+fn headline(rollout: &Value) -> String {
+    let counts = &rollout["counts"];
+    let reason = rollout["reason"]
+        .as_str()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!(
+        "rollout {} {} {}: {}{reason}; {}/{} installed, {} failed, {} installing",
+        rollout["id"],
+        rollout["service"].as_str().unwrap_or("?"),
+        rollout["version"].as_str().unwrap_or("?"),
+        rollout["state"].as_str().unwrap_or("?"),
+        counts["installed"],
+        counts["devices"],
+        counts["failed"],
+        counts["in_flight"],
+    )
+}
+
+fn stage_line(stage: &Value) -> String {
+    let c = &stage["counts"];
+    format!(
+        "{:<16} {}/{} installed, {} failed, {} installing, {} waiting",
+        stage["name"].as_str().unwrap_or("?"),
+        c["installed"],
+        c["devices"],
+        c["failed"],
+        c["in_flight"],
+        c["pending"],
+    )
+}
+
+fn details(rollout: &Value) -> String {
+    let mut text = headline(rollout);
+    for stage in rollout["stages"].as_array().into_iter().flatten() {
+        text.push_str("\n  ");
+        text.push_str(&stage_line(stage));
+    }
+    for device in rollout["devices"].as_array().into_iter().flatten() {
+        let reason = device["reason"]
+            .as_str()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        text.push_str(&format!(
+            "\n    {:<24} {}{reason}",
+            device["device_id"].as_str().unwrap_or("?"),
+            device["status"].as_str().unwrap_or("?")
+        ));
+    }
+    text
+}
+
+fn finished(rollout: &Value) -> bool {
+    matches!(rollout["state"].as_str(), Some("completed" | "aborted"))
+}
+
+async fn status(manager: &Manager, id: i64, watch: bool) -> Result<Outcome> {
+    let path = format!("/v1/rollouts/{id}");
+    let mut rollout = manager.get(&path).await?;
+    if watch {
+        let bars = indicatif::MultiProgress::new();
+        let style =
+            indicatif::ProgressStyle::with_template("{prefix:<16} {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let mut stage_bars: Vec<indicatif::ProgressBar> = Vec::new();
+        let head = bars.add(indicatif::ProgressBar::new_spinner());
+        while !finished(&rollout) {
+            head.set_message(headline(&rollout));
+            let stages = rollout["stages"].as_array().cloned().unwrap_or_default();
+            for (i, stage) in stages.iter().enumerate() {
+                if stage_bars.len() <= i {
+                    let bar = bars.add(indicatif::ProgressBar::new(0).with_style(style.clone()));
+                    bar.set_prefix(stage["name"].as_str().unwrap_or("?").to_owned());
+                    stage_bars.push(bar);
+                }
+                let c = &stage["counts"];
+                let bar = &stage_bars[i];
+                bar.set_length(c["devices"].as_u64().unwrap_or(0));
+                bar.set_position(
+                    c["installed"].as_u64().unwrap_or(0) + c["failed"].as_u64().unwrap_or(0),
+                );
+                bar.set_message(format!(
+                    "{} failed, {} installing",
+                    c["failed"], c["in_flight"]
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rollout = manager.get(&path).await?;
+        }
+        let _ = bars.clear();
+    }
+    let text = details(&rollout);
+    Ok(if rollout["state"] == "aborted" && watch {
+        Outcome::refused(text, rollout)
+    } else {
+        Outcome::ok(text, rollout)
+    })
+}
+
+async fn list(manager: &Manager) -> Result<Outcome> {
+    let rollouts = manager.get("/v1/rollouts").await?;
+    let lines: Vec<String> = rollouts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(headline)
+        .collect();
+    let text = if lines.is_empty() {
+        "no rollouts yet; start one with `ferry rollout start`".to_owned()
+    } else {
+        lines.join("\n")
+    };
+    Ok(Outcome::ok(text, rollouts))
+}
+
+async fn act(manager: &Manager, id: i64, action: &str) -> Result<Outcome> {
+    let rollout = manager
+        .post(&format!("/v1/rollouts/{id}/{action}"), &json!({}))
+        .await?;
+    Ok(Outcome::ok(headline(&rollout), rollout))
+}

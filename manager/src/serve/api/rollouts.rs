@@ -1,0 +1,241 @@
+//! `/v1/rollouts`: start, watch, pause, resume and abort staged rollouts.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{ApiResult, AppState, bad, operator};
+use crate::serve::rollout::{Plan, RolloutState, Selector, Threshold};
+use crate::serve::store::{DeviceStep, RolloutRow};
+
+/// `POST /v1/rollouts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRollout {
+    service: String,
+    version: String,
+    #[serde(default)]
+    devices: Vec<String>,
+    #[serde(default)]
+    tag: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    canary: u32,
+    #[serde(default)]
+    waves: Vec<u8>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+    #[serde(default)]
+    device_timeout_secs: Option<u64>,
+    #[serde(default)]
+    max_failures: Option<Threshold>,
+}
+
+pub(super) async fn start(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let request: NewRollout = serde_json::from_slice(&body)
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
+    let store = &state.store;
+    if store.release(&request.service, &request.version)?.is_none() {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no release {} {}; publish it first",
+                request.service, request.version
+            ),
+        ));
+    }
+    let selector = match (request.devices.is_empty(), request.tag.clone(), request.all) {
+        (false, None, false) => Selector::Devices(request.devices.clone()),
+        (true, Some(tag), false) => Selector::Tag(tag),
+        (true, None, true) => Selector::All,
+        _ => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "choose the devices with exactly one of: devices, tag, all",
+            ));
+        }
+    };
+    let fleet = store.devices()?;
+    if let Selector::Devices(ids) = &selector {
+        if let Some(missing) = ids
+            .iter()
+            .find(|id| !fleet.iter().any(|d| &&d.device_id == id))
+        {
+            return Err(bad(
+                StatusCode::NOT_FOUND,
+                format!("no device {missing}; add it with `ferry device add`"),
+            ));
+        }
+    }
+    let devices = selector.pick(&fleet);
+    if devices.is_empty() {
+        return Err(bad(StatusCode::NOT_FOUND, "no device matches"));
+    }
+    let plan = Plan {
+        selector,
+        canary: request.canary,
+        waves: if request.waves.is_empty() {
+            vec![100]
+        } else {
+            request.waves
+        },
+        max_in_flight: request.max_in_flight,
+        device_timeout_secs: request.device_timeout_secs.unwrap_or(600),
+        max_failures: request.max_failures.unwrap_or(Threshold::Count(0)),
+    }
+    .normalise()
+    .map_err(|e| bad(StatusCode::BAD_REQUEST, e))?;
+    let id = store.add_rollout(&request.service, &request.version, &plan, &devices)?;
+    state.rollouts.wake.notify_one();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "devices": devices })),
+    ))
+}
+
+/// A rollout with its stages summed up, as the API shows it.
+#[derive(Debug, Serialize)]
+struct RolloutView {
+    #[serde(flatten)]
+    row: RolloutRow,
+    stages: Vec<Stage>,
+    counts: Counts,
+}
+
+/// One stage (the canary, or a wave) of a rollout.
+#[derive(Debug, Serialize)]
+struct Stage {
+    name: String,
+    /// How many devices, in order, the rollout covers when this stage is done.
+    reaches: usize,
+    counts: Counts,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Counts {
+    devices: usize,
+    pending: usize,
+    in_flight: usize,
+    installed: usize,
+    failed: usize,
+}
+
+impl Counts {
+    fn of<'a>(steps: impl Iterator<Item = &'a DeviceStep>) -> Self {
+        let mut counts = Self::default();
+        for step in steps {
+            counts.devices += 1;
+            match step {
+                DeviceStep::Pending => counts.pending += 1,
+                DeviceStep::Installed => counts.installed += 1,
+                s if s.in_flight() => counts.in_flight += 1,
+                _ => counts.failed += 1,
+            }
+        }
+        counts
+    }
+}
+
+fn view(row: RolloutRow) -> RolloutView {
+    let ends = row.plan.stage_ends(row.devices.len());
+    let mut names = Vec::new();
+    if row.plan.canary > 0 {
+        names.push("canary".to_owned());
+    }
+    names.extend(
+        row.plan
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(i, share)| format!("wave {} ({share}%)", i + 1)),
+    );
+    let mut stages = Vec::new();
+    let mut start = 0;
+    for (name, &end) in names.into_iter().zip(&ends) {
+        let counts = Counts::of(row.devices[start..end].iter().map(|d| &d.status));
+        stages.push(Stage {
+            name,
+            reaches: end,
+            counts,
+        });
+        start = end;
+    }
+    let counts = Counts::of(row.devices.iter().map(|d| &d.status));
+    RolloutView {
+        row,
+        stages,
+        counts,
+    }
+}
+
+pub(super) async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let rollouts: Vec<RolloutView> = state.store.rollouts()?.into_iter().map(view).collect();
+    Ok(Json(rollouts))
+}
+
+pub(super) async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let row = state
+        .store
+        .rollout(id)?
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
+    Ok(Json(view(row)))
+}
+
+/// `POST /v1/rollouts/{id}/{pause|resume|abort}`.
+pub(super) async fn act(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(i64, String)>,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let row = state
+        .store
+        .rollout(id)?
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
+    let (from, to, reason): (&[RolloutState], _, _) = match action.as_str() {
+        "pause" => (&[RolloutState::Running], RolloutState::Paused, None),
+        "resume" => (&[RolloutState::Paused], RolloutState::Running, None),
+        "abort" => (
+            &[RolloutState::Running, RolloutState::Paused],
+            RolloutState::Aborted,
+            Some("aborted by the operator"),
+        ),
+        other => {
+            return Err(bad(
+                StatusCode::NOT_FOUND,
+                format!("no action {other:?}; use pause, resume or abort"),
+            ));
+        }
+    };
+    if !from.contains(&row.state) {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            format!("rollout {id} is {}; cannot {action} it", row.state.as_str()),
+        ));
+    }
+    state.store.set_rollout_state(id, to, reason)?;
+    state.rollouts.wake.notify_one();
+    let row = state
+        .store
+        .rollout(id)?
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
+    Ok(Json(view(row)))
+}

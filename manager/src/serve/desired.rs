@@ -1,0 +1,48 @@
+//! Desired state: what one device should run, as the manager publishes it.
+//!
+//! A device's desired state lists one release per service. Deploying a
+//! release replaces that service's entry and keeps the others; the label
+//! (`deploy-N` or `rollout-N`) comes back in the device's results, which is
+//! how its progress is tracked.
+
+use ferry_protocol::Envelope;
+use ferry_protocol::messages::{Desired, DesiredRelease, MESSAGE_SCHEMA, Message};
+
+use super::store::{Store, StoreError};
+
+/// The device's desired state with `envelope` in place of its service's
+/// current entry, encoded for the `desired` topic.
+pub fn with_release(
+    store: &Store,
+    device: &str,
+    envelope: &Envelope,
+    artifact_url: &str,
+    label: &str,
+) -> Result<String, StoreError> {
+    let service = envelope
+        .unverified_manifest()
+        .map(|m| m.service.as_str().to_owned())
+        .unwrap_or_default();
+    let mut releases: Vec<DesiredRelease> = match store.desired(device)? {
+        Some(text) => Desired::decode(text.as_bytes())
+            .map(|d| d.releases)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    releases.retain(|r| {
+        r.envelope
+            .unverified_manifest()
+            .map(|m| m.service.as_str() != service)
+            .unwrap_or(false)
+    });
+    releases.push(DesiredRelease {
+        envelope: envelope.clone(),
+        artifact_url: Some(artifact_url.to_owned()),
+    });
+    let message = Desired {
+        schema: MESSAGE_SCHEMA,
+        rollout: Some(label.to_owned()),
+        releases,
+    };
+    Ok(String::from_utf8_lossy(&message.encode()).into_owned())
+}

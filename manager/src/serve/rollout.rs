@@ -1,0 +1,433 @@
+//! The rollout engine: staged deployments that stop themselves.
+//!
+//! A rollout takes its devices in a fixed order: first a canary count, then
+//! waves that each bring the share of devices reached up to a percentage.
+//! A wave starts only when every device of the waves before it has an
+//! outcome; within a wave at most `max_in_flight` devices install at once.
+//! A device fails by reporting a failed, refused or rolled-back install, or
+//! by giving no outcome within the device timeout (an offline device's
+//! desired state stays set, so it converges when it returns). When failures
+//! cross the threshold the rollout aborts and sends nothing more.
+//!
+//! The engine keeps no state of its own: each step reads the rollout from
+//! the store and writes what it decided back before acting, so a restarted
+//! manager resumes where it was. It steps when a device result arrives and
+//! once a second (for timeouts and devices joining the selector).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ferry_protocol::{Envelope, Timestamp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+
+use super::ingest::Outgoing;
+use super::store::{DeviceRow, DeviceStep, RolloutRow, Store, StoreError};
+
+/// Which devices a rollout is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selector {
+    /// These devices.
+    Devices(Vec<String>),
+    /// Every device with this tag, including ones tagged later.
+    Tag(String),
+    /// Every device, including ones added later.
+    All,
+}
+
+impl Selector {
+    /// The fleet's devices this selector picks, in id order.
+    pub fn pick(&self, fleet: &[DeviceRow]) -> Vec<String> {
+        fleet
+            .iter()
+            .filter(|d| match self {
+                Self::Devices(ids) => ids.contains(&d.device_id),
+                Self::Tag(tag) => d.tags.contains(tag),
+                Self::All => true,
+            })
+            .map(|d| d.device_id.clone())
+            .collect()
+    }
+}
+
+/// How many failures a rollout tolerates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threshold {
+    /// At most this many failed devices.
+    Count(u32),
+    /// At most this share (0-100) of the devices sent the release so far.
+    Percent(u8),
+}
+
+impl Threshold {
+    /// Whether `failures` among `attempted` devices crosses it.
+    pub fn crossed(self, failures: usize, attempted: usize) -> bool {
+        match self {
+            Self::Count(n) => failures > n as usize,
+            Self::Percent(p) => failures * 100 > usize::from(p) * attempted,
+        }
+    }
+}
+
+impl std::str::FromStr for Threshold {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.strip_suffix('%') {
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(Self::Percent(p)),
+                _ => Err(format!("{text:?}: a percentage is 0% to 100%")),
+            },
+            None => text
+                .parse()
+                .map(Self::Count)
+                .map_err(|_| format!("{text:?}: expected a count (3) or a percentage (20%)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Threshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for Threshold {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a rollout does, as the operator asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Which devices.
+    pub selector: Selector,
+    /// Devices updated first, alone, before any wave.
+    #[serde(default)]
+    pub canary: u32,
+    /// Cumulative shares of the devices (1-100), ascending; 100 is added
+    /// when the last is lower.
+    #[serde(default = "default_waves")]
+    pub waves: Vec<u8>,
+    /// At most this many devices installing at once (none: a wave at once).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    /// A device with no outcome this long after it was sent counts as failed.
+    #[serde(default = "default_timeout")]
+    pub device_timeout_secs: u64,
+    /// Failures tolerated before the rollout aborts.
+    #[serde(default = "default_threshold")]
+    pub max_failures: Threshold,
+}
+
+fn default_waves() -> Vec<u8> {
+    vec![100]
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+fn default_threshold() -> Threshold {
+    Threshold::Count(0)
+}
+
+impl Plan {
+    /// Checks the plan and fills in what is implied (a final 100% wave).
+    pub fn normalise(mut self) -> Result<Self, String> {
+        if self.waves.iter().any(|&w| w == 0 || w > 100) {
+            return Err("waves are percentages from 1% to 100%".into());
+        }
+        if self.waves.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("waves must grow (e.g. 10%,50%,100%)".into());
+        }
+        if self.waves.last() != Some(&100) {
+            self.waves.push(100);
+        }
+        if self.max_in_flight == Some(0) {
+            return Err("max in flight must be at least 1".into());
+        }
+        if self.device_timeout_secs == 0 {
+            return Err("the device timeout must be at least 1 second".into());
+        }
+        Ok(self)
+    }
+
+    /// How many devices (in order) each stage covers, cumulatively: the
+    /// canary, then each wave. Never more than `total`.
+    pub fn stage_ends(&self, total: usize) -> Vec<usize> {
+        let mut ends = Vec::new();
+        if self.canary > 0 {
+            ends.push((self.canary as usize).min(total));
+        }
+        for &share in &self.waves {
+            let end = (usize::from(share) * total).div_ceil(100);
+            let floor = ends.last().copied().unwrap_or(0);
+            ends.push(end.max(floor).min(total));
+        }
+        ends
+    }
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Sending the release, wave by wave.
+    Running,
+    /// Sending nothing new until resumed; results still count.
+    Paused,
+    /// Every device has an outcome and the threshold held.
+    Completed,
+    /// Stopped: by the operator or by the failure threshold.
+    Aborted,
+}
+
+impl RolloutState {
+    /// The text stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Completed => "completed",
+            Self::Aborted => "aborted",
+        }
+    }
+
+    /// Reads the stored text.
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "paused" => Self::Paused,
+            "completed" => Self::Completed,
+            "aborted" => Self::Aborted,
+            _ => Self::Running,
+        }
+    }
+}
+
+/// What the engine needs to send releases.
+#[derive(Clone)]
+pub struct Engine {
+    /// The database.
+    pub store: Arc<Store>,
+    /// Desired-state messages for the MQTT client.
+    pub outgoing: mpsc::UnboundedSender<Outgoing>,
+    /// How devices reach the artifact store.
+    pub public_url: Arc<String>,
+    /// Rung when something happened that a rollout may act on.
+    pub wake: Arc<Notify>,
+}
+
+/// The label devices carry back in their results.
+pub fn label(id: i64) -> String {
+    format!("rollout-{id}")
+}
+
+/// The rollout a label names.
+pub fn rollout_id(label: Option<&str>) -> Option<i64> {
+    label?.strip_prefix("rollout-")?.parse().ok()
+}
+
+impl Engine {
+    /// Steps every open rollout when woken, and every second.
+    pub async fn run(self) {
+        loop {
+            if let Err(e) = self.step_all() {
+                tracing::warn!("rollouts: {e}");
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// One step of every open rollout.
+    pub fn step_all(&self) -> Result<(), StoreError> {
+        for rollout in self.store.open_rollouts()? {
+            if let Err(e) = self.step(&rollout) {
+                tracing::warn!(rollout = rollout.id, "rollout step: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
+        // Devices that joined the selector take their place at the end.
+        let fleet = self.store.devices()?;
+        let joined: Vec<String> = rollout
+            .plan
+            .selector
+            .pick(&fleet)
+            .into_iter()
+            .filter(|id| !rollout.devices.iter().any(|d| &d.device_id == id))
+            .collect();
+        if !joined.is_empty() {
+            tracing::info!(rollout = rollout.id, ?joined, "devices joined the rollout");
+            self.store.add_rollout_devices(rollout.id, &joined)?;
+        }
+
+        // Devices sent the release too long ago without an outcome.
+        let timeout = Duration::from_secs(rollout.plan.device_timeout_secs);
+        let cutoff = Timestamp::from(SystemTime::now() - timeout).to_string();
+        for device in &rollout.devices {
+            if device.status.in_flight()
+                && device
+                    .sent_at
+                    .as_deref()
+                    .is_some_and(|sent| sent < cutoff.as_str())
+            {
+                self.store.set_rollout_device(
+                    rollout.id,
+                    &device.device_id,
+                    DeviceStep::TimedOut,
+                    Some(&format!("no outcome within {}s", timeout.as_secs())),
+                )?;
+            }
+        }
+
+        let Some(rollout) = self.store.rollout(rollout.id)? else {
+            return Ok(());
+        };
+        let devices = &rollout.devices;
+        let failures = devices.iter().filter(|d| d.status.is_failure()).count();
+        let attempted = devices
+            .iter()
+            .filter(|d| d.status != DeviceStep::Pending)
+            .count();
+        if rollout.plan.max_failures.crossed(failures, attempted) {
+            let reason = format!(
+                "{failures} of {attempted} devices failed, over the threshold of {}",
+                rollout.plan.max_failures
+            );
+            tracing::warn!(rollout = rollout.id, "aborting: {reason}");
+            return self
+                .store
+                .set_rollout_state(rollout.id, RolloutState::Aborted, Some(&reason));
+        }
+        if rollout.state != RolloutState::Running {
+            return Ok(());
+        }
+
+        // The first stage with a device that has no outcome is the one in
+        // progress; every stage before it is settled.
+        let ends = rollout.plan.stage_ends(devices.len());
+        let Some(&end) = ends
+            .iter()
+            .find(|&&end| devices[..end].iter().any(|d| !d.status.settled()))
+        else {
+            tracing::info!(rollout = rollout.id, "completed");
+            return self
+                .store
+                .set_rollout_state(rollout.id, RolloutState::Completed, None);
+        };
+        let in_flight = devices.iter().filter(|d| d.status.in_flight()).count();
+        let room = rollout
+            .plan
+            .max_in_flight
+            .map_or(usize::MAX, |max| (max as usize).saturating_sub(in_flight));
+        let to_send: Vec<&str> = devices[..end]
+            .iter()
+            .filter(|d| d.status == DeviceStep::Pending)
+            .take(room)
+            .map(|d| d.device_id.as_str())
+            .collect();
+        if to_send.is_empty() {
+            return Ok(());
+        }
+        let Some(release) = self.store.release(&rollout.service, &rollout.version)? else {
+            let reason = "its release is no longer published";
+            return self
+                .store
+                .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason));
+        };
+        let envelope = Envelope::from_json(release.envelope.as_bytes())
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let url = format!("{}/v1/artifacts/{}", self.public_url, release.sha256);
+        for device in to_send {
+            let payload = super::desired::with_release(
+                &self.store,
+                device,
+                &envelope,
+                &url,
+                &label(rollout.id),
+            )?;
+            // Recorded first: a crash after this resends the retained
+            // desired state on restart, never a second deployment.
+            self.store
+                .send_rollout_device(rollout.id, device, &payload)?;
+            let _ = self.outgoing.send(Outgoing {
+                device: device.to_owned(),
+                payload: payload.into_bytes(),
+            });
+            tracing::info!(rollout = rollout.id, device, "sent");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(canary: u32, waves: &[u8]) -> Plan {
+        Plan {
+            selector: Selector::All,
+            canary,
+            waves: waves.to_vec(),
+            max_in_flight: None,
+            device_timeout_secs: 60,
+            max_failures: Threshold::Count(0),
+        }
+        .normalise()
+        .unwrap()
+    }
+
+    #[test]
+    fn stages_cover_the_canary_then_each_waves_share() {
+        assert_eq!(plan(1, &[10, 50, 100]).stage_ends(10), vec![1, 1, 5, 10]);
+        assert_eq!(plan(0, &[10, 50]).stage_ends(10), vec![1, 5, 10]);
+        assert_eq!(plan(0, &[]).stage_ends(3), vec![3]);
+        // Shares round up: 10% of 3 devices is 1 device, not 0.
+        assert_eq!(plan(0, &[10, 100]).stage_ends(3), vec![1, 3]);
+        // A canary larger than the fleet is the fleet.
+        assert_eq!(plan(5, &[100]).stage_ends(2), vec![2, 2]);
+    }
+
+    #[test]
+    fn thresholds_parse_and_trip_past_their_value() {
+        assert_eq!("3".parse(), Ok(Threshold::Count(3)));
+        assert_eq!("20%".parse(), Ok(Threshold::Percent(20)));
+        assert!("120%".parse::<Threshold>().is_err());
+        assert!("many".parse::<Threshold>().is_err());
+        assert!(!Threshold::Count(1).crossed(1, 10));
+        assert!(Threshold::Count(1).crossed(2, 10));
+        assert!(Threshold::Count(0).crossed(1, 1));
+        assert!(!Threshold::Percent(20).crossed(1, 5));
+        assert!(Threshold::Percent(20).crossed(2, 5));
+    }
+
+    #[test]
+    fn bad_plans_are_refused() {
+        let mut p = plan(0, &[]);
+        p.waves = vec![50, 10];
+        assert!(p.clone().normalise().is_err());
+        p.waves = vec![0];
+        assert!(p.clone().normalise().is_err());
+        p.waves = vec![100];
+        p.max_in_flight = Some(0);
+        assert!(p.normalise().is_err());
+    }
+}

@@ -1,0 +1,315 @@
+//! Staged rollouts with the manager and a fleet of real agents (the agent
+//! library, several in this process): waves that wait for the wave before,
+//! a crash-looping canary that stops everything, a manager restart in the
+//! middle, and a device that joins the selector while a rollout runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_e2e::{Agent, Manager, Release, crashing_release, free_port, installed_version, release};
+use ferry_protocol::SecretKey;
+use serde_json::{Value, json};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A manager, devices `dev-0`... with the tag "lab" and agents running, all
+/// on release 1.0.0 of `api`.
+struct Fleet {
+    dir: tempfile::TempDir,
+    key: SecretKey,
+    trust: PathBuf,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    manager: Option<Manager>,
+    agents: Vec<Agent>,
+    out: PathBuf,
+}
+
+impl Fleet {
+    async fn new(devices: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed(&[11; 32]);
+        let trust = dir.path().join("ops.pub");
+        std::fs::write(&trust, key.public_key().to_text()).unwrap();
+        let (mqtt, http) = (addr(free_port()), addr(free_port()));
+        let manager = Manager::start(&dir.path().join("manager"), mqtt, http).await;
+        let out = dir.path().join("service.out");
+        let mut fleet = Self {
+            dir,
+            key,
+            trust,
+            mqtt,
+            http,
+            manager: Some(manager),
+            agents: Vec::new(),
+            out,
+        };
+        for i in 0..devices {
+            fleet.add_device(&format!("dev-{i}"), &["lab"]).await;
+        }
+        let v1 = fleet.release("1.0.0", 1);
+        let manager = fleet.manager();
+        manager.publish(&v1).await;
+        manager
+            .post(
+                "/v1/deployments",
+                json!({ "service": "api", "version": "1.0.0", "all": true }),
+            )
+            .await;
+        for i in 0..devices {
+            fleet.wait_version(&format!("dev-{i}"), "1.0.0").await;
+        }
+        fleet
+    }
+
+    fn manager(&self) -> &Manager {
+        self.manager.as_ref().unwrap()
+    }
+
+    async fn add_device(&mut self, id: &str, tags: &[&str]) {
+        let password = self.manager().add_device(id, tags).await;
+        let agent = Agent::start(self.dir.path(), id, &password, self.mqtt, &self.trust);
+        self.agents.push(agent);
+        self.manager()
+            .wait_device(id, "online", |d| d["online"] == true)
+            .await;
+    }
+
+    fn release(&self, version: &str, sequence: u64) -> Release {
+        release(self.dir.path(), &self.key, version, sequence, &self.out)
+    }
+
+    async fn wait_version(&self, id: &str, version: &str) {
+        self.manager()
+            .wait_device(id, version, |d| {
+                installed_version(d, "api").as_deref() == Some(version)
+            })
+            .await;
+    }
+
+    async fn start_rollout(&self, body: Value) -> i64 {
+        let created = self.manager().post("/v1/rollouts", body).await;
+        created["id"].as_i64().unwrap()
+    }
+
+    /// The rollout, once it is `state` (or panics after three minutes).
+    async fn wait_rollout(&self, id: i64, state: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            let rollout = self.manager().get(&format!("/v1/rollouts/{id}")).await;
+            if rollout["state"] == state {
+                return rollout;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rollout {id} never {state}:\n{rollout:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for agent in self.agents.drain(..) {
+            agent.stop().await;
+        }
+        if let Some(manager) = self.manager.take() {
+            manager.stop().await;
+        }
+    }
+}
+
+fn devices(rollout: &Value) -> Vec<Value> {
+    rollout["devices"].as_array().cloned().unwrap_or_default()
+}
+
+/// How many times `device` committed `version` of `api`, from its events.
+async fn commits(manager: &Manager, device: &str, version: &str) -> usize {
+    let events = manager.get(&format!("/v1/events?device={device}")).await;
+    events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["message"]["step"] == "commit"
+                && e["message"]["status"] == "succeeded"
+                && e["message"]["release"]["version"] == version
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_wave_rollout_completes_wave_after_wave() {
+    let fleet = Fleet::new(5).await;
+    let v2 = fleet.release("2.0.0", 2);
+    fleet.manager().publish(&v2).await;
+    let id = fleet
+        .start_rollout(json!({
+            "service": "api", "version": "2.0.0", "tag": "lab",
+            "waves": [20, 60, 100], "max_in_flight": 2,
+        }))
+        .await;
+    let rollout = fleet.wait_rollout(id, "completed").await;
+    let stages = rollout["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 3, "{rollout:#}");
+    let reaches: Vec<u64> = stages
+        .iter()
+        .map(|s| s["reaches"].as_u64().unwrap())
+        .collect();
+    assert_eq!(reaches, [1, 3, 5]);
+    assert_eq!(rollout["counts"]["installed"], 5);
+
+    // A wave was sent only once every device of the waves before it had
+    // installed: compare each device's send time with the previous stage's
+    // last outcome.
+    let devices = devices(&rollout);
+    let mut start = 0;
+    let mut previous_done = String::new();
+    for end in reaches {
+        let stage = &devices[start..end as usize];
+        for device in stage {
+            let sent = device["sent_at"].as_str().unwrap();
+            assert!(
+                sent >= previous_done.as_str(),
+                "{} sent at {sent}, before the previous wave ended at {previous_done}",
+                device["device_id"]
+            );
+        }
+        previous_done = stage
+            .iter()
+            .map(|d| d["updated"].as_str().unwrap().to_owned())
+            .max()
+            .unwrap();
+        start = end as usize;
+    }
+    for i in 0..5 {
+        fleet.wait_version(&format!("dev-{i}"), "2.0.0").await;
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_canary_aborts_the_rollout_and_no_other_device_is_touched() {
+    let fleet = Fleet::new(4).await;
+    let bad = crashing_release(fleet.dir.path(), &fleet.key, "2.0.0", 2, &fleet.out);
+    fleet.manager().publish(&bad).await;
+    let id = fleet
+        .start_rollout(json!({
+            "service": "api", "version": "2.0.0", "all": true,
+            "canary": 1, "waves": [50, 100],
+        }))
+        .await;
+    let rollout = fleet.wait_rollout(id, "aborted").await;
+    let reason = rollout["reason"].as_str().unwrap();
+    assert!(reason.contains("1 of 1 devices failed"), "{reason}");
+    let devices = devices(&rollout);
+    assert_eq!(devices[0]["status"], "rolled_back", "{rollout:#}");
+    for device in &devices[1..] {
+        assert_eq!(device["status"], "pending", "{rollout:#}");
+    }
+    // Nothing more is sent after the abort, and every device runs 1.0.0:
+    // the canary rolled back, the others never saw 2.0.0.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rollout = fleet.manager().get(&format!("/v1/rollouts/{id}")).await;
+    assert_eq!(rollout["counts"]["pending"], 3, "{rollout:#}");
+    for i in 0..4 {
+        let device = fleet.manager().get(&format!("/v1/devices/dev-{i}")).await;
+        assert_eq!(installed_version(&device, "api").as_deref(), Some("1.0.0"));
+        if i > 0 {
+            // Not a single event about 2.0.0 from the devices after the canary.
+            let events = fleet
+                .manager()
+                .get(&format!("/v1/events?device=dev-{i}"))
+                .await;
+            assert!(
+                !events
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["message"]["release"]["version"] == "2.0.0"),
+                "dev-{i} was sent 2.0.0: {events}"
+            );
+        }
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_restarted_mid_rollout_resumes_without_sending_twice() {
+    let mut fleet = Fleet::new(4).await;
+    let v2 = fleet.release("2.0.0", 2);
+    fleet.manager().publish(&v2).await;
+    let id = fleet
+        .start_rollout(json!({
+            "service": "api", "version": "2.0.0", "all": true,
+            "waves": [25, 50, 100], "max_in_flight": 1,
+        }))
+        .await;
+    // Once the first device has it, the manager goes away and comes back.
+    fleet.wait_version("dev-0", "2.0.0").await;
+    let before = fleet.manager().get(&format!("/v1/rollouts/{id}")).await;
+    assert!(
+        devices(&before).iter().any(|d| d["status"] == "pending"),
+        "the rollout was over before the restart: {before:#}"
+    );
+    let data = fleet.dir.path().join("manager");
+    fleet.manager.take().unwrap().stop().await;
+    fleet.manager = Some(Manager::start(&data, fleet.mqtt, fleet.http).await);
+
+    let rollout = fleet.wait_rollout(id, "completed").await;
+    assert_eq!(rollout["counts"]["installed"], 4, "{rollout:#}");
+    // Devices sent the release before the restart were not sent it again.
+    for (was, now) in devices(&before).iter().zip(devices(&rollout)) {
+        if was["status"] != "pending" {
+            assert_eq!(
+                was["sent_at"], now["sent_at"],
+                "{} sent twice",
+                now["device_id"]
+            );
+        }
+    }
+    for i in 0..4 {
+        let device = format!("dev-{i}");
+        fleet.wait_version(&device, "2.0.0").await;
+        assert_eq!(
+            commits(fleet.manager(), &device, "2.0.0").await,
+            1,
+            "{device} installed 2.0.0 more than once"
+        );
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_tagged_mid_rollout_receives_the_release() {
+    let mut fleet = Fleet::new(2).await;
+    let v2 = fleet.release("2.0.0", 2);
+    fleet.manager().publish(&v2).await;
+    let id = fleet
+        .start_rollout(json!({
+            "service": "api", "version": "2.0.0", "tag": "lab", "waves": [50, 100],
+        }))
+        .await;
+    // Paused so it is surely still running when the new device appears.
+    fleet
+        .manager()
+        .post(&format!("/v1/rollouts/{id}/pause"), json!({}))
+        .await;
+    fleet.add_device("late-1", &["lab"]).await;
+    fleet
+        .manager()
+        .post(&format!("/v1/rollouts/{id}/resume"), json!({}))
+        .await;
+    let rollout = fleet.wait_rollout(id, "completed").await;
+    let ids: Vec<&str> = rollout["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"late-1"), "{rollout:#}");
+    fleet.wait_version("late-1", "2.0.0").await;
+    fleet.stop().await;
+}
