@@ -18,12 +18,10 @@ impl Drop for Serve {
     }
 }
 
-#[test]
-fn device_publish_deploy_and_views_through_the_cli() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
+/// `ferry serve` in `d` on free ports, found by the CLI through HOME.
+fn start_serve(d: &std::path::Path) -> (Serve, u16) {
     let http = free_port();
-    let _serve = Serve(
+    let serve = Serve(
         Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args([
                 "serve",
@@ -49,6 +47,51 @@ fn device_publish_deploy_and_views_through_the_cli() {
         assert!(Instant::now() < deadline, "ferry serve did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (serve, http)
+}
+
+/// Packages, signs (with ops.key) and publishes `api` VERSION.
+fn publish(d: &std::path::Path, version: &str, sequence: &str) -> String {
+    std::fs::create_dir_all(d.join("svc/bin")).unwrap();
+    std::fs::write(d.join("svc/bin/api"), b"\x7fELF placeholder").unwrap();
+    std::fs::set_permissions(
+        d.join("svc/bin/api"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    ok(
+        d,
+        &[
+            "package",
+            "svc",
+            "--service",
+            "api",
+            "--version",
+            version,
+            "--entrypoint",
+            "bin/api",
+            "--sequence",
+            sequence,
+            "-o",
+            "out",
+        ],
+    );
+    let manifest = format!("out/api-{version}.manifest.json");
+    ok(
+        d,
+        &["sign", &manifest, "--key", "ops.key", "-o", "env.json"],
+    );
+    ok(
+        d,
+        &["publish", "env.json", &format!("out/api-{version}.tar.gz")],
+    )
+}
+
+#[test]
+fn device_publish_deploy_and_views_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (_serve, http) = start_serve(d);
     let token_mode = std::fs::metadata(d.join("data/operator.token"))
         .unwrap()
         .permissions()
@@ -72,43 +115,8 @@ fn device_publish_deploy_and_views_through_the_cli() {
     assert_eq!(line, "ferry: error: no device gw-9");
 
     // Package, sign, publish.
-    std::fs::create_dir_all(d.join("svc/bin")).unwrap();
-    std::fs::write(d.join("svc/bin/api"), b"\x7fELF placeholder").unwrap();
-    std::fs::set_permissions(
-        d.join("svc/bin/api"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
     ok(d, &["keygen", "--out", "ops"]);
-    ok(
-        d,
-        &[
-            "package",
-            "svc",
-            "--service",
-            "api",
-            "--version",
-            "1.2.3",
-            "--entrypoint",
-            "bin/api",
-            "--sequence",
-            "3",
-            "-o",
-            "out",
-        ],
-    );
-    ok(
-        d,
-        &[
-            "sign",
-            "out/api-1.2.3.manifest.json",
-            "--key",
-            "ops.key",
-            "-o",
-            "env.json",
-        ],
-    );
-    let published = ok(d, &["publish", "env.json", "out/api-1.2.3.tar.gz"]);
+    let published = publish(d, "1.2.3", "3");
     assert!(
         published.starts_with("published api 1.2.3 (sequence 3"),
         "{published}"
@@ -173,4 +181,108 @@ fn device_publish_deploy_and_views_through_the_cli() {
     let run = ferry_env(elsewhere.path(), &[], &["devices"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("no manager URL"), "{}", run.stderr);
+}
+
+#[test]
+fn rollouts_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (_serve, _http) = start_serve(d);
+    ok(d, &["device", "add", "gw-1", "--tag", "lab"]);
+    ok(d, &["device", "add", "gw-2", "--tag", "lab"]);
+    ok(d, &["keygen", "--out", "ops"]);
+    publish(d, "1.0.0", "1");
+    publish(d, "2.0.0", "2");
+
+    // No device reports a version yet, so the revert needs naming.
+    let line = fails(
+        d,
+        &[
+            "rollout",
+            "start",
+            "api",
+            "2.0.0",
+            "--tag",
+            "lab",
+            "--revert-on-abort",
+            "--key",
+            "ops.key",
+        ],
+    );
+    assert!(line.contains("nothing to revert to"), "{line}");
+    let line = fails(
+        d,
+        &[
+            "rollout", "start", "api", "2.0.0", "--all", "--waves", "60%,20%",
+        ],
+    );
+    assert!(line.contains("waves must grow"), "{line}");
+
+    let started: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &[
+            "rollout",
+            "start",
+            "api",
+            "2.0.0",
+            "--tag",
+            "lab",
+            "--canary",
+            "1",
+            "--waves",
+            "50%,100%",
+            "--max-failures",
+            "20%",
+            "--device-timeout",
+            "90s",
+            "--revert-on-abort",
+            "--key",
+            "ops.key",
+            "--revert-to",
+            "1.0.0",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let id = started["id"].to_string();
+    assert_eq!(started["revert_to"], "1.0.0+revert.3");
+    assert_eq!(started["devices"], serde_json::json!(["gw-1", "gw-2"]));
+
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(d, &["rollout", "status", &id, "--json"])).unwrap();
+    assert_eq!(status["plan"]["revert_to"], "1.0.0+revert.3");
+    assert_eq!(status["plan"]["max_failures"], "20%");
+    assert_eq!(status["plan"]["device_timeout_secs"], 90);
+    // The canary was sent at once; nothing else until it has an outcome.
+    let text = ok(d, &["rollout", "status", &id]);
+    assert!(
+        text.starts_with(&format!("rollout {id} api 2.0.0: running")),
+        "{text}"
+    );
+    assert!(
+        text.contains("canary") && text.contains("wave 1 (50%)"),
+        "{text}"
+    );
+    assert!(text.contains("gw-1") && text.contains("sent"), "{text}");
+
+    let paused = ok(d, &["rollout", "pause", &id]);
+    assert!(paused.contains(": paused"), "{paused}");
+    let line = fails(d, &["rollout", "pause", &id]);
+    assert!(line.contains("is paused; cannot pause it"), "{line}");
+    ok(d, &["rollout", "resume", &id]);
+    let aborted = ok(d, &["rollout", "abort", &id]);
+    assert!(
+        aborted.contains("aborted (aborted by the operator)"),
+        "{aborted}"
+    );
+    // With the revert: the canary, which was sent 2.0.0, is sent it back.
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(d, &["rollout", "status", &id, "--json"])).unwrap();
+    assert_eq!(status["devices"][0]["status"], "reverting");
+    assert_eq!(status["devices"][1]["status"], "pending");
+    let list = ok(d, &["rollout", "list"]);
+    assert!(
+        list.starts_with(&format!("rollout {id} api 2.0.0: aborted")),
+        "{list}"
+    );
 }

@@ -240,8 +240,21 @@ fn agent_config(
 impl Agent {
     /// Starts an agent for `device` against the manager's broker.
     pub fn start(dir: &Path, device: &str, password: &str, mqtt: SocketAddr, trust: &Path) -> Self {
+        Self::start_with(dir, device, password, mqtt, trust, "")
+    }
+
+    /// Starts an agent whose configuration ends with `extra` (TOML tables,
+    /// e.g. `[limits]`): a device that differs from the others.
+    pub fn start_with(
+        dir: &Path,
+        device: &str,
+        password: &str,
+        mqtt: SocketAddr,
+        trust: &Path,
+        extra: &str,
+    ) -> Self {
         let data_dir = dir.join(format!("agent-{device}"));
-        let text = agent_config(&data_dir, device, password, mqtt, trust);
+        let text = agent_config(&data_dir, device, password, mqtt, trust) + extra;
         let config = ferry_agent::config::Config::parse(&text).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -422,7 +435,20 @@ pub struct Release {
 /// Builds, packages and signs version `version` of service `api`, a C
 /// program that writes "start VERSION PID" to `out` and waits.
 pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &Path) -> Release {
-    build_release(dir, key, version, sequence, out, false)
+    build_release(dir, key, version, sequence, out, false, 0)
+}
+
+/// Like [`release`], with a `pad`-byte data file beside the program: a
+/// release bigger than some devices' `max_unpacked_bytes`.
+pub fn padded_release(
+    dir: &Path,
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+    out: &Path,
+    pad: usize,
+) -> Release {
+    build_release(dir, key, version, sequence, out, false, pad)
 }
 
 /// Like [`release`], but the program exits with 1 at once, every time: a
@@ -434,7 +460,7 @@ pub fn crashing_release(
     sequence: u64,
     out: &Path,
 ) -> Release {
-    build_release(dir, key, version, sequence, out, true)
+    build_release(dir, key, version, sequence, out, true, 0)
 }
 
 fn build_release(
@@ -444,9 +470,13 @@ fn build_release(
     sequence: u64,
     out: &Path,
     crash: bool,
+    pad: usize,
 ) -> Release {
     let tree = dir.join(format!("tree-{version}"));
     std::fs::create_dir_all(tree.join("bin")).unwrap();
+    if pad > 0 {
+        std::fs::write(tree.join("padding"), vec![0u8; pad]).unwrap();
+    }
     let source = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../agent/tests/support/service.c"

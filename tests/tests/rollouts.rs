@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_e2e::{Agent, Manager, Release, crashing_release, free_port, installed_version, release};
+use ferry_e2e::{
+    Agent, Manager, Release, crashing_release, free_port, installed_version, padded_release,
+    release,
+};
 use ferry_protocol::SecretKey;
 use serde_json::{Value, json};
 
@@ -30,6 +33,11 @@ struct Fleet {
 
 impl Fleet {
     async fn new(devices: usize) -> Self {
+        Self::new_with(devices, |_| String::new()).await
+    }
+
+    /// A fleet whose device `i` has `extra(i)` appended to its agent configuration.
+    async fn new_with(devices: usize, extra: impl Fn(usize) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = SecretKey::from_seed(&[11; 32]);
         let trust = dir.path().join("ops.pub");
@@ -48,7 +56,9 @@ impl Fleet {
             out,
         };
         for i in 0..devices {
-            fleet.add_device(&format!("dev-{i}"), &["lab"]).await;
+            fleet
+                .add_device_with(&format!("dev-{i}"), &["lab"], &extra(i))
+                .await;
         }
         let v1 = fleet.release("1.0.0", 1);
         let manager = fleet.manager();
@@ -70,8 +80,19 @@ impl Fleet {
     }
 
     async fn add_device(&mut self, id: &str, tags: &[&str]) {
+        self.add_device_with(id, tags, "").await;
+    }
+
+    async fn add_device_with(&mut self, id: &str, tags: &[&str], extra: &str) {
         let password = self.manager().add_device(id, tags).await;
-        let agent = Agent::start(self.dir.path(), id, &password, self.mqtt, &self.trust);
+        let agent = Agent::start_with(
+            self.dir.path(),
+            id,
+            &password,
+            self.mqtt,
+            &self.trust,
+            extra,
+        );
         self.agents.push(agent);
         self.manager()
             .wait_device(id, "online", |d| d["online"] == true)
@@ -311,5 +332,95 @@ async fn a_device_tagged_mid_rollout_receives_the_release() {
         .collect();
     assert!(ids.contains(&"late-1"), "{rollout:#}");
     fleet.wait_version("late-1", "2.0.0").await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_past_the_threshold_in_wave_two_abort_and_revert() {
+    // dev-2 cannot take releases over 256 KiB unpacked; 2.0.0 carries 1 MiB.
+    let fleet = Fleet::new_with(5, |i| {
+        if i == 2 {
+            "[limits]\nmax_unpacked_bytes = 262144\n".into()
+        } else {
+            String::new()
+        }
+    })
+    .await;
+    let v2 = padded_release(
+        fleet.dir.path(),
+        &fleet.key,
+        "2.0.0",
+        2,
+        &fleet.out,
+        1 << 20,
+    );
+    // The revert: the old code, signed again with a higher sequence.
+    let back = fleet.release("1.0.0+revert.3", 3);
+    fleet.manager().publish(&v2).await;
+    fleet.manager().publish(&back).await;
+    let id = fleet
+        .start_rollout(json!({
+            "service": "api", "version": "2.0.0", "all": true,
+            "waves": [20, 60, 100], "max_failures": "20%", "revert_to": "1.0.0+revert.3",
+        }))
+        .await;
+    let rollout = fleet.wait_rollout(id, "aborted").await;
+    let reason = rollout["reason"].as_str().unwrap();
+    assert!(reason.contains("over the threshold of 20%"), "{reason}");
+    let steps = devices(&rollout);
+    let status = |i: usize| steps[i]["status"].as_str().unwrap().to_owned();
+    // Wave 1 (dev-0) had installed 2.0.0, wave 2's dev-1 was on its way:
+    // both are sent the revert. dev-2 failed and still runs 1.0.0; the
+    // last wave was never sent anything.
+    assert!(status(0).starts_with("revert"), "{rollout:#}");
+    assert!(status(1).starts_with("revert"), "{rollout:#}");
+    assert!(
+        ["rejected", "failed"].contains(&status(2).as_str()),
+        "{rollout:#}"
+    );
+    assert_eq!(status(3), "pending");
+    assert_eq!(status(4), "pending");
+    for i in [0, 1] {
+        fleet
+            .wait_version(&format!("dev-{i}"), "1.0.0+revert.3")
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let rollout = fleet.manager().get(&format!("/v1/rollouts/{id}")).await;
+        let steps = devices(&rollout);
+        if steps[0]["status"] == "reverted" && steps[1]["status"] == "reverted" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{rollout:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 2..5 {
+        let device = fleet.manager().get(&format!("/v1/devices/dev-{i}")).await;
+        assert_eq!(installed_version(&device, "api").as_deref(), Some("1.0.0"));
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_must_come_with_a_higher_sequence() {
+    let fleet = Fleet::new(1).await;
+    let v2 = fleet.release("2.0.0", 2);
+    fleet.manager().publish(&v2).await;
+    // 1.0.0 itself (sequence 1) cannot be a revert: devices would refuse it.
+    let response = fleet
+        .manager()
+        .request(reqwest::Method::POST, "/v1/rollouts")
+        .json(&json!({ "service": "api", "version": "2.0.0", "all": true, "revert_to": "1.0.0" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("sequence above 2"),
+        "{body}"
+    );
+    assert_eq!(fleet.manager().get("/v1/rollouts").await, json!([]));
     fleet.stop().await;
 }

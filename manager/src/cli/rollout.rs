@@ -2,17 +2,18 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
+use ferry_protocol::Envelope;
 use serde_json::{Value, json};
 
-use super::Outcome;
 use super::fleet::Targets;
+use super::{Outcome, keys};
 use crate::client::Manager;
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Args {
     /// Start a staged rollout of a published release.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// A rollout's progress, stage by stage (`--watch` until it ends).
     Status {
         /// The rollout's id.
@@ -63,6 +64,16 @@ pub(crate) struct StartArgs {
     /// Failures tolerated before the rollout aborts: a count (3) or a share of the devices sent so far (20%).
     #[arg(long, value_name = "N|P%", default_value = "0")]
     max_failures: String,
+    /// On abort, send the devices the release reached their previous version back: signs
+    /// (with --key) and publishes a copy of that release with the next sequence.
+    #[arg(long, requires = "keys")]
+    revert_on_abort: bool,
+    /// Release signing key for the revert (repeat for a threshold of keys).
+    #[arg(long = "key", value_name = "FILE")]
+    keys: Vec<std::path::PathBuf>,
+    /// The version to go back to [default: the one most selected devices run now].
+    #[arg(long, value_name = "VERSION", requires = "revert_on_abort")]
+    revert_to: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +94,7 @@ fn parse_waves(text: &str) -> Result<Waves, String> {
 
 pub(crate) async fn run(manager: &Manager, args: Args, json_out: bool) -> Result<Outcome> {
     match args {
-        Args::Start(args) => start(manager, args).await,
+        Args::Start(args) => start(manager, *args).await,
         Args::Status { id, watch } => status(manager, id, watch && !json_out).await,
         Args::List => list(manager).await,
         Args::Pause { id } => act(manager, id, "pause").await,
@@ -93,6 +104,11 @@ pub(crate) async fn run(manager: &Manager, args: Args, json_out: bool) -> Result
 }
 
 async fn start(manager: &Manager, args: StartArgs) -> Result<Outcome> {
+    let revert = if args.revert_on_abort {
+        Some(publish_revert(manager, &args).await?)
+    } else {
+        None
+    };
     let created = manager
         .post(
             "/v1/rollouts",
@@ -107,17 +123,119 @@ async fn start(manager: &Manager, args: StartArgs) -> Result<Outcome> {
                 "max_in_flight": args.max_in_flight,
                 "device_timeout_secs": args.device_timeout.as_secs().max(1),
                 "max_failures": args.max_failures,
+                "revert_to": revert,
             }),
         )
         .await?;
     let count = created["devices"].as_array().map_or(0, Vec::len);
+    let revert_line = revert
+        .as_deref()
+        .map(|v| format!("\non abort, devices it reached get {} {v}", args.service))
+        .unwrap_or_default();
+    let mut created = created;
+    created["revert_to"] = json!(revert);
     Ok(Outcome::ok(
         format!(
-            "rollout {} of {} {} to {count} device(s) started\nwatch it with `ferry rollout status {} --watch`",
+            "rollout {} of {} {} to {count} device(s) started{revert_line}\nwatch it with `ferry rollout status {} --watch`",
             created["id"], args.service, args.version, created["id"]
         ),
         created,
     ))
+}
+
+/// Makes the revert release for `ferry rollout start --revert-on-abort`:
+/// the previous version's manifest with the next sequence after the
+/// rolled-out release (devices never go down in sequence) and a version
+/// that says what it is, signed here with the operator's keys (the manager
+/// never holds one) and published. Returns its version.
+async fn publish_revert(manager: &Manager, args: &StartArgs) -> Result<String> {
+    let service = &args.service;
+    let new = manager
+        .get(&format!("/v1/releases/{service}/{}", args.version))
+        .await
+        .with_context(|| format!("no release {service} {} to roll out", args.version))?;
+    let new_sequence = new["sequence"]
+        .as_u64()
+        .context("the manager's release has no sequence")?;
+    let back_to = match &args.revert_to {
+        Some(version) => version.clone(),
+        None => most_installed(manager, args).await?,
+    };
+    if back_to == args.version {
+        bail!(
+            "the selected devices already run {service} {back_to}: nothing to revert to (name one with --revert-to)"
+        );
+    }
+    let old = manager
+        .get(&format!("/v1/releases/{service}/{back_to}"))
+        .await
+        .with_context(|| format!("cannot find {service} {back_to} to revert to"))?;
+    let envelope = Envelope::from_json(old["envelope"].to_string().as_bytes())
+        .context("the manager's copy of the old release does not read")?;
+    let mut manifest = envelope
+        .unverified_manifest()
+        .context("the old release's manifest does not read")?;
+    let sequence = new_sequence + 1;
+    let mut version = manifest.version.clone();
+    version.build = semver::BuildMetadata::new(&format!("revert.{sequence}"))
+        .context("cannot name the revert release")?;
+    manifest.version = version;
+    manifest.sequence = sequence;
+    // A revert is signed now; an old expiry must not stop it.
+    manifest.expires = None;
+    let keys = args
+        .keys
+        .iter()
+        .map(|path| keys::load_secret(path))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<_> = keys.iter().collect();
+    let signed =
+        Envelope::sign(manifest.to_json(), &refs).context("cannot sign the revert release")?;
+    manager
+        .post_bytes("/v1/releases", signed.to_json())
+        .await
+        .context("cannot publish the revert release")?;
+    Ok(manifest.version.to_string())
+}
+
+/// The version of the service most of the rollout's devices run now.
+async fn most_installed(manager: &Manager, args: &StartArgs) -> Result<String> {
+    let devices = manager.get("/v1/devices").await?;
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for device in devices.as_array().into_iter().flatten() {
+        let id = device["device_id"].as_str().unwrap_or_default();
+        let picked = if args.targets.all {
+            true
+        } else if let Some(tag) = &args.targets.tag {
+            device["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|x| x == tag.as_str()))
+        } else {
+            args.targets.devices.iter().any(|d| d == id)
+        };
+        if !picked {
+            continue;
+        }
+        let installed = device["reported"]["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["service"] == args.service.as_str())
+            .and_then(|s| s["version"].as_str());
+        if let Some(version) = installed {
+            *counts.entry(version.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(v, _)| v)
+        .with_context(|| {
+            format!(
+                "no selected device runs {} yet, so there is nothing to revert to (name a version with --revert-to)",
+                args.service
+            )
+        })
 }
 
 /// One line for a rollout.

@@ -127,8 +127,7 @@ fn ingest(store: &Store, wake: &Notify, topic: &str, payload: &[u8]) -> anyhow::
                         id,
                         device,
                         release,
-                        step,
-                        result.reason.as_deref(),
+                        Some((step, result.reason.as_deref())),
                     )? {
                         wake.notify_one();
                     }
@@ -152,13 +151,7 @@ fn ingest(store: &Store, wake: &Notify, topic: &str, payload: &[u8]) -> anyhow::
             ) {
                 if event.status != StepStatus::Failed {
                     let release = (release.service.as_str(), release.version.as_str());
-                    store.report_rollout_device(
-                        id,
-                        device,
-                        release,
-                        DeviceStep::Installing,
-                        None,
-                    )?;
+                    store.report_rollout_device(id, device, release, None)?;
                 }
             }
             if let Some(id) = deployment_id(event.rollout.as_deref()) {

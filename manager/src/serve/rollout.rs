@@ -130,6 +130,12 @@ pub struct Plan {
     /// Failures tolerated before the rollout aborts.
     #[serde(default = "default_threshold")]
     pub max_failures: Threshold,
+    /// On abort, devices the release reached are sent this version of the
+    /// service: a release the operator signed with a higher sequence that
+    /// carries the previous code (the manager cannot sign, and devices
+    /// never go down in sequence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_to: Option<String>,
 }
 
 fn default_waves() -> Vec<u8> {
@@ -312,10 +318,7 @@ impl Engine {
                 "{failures} of {attempted} devices failed, over the threshold of {}",
                 rollout.plan.max_failures
             );
-            tracing::warn!(rollout = rollout.id, "aborting: {reason}");
-            return self
-                .store
-                .set_rollout_state(rollout.id, RolloutState::Aborted, Some(&reason));
+            return self.abort(&rollout, &reason);
         }
         if rollout.state != RolloutState::Running {
             return Ok(());
@@ -347,32 +350,73 @@ impl Engine {
         if to_send.is_empty() {
             return Ok(());
         }
-        let Some(release) = self.store.release(&rollout.service, &rollout.version)? else {
-            let reason = "its release is no longer published";
-            return self
-                .store
-                .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason));
+        let Some((envelope, url)) = self.release(&rollout.service, &rollout.version)? else {
+            return self.abort(&rollout, "its release is no longer published");
+        };
+        for device in to_send {
+            self.send(rollout.id, device, DeviceStep::Sent, &envelope, &url)?;
+        }
+        Ok(())
+    }
+
+    /// Stops a rollout: nothing more is sent, and with a revert release the
+    /// devices it reached are sent that. The reverts are recorded before the
+    /// state, so a crash in between aborts (and reverts) again on restart.
+    pub fn abort(&self, rollout: &RolloutRow, reason: &str) -> Result<(), StoreError> {
+        tracing::warn!(rollout = rollout.id, "aborting: {reason}");
+        if let Some(revert) = &rollout.plan.revert_to {
+            match self.release(&rollout.service, revert)? {
+                Some((envelope, url)) => {
+                    for device in rollout.devices.iter().filter(|d| d.status.needs_revert()) {
+                        self.send(
+                            rollout.id,
+                            &device.device_id,
+                            DeviceStep::Reverting,
+                            &envelope,
+                            &url,
+                        )?;
+                    }
+                }
+                None => tracing::error!(rollout = rollout.id, revert, "the revert release is gone"),
+            }
+        }
+        self.store
+            .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason))
+    }
+
+    /// A published release's envelope and artifact URL.
+    fn release(
+        &self,
+        service: &str,
+        version: &str,
+    ) -> Result<Option<(Envelope, String)>, StoreError> {
+        let Some(release) = self.store.release(service, version)? else {
+            return Ok(None);
         };
         let envelope = Envelope::from_json(release.envelope.as_bytes())
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
         let url = format!("{}/v1/artifacts/{}", self.public_url, release.sha256);
-        for device in to_send {
-            let payload = super::desired::with_release(
-                &self.store,
-                device,
-                &envelope,
-                &url,
-                &label(rollout.id),
-            )?;
-            // Recorded first: a crash after this resends the retained
-            // desired state on restart, never a second deployment.
-            self.store
-                .send_rollout_device(rollout.id, device, &payload)?;
+        Ok(Some((envelope, url)))
+    }
+
+    /// Puts `envelope` in a device's desired state and moves it to `step`.
+    fn send(
+        &self,
+        id: i64,
+        device: &str,
+        step: DeviceStep,
+        envelope: &Envelope,
+        url: &str,
+    ) -> Result<(), StoreError> {
+        let payload = super::desired::with_release(&self.store, device, envelope, url, &label(id))?;
+        // Recorded first: after a crash the retained desired state is
+        // republished on restart, and the device is never sent it again.
+        if self.store.send_rollout_device(id, device, step, &payload)? {
             let _ = self.outgoing.send(Outgoing {
                 device: device.to_owned(),
                 payload: payload.into_bytes(),
             });
-            tracing::info!(rollout = rollout.id, device, "sent");
+            tracing::info!(rollout = id, device, step = step.as_str(), "sent");
         }
         Ok(())
     }
@@ -390,6 +434,7 @@ mod tests {
             max_in_flight: None,
             device_timeout_secs: 60,
             max_failures: Threshold::Count(0),
+            revert_to: None,
         }
         .normalise()
         .unwrap()

@@ -10,6 +10,7 @@
 //! | `PUT /v1/artifacts/{sha256}` | operator | upload an artifact; refused unless the bytes hash to `sha256` |
 //! | `GET /v1/artifacts/{sha256}` | device or operator | download, with Range |
 //! | `POST /v1/releases`, `GET /v1/releases` | operator | publish an envelope (its artifact uploaded first), list |
+//! | `GET /v1/releases/{service}/{version}` | operator | one release with its signed envelope |
 //! | `POST /v1/deployments`, `GET /v1/deployments[/{id}]` | operator | deploy a release to devices, progress |
 //! | `POST /v1/rollouts`, `GET /v1/rollouts[/{id}]` | operator | staged rollouts: start, progress by stage |
 //! | `POST /v1/rollouts/{id}/{pause,resume,abort}` | operator | steer a rollout |
@@ -89,6 +90,7 @@ pub fn router(state: AppState) -> axum::Router {
             put(upload_artifact).get(download_artifact),
         )
         .route("/v1/releases", get(list_releases).post(publish_release))
+        .route("/v1/releases/{service}/{version}", get(show_release))
         .route("/v1/deployments", get(list_deployments).post(deploy))
         .route("/v1/deployments/{id}", get(show_deployment))
         .route("/v1/rollouts", get(rollouts::list).post(rollouts::start))
@@ -311,6 +313,26 @@ async fn download_artifact(
         .await
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(response.into_response())
+}
+
+async fn show_release(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((service, version)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let release = state.store.release(&service, &version)?.ok_or_else(|| {
+        bad(
+            StatusCode::NOT_FOUND,
+            format!("no release {service} {version}"),
+        )
+    })?;
+    let envelope: serde_json::Value = serde_json::from_str(&release.envelope)
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut body = serde_json::to_value(&release)
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    body["envelope"] = envelope;
+    Ok(Json(body))
 }
 
 async fn publish_release(

@@ -33,6 +33,8 @@ struct NewRollout {
     device_timeout_secs: Option<u64>,
     #[serde(default)]
     max_failures: Option<Threshold>,
+    #[serde(default)]
+    revert_to: Option<String>,
 }
 
 pub(super) async fn start(
@@ -44,7 +46,7 @@ pub(super) async fn start(
     let request: NewRollout = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let store = &state.store;
-    if store.release(&request.service, &request.version)?.is_none() {
+    let Some(release) = store.release(&request.service, &request.version)? else {
         return Err(bad(
             StatusCode::NOT_FOUND,
             format!(
@@ -52,6 +54,27 @@ pub(super) async fn start(
                 request.service, request.version
             ),
         ));
+    };
+    if let Some(revert) = &request.revert_to {
+        let Some(back) = store.release(&request.service, revert)? else {
+            return Err(bad(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no release {} {revert} to revert to; publish it first",
+                    request.service
+                ),
+            ));
+        };
+        if back.sequence <= release.sequence {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the revert release needs a sequence above {} (it has {}): devices never go down in sequence; \
+                     `ferry rollout start --revert-on-abort --key KEY` signs one",
+                    release.sequence, back.sequence
+                ),
+            ));
+        }
     }
     let selector = match (request.devices.is_empty(), request.tag.clone(), request.all) {
         (false, None, false) => Selector::Devices(request.devices.clone()),
@@ -91,6 +114,7 @@ pub(super) async fn start(
         max_in_flight: request.max_in_flight,
         device_timeout_secs: request.device_timeout_secs.unwrap_or(600),
         max_failures: request.max_failures.unwrap_or(Threshold::Count(0)),
+        revert_to: request.revert_to,
     }
     .normalise()
     .map_err(|e| bad(StatusCode::BAD_REQUEST, e))?;
@@ -127,6 +151,8 @@ struct Counts {
     in_flight: usize,
     installed: usize,
     failed: usize,
+    /// Sent the revert release after an abort (reverting, reverted or not).
+    reverted: usize,
 }
 
 impl Counts {
@@ -137,6 +163,9 @@ impl Counts {
             match step {
                 DeviceStep::Pending => counts.pending += 1,
                 DeviceStep::Installed => counts.installed += 1,
+                DeviceStep::Reverting | DeviceStep::Reverted | DeviceStep::RevertFailed => {
+                    counts.reverted += 1
+                }
                 s if s.in_flight() => counts.in_flight += 1,
                 _ => counts.failed += 1,
             }
@@ -231,7 +260,10 @@ pub(super) async fn act(
             format!("rollout {id} is {}; cannot {action} it", row.state.as_str()),
         ));
     }
-    state.store.set_rollout_state(id, to, reason)?;
+    match reason {
+        Some(reason) => state.rollouts.abort(&row, reason)?,
+        None => state.store.set_rollout_state(id, to, None)?,
+    }
     state.rollouts.wake.notify_one();
     let row = state
         .store

@@ -30,6 +30,12 @@ pub enum DeviceStep {
     RolledBack,
     /// No result within the device timeout (offline, or stuck).
     TimedOut,
+    /// The rollout aborted and the device was sent the revert release.
+    Reverting,
+    /// The revert release is installed.
+    Reverted,
+    /// The revert release did not install.
+    RevertFailed,
 }
 
 impl DeviceStep {
@@ -44,6 +50,9 @@ impl DeviceStep {
             Self::Failed => "failed",
             Self::RolledBack => "rolled_back",
             Self::TimedOut => "timed_out",
+            Self::Reverting => "reverting",
+            Self::Reverted => "reverted",
+            Self::RevertFailed => "revert_failed",
         }
     }
 
@@ -56,6 +65,9 @@ impl DeviceStep {
             "failed" => Self::Failed,
             "rolled_back" => Self::RolledBack,
             "timed_out" => Self::TimedOut,
+            "reverting" => Self::Reverting,
+            "reverted" => Self::Reverted,
+            "revert_failed" => Self::RevertFailed,
             _ => Self::Pending,
         }
     }
@@ -76,6 +88,30 @@ impl DeviceStep {
     /// Has an outcome (installed or a failure).
     pub fn settled(self) -> bool {
         self == Self::Installed || self.is_failure()
+    }
+
+    /// Runs, or may come to run, the rolled-out release: what a revert undoes.
+    pub fn needs_revert(self) -> bool {
+        matches!(
+            self,
+            Self::Sent | Self::Installing | Self::Installed | Self::TimedOut
+        )
+    }
+
+    /// Whether a device may move from this step to `next`. Outcomes are
+    /// final, except that a timed-out device may still install (it came
+    /// back) and anything the release reached may be reverted.
+    pub fn can_move_to(self, next: Self) -> bool {
+        use DeviceStep::*;
+        match (self, next) {
+            (Pending, Sent) => true,
+            (Sent, Installing) => true,
+            (Sent | Installing, Installed | Rejected | Failed | RolledBack | TimedOut) => true,
+            (TimedOut, Installed) => true,
+            (s, Reverting) => s.needs_revert(),
+            (Reverting, Reverted | RevertFailed) => true,
+            _ => false,
+        }
     }
 }
 
@@ -261,11 +297,28 @@ impl Store {
         Ok(())
     }
 
-    /// Sends the release to a device: its new desired state and its step
-    /// `sent`, together, so a restart never sends it twice or loses it.
-    pub fn send_rollout_device(&self, id: i64, device: &str, desired: &str) -> Result<()> {
+    /// Sends a release to a device: its new desired state and its step
+    /// (`sent`, or `reverting` for the revert), together, so a restart never
+    /// sends it twice or loses it.
+    pub fn send_rollout_device(
+        &self,
+        id: i64,
+        device: &str,
+        step: DeviceStep,
+        desired: &str,
+    ) -> Result<bool> {
         let mut db = self.db();
         let tx = db.transaction()?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT status FROM rollout_devices WHERE rollout_id = ?1 AND device_id = ?2",
+                params![id, device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if !current.is_some_and(|c| DeviceStep::parse(&c).can_move_to(step)) {
+            return Ok(false);
+        }
         let time = now();
         tx.execute(
             "INSERT INTO desired (device_id, payload) VALUES (?1, ?2)
@@ -273,17 +326,16 @@ impl Store {
             params![device, desired],
         )?;
         tx.execute(
-            "UPDATE rollout_devices SET status = 'sent', sent_at = ?3, updated = ?3
+            "UPDATE rollout_devices SET status = ?3, reason = NULL, sent_at = ?4, updated = ?4
              WHERE rollout_id = ?1 AND device_id = ?2",
-            params![id, device, time],
+            params![id, device, step.as_str(), time],
         )?;
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
-    /// Moves a device to `step` (from its reports, or a timeout). Installed
-    /// may follow a timeout (a device that came back); nothing else moves a
-    /// device out of a settled step.
+    /// Moves a device to `step` (from its reports, or a timeout) when
+    /// [`DeviceStep::can_move_to`] allows; returns whether it moved.
     pub fn set_rollout_device(
         &self,
         id: i64,
@@ -291,34 +343,55 @@ impl Store {
         step: DeviceStep,
         reason: Option<&str>,
     ) -> Result<bool> {
-        let changed = self.db().execute(
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT status FROM rollout_devices WHERE rollout_id = ?1 AND device_id = ?2",
+                params![id, device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if !current.is_some_and(|c| DeviceStep::parse(&c).can_move_to(step)) {
+            return Ok(false);
+        }
+        tx.execute(
             "UPDATE rollout_devices SET status = ?3, reason = ?4, updated = ?5
-             WHERE rollout_id = ?1 AND device_id = ?2 AND status != 'pending' AND status != ?3
-               AND (status IN ('sent', 'installing') OR (status = 'timed_out' AND ?3 = 'installed'))",
+             WHERE rollout_id = ?1 AND device_id = ?2",
             params![id, device, step.as_str(), reason, now()],
         )?;
-        Ok(changed == 1)
+        tx.commit()?;
+        Ok(true)
     }
 
-    /// A device's report about `service` `version` under a rollout label:
-    /// counted only when that rollout is about that release (a device's
-    /// desired state carries one label for all its services).
+    /// A device's report about `release` (service, version) under a rollout
+    /// label, as the step it means: counted only when that rollout is about
+    /// that release or its revert (a device's desired state carries one
+    /// label for all its services).
     pub fn report_rollout_device(
         &self,
         id: i64,
         device: &str,
         release: (&str, &str),
-        step: DeviceStep,
-        reason: Option<&str>,
+        outcome: Option<(DeviceStep, Option<&str>)>,
     ) -> Result<bool> {
-        let matches: bool = self.db().query_row(
-            "SELECT EXISTS (SELECT 1 FROM rollouts WHERE id = ?1 AND service = ?2 AND version = ?3)",
-            params![id, release.0, release.1],
-            |r| r.get(0),
-        )?;
-        if !matches {
+        let Some(rollout) = self.rollout(id)? else {
+            return Ok(false);
+        };
+        if rollout.service != release.0 {
             return Ok(false);
         }
+        let (step, reason) = if rollout.version == release.1 {
+            outcome.unwrap_or((DeviceStep::Installing, None))
+        } else if rollout.plan.revert_to.as_deref() == Some(release.1) {
+            match outcome {
+                None => return Ok(false),
+                Some((DeviceStep::Installed, _)) => (DeviceStep::Reverted, None),
+                Some((_, reason)) => (DeviceStep::RevertFailed, reason),
+            }
+        } else {
+            return Ok(false);
+        };
         self.set_rollout_device(id, device, step, reason)
     }
 }
