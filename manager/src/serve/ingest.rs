@@ -43,6 +43,7 @@ pub async fn run(
     store: Arc<Store>,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     wake: Arc<Notify>,
+    metrics: super::metrics::Metrics,
 ) {
     let client_id = format!("ferry-manager-{}", std::process::id());
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
@@ -67,6 +68,8 @@ pub async fn run(
                     republish_all(&client, &store);
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let kind = p.topic.parse::<Topic>().map_or("invalid", |t| t.kind.segment());
+                    metrics.mqtt_messages.with_label_values(&[kind]).inc();
                     if let Err(e) = ingest(&store, &wake, &p.topic, &p.payload) {
                         tracing::warn!(topic = %p.topic, "message not recorded: {e}");
                     }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod broker;
 pub mod desired;
 pub mod ingest;
+pub mod metrics;
 pub mod rollout;
 pub mod store;
 
@@ -111,7 +112,14 @@ pub async fn serve(
     }
     let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
     let wake = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(ingest::run(login, store.clone(), outgoing_rx, wake.clone()));
+    let metrics = metrics::Metrics::new()?;
+    tokio::spawn(ingest::run(
+        login,
+        store.clone(),
+        outgoing_rx,
+        wake.clone(),
+        metrics.clone(),
+    ));
 
     // Silence means offline.
     let silence_store = store.clone();
@@ -154,6 +162,7 @@ pub async fn serve(
         outgoing: outgoing_tx,
         public_url: public_url_shared,
         rollouts: engine,
+        metrics,
     };
     remember_local_manager(&public_url, &token_path);
     tracing::info!(

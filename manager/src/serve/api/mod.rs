@@ -15,6 +15,7 @@
 //! | `POST /v1/rollouts`, `GET /v1/rollouts[/{id}]` | operator | staged rollouts: start, progress by stage |
 //! | `POST /v1/rollouts/{id}/{pause,resume,abort}` | operator | steer a rollout |
 //! | `GET /v1/health`, `GET /v1/events` | operator | recent history (`?device=`, `?after=`) |
+//! | `GET /metrics` | operator | Prometheus text format: fleet aggregates, per-device health, the manager's own figures |
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub public_url: Arc<String>,
     /// The rollout engine (woken when a rollout changes).
     pub rollouts: super::rollout::Engine,
+    /// The manager's own counters, and the `/metrics` renderer.
+    pub metrics: super::metrics::Metrics,
 }
 
 /// An error as the API answers it: a status and a sentence.
@@ -101,6 +104,11 @@ pub fn router(state: AppState) -> axum::Router {
         )
         .route("/v1/health", get(health_history))
         .route("/v1/events", get(event_history))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_request,
+        ))
         .fallback(|| async {
             bad(
                 StatusCode::NOT_FOUND,
@@ -116,6 +124,45 @@ pub const OPENAPI: &str = include_str!("../../../api/openapi.json");
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// `GET /metrics`: Prometheus text format, for the operator token (point
+/// Prometheus at `DATA_DIR/operator.token` with `credentials_file`).
+async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    let text = state
+        .metrics
+        .render(&state.store)
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    ))
+}
+
+/// Records each matched request's duration under its route template.
+async fn time_request(
+    State(state): State<AppState>,
+    route: axum::extract::MatchedPath,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = format!("{}xx", response.status().as_u16() / 100);
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[method.as_str(), route.as_str(), status.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Checks the operator's bearer token.

@@ -451,6 +451,25 @@ impl Store {
         Ok(out)
     }
 
+    /// When each device's latest health report arrived (the manager's clock).
+    pub fn last_health_times(&self) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT device_id, MAX(time) FROM history WHERE kind = 'health' GROUP BY device_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// How many devices of every deployment are at each status.
+    pub fn deployment_statuses(&self) -> Result<Vec<(String, i64)>> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT status, COUNT(*) FROM deployment_devices GROUP BY status")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
     /// Marks devices not heard from since `cutoff` offline; returns them.
     pub fn mark_silent_offline(&self, cutoff: &str) -> Result<usize> {
         Ok(self.db().execute(

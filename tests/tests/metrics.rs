@@ -1,0 +1,171 @@
+//! `/metrics` on a live manager with agents reporting: what Prometheus
+//! would scrape, checked by promtool and read back.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry_e2e::{Agent, Manager, free_port, installed_version, release};
+use ferry_protocol::SecretKey;
+use serde_json::json;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The value of the sample `name{labels}` (labels as printed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn scrape(manager: &Manager) -> String {
+    let response = manager
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let kind = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    response.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_describe_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::from_seed(&[21; 32]);
+    let trust = dir.path().join("ops.pub");
+    std::fs::write(&trust, key.public_key().to_text()).unwrap();
+    let mqtt = addr(free_port());
+    let manager = Manager::start(&dir.path().join("m"), mqtt, addr(free_port())).await;
+    let mut agents = Vec::new();
+    for id in ["m-1", "m-2"] {
+        let password = manager.add_device(id, &["lab"]).await;
+        agents.push(Agent::start(dir.path(), id, &password, mqtt, &trust));
+    }
+    manager.add_device("m-3", &[]).await; // registered, never connects
+    let out = dir.path().join("service.out");
+    let v1 = release(dir.path(), &key, "1.0.0", 1, &out);
+    manager.publish(&v1).await;
+    manager
+        .post(
+            "/v1/rollouts",
+            json!({ "service": "api", "version": "1.0.0", "tag": "lab" }),
+        )
+        .await;
+    for id in ["m-1", "m-2"] {
+        manager
+            .wait_device(id, "1.0.0 and a health report", |d| {
+                installed_version(d, "api").as_deref() == Some("1.0.0")
+                    && d["health"]["services"]
+                        .as_array()
+                        .is_some_and(|s| !s.is_empty())
+            })
+            .await;
+    }
+    // The scrape without the token is refused.
+    let anonymous = reqwest::get(manager.url("/metrics")).await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    let text = scrape(&manager).await;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found; run scripts/setup");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    assert_eq!(
+        sample(&text, "ferry_devices{status=\"online\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ferry_devices{status=\"offline\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "ferry_service_devices{service=\"api\",version=\"1.0.0\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ferry_rollouts{state=\"completed\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ferry_device_online{device=\"m-3\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    let total = sample(&text, "ferry_device_memory_total_bytes{device=\"m-1\"}").unwrap();
+    assert!(total > 0.0, "{text}");
+    assert!(
+        sample(&text, "ferry_mqtt_messages_received_total{kind=\"health\"}").unwrap() >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "ferry_health_report_age_seconds{device=\"m-1\"}").unwrap() < 60.0,
+        "{text}"
+    );
+    // API latency by route template, never by raw path.
+    assert!(text.contains("route=\"/v1/devices/{id}\""), "{text}");
+    assert!(!text.contains("/v1/devices/m-1"), "{text}");
+
+    // A running rollout shows its progress.
+    let v2 = release(dir.path(), &key, "2.0.0", 2, &out);
+    manager.publish(&v2).await;
+    manager
+        .post(
+            "/v1/rollouts",
+            json!({ "service": "api", "version": "2.0.0", "tag": "lab", "canary": 1 }),
+        )
+        .await;
+    let rollouts = manager.get("/v1/rollouts").await;
+    let id = rollouts[0]["id"].as_i64().unwrap();
+    manager
+        .post(&format!("/v1/rollouts/{id}/pause"), json!({}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = scrape(&manager).await;
+    let series = format!(
+        "ferry_rollout_progress_ratio{{rollout=\"{id}\",service=\"api\",version=\"2.0.0\"}}"
+    );
+    let progress = sample(&text, &series).unwrap_or_else(|| panic!("no {series}:\n{text}"));
+    assert!((0.0..=1.0).contains(&progress), "{text}");
+    assert_eq!(
+        sample(&text, "ferry_rollouts{state=\"paused\"}"),
+        Some(1.0),
+        "{text}"
+    );
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    manager.stop().await;
+}
