@@ -21,6 +21,21 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The `ferry_...` metric names an expression uses.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("ferry_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
 async fn scrape(manager: &Manager) -> String {
     let response = manager
         .request(reqwest::Method::GET, "/metrics")
@@ -163,6 +178,41 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
         Some(1.0),
         "{text}"
     );
+
+    // Every metric the Grafana dashboard in the repo queries is exported
+    // (with a rollout open, so the rollout series exist too).
+    let m1 = manager.get("/v1/devices/m-1").await;
+    let has_sensor = !m1["health"]["temperature_celsius"].is_null();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../grafana/ferry-fleet.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names(expr) {
+                queried += 1;
+                // Only devices with a temperature sensor report one.
+                if name == "ferry_device_temperature_celsius" && !has_sensor {
+                    continue;
+                }
+                assert!(
+                    text.lines()
+                        .any(|l| l.starts_with(&format!("# TYPE {name} "))
+                            || l.starts_with(&format!("{name}{{"))
+                            || l.starts_with(&format!("{name} "))),
+                    "panel {:?} queries {name}, which /metrics does not export",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(queried >= 15, "{queried}");
 
     for agent in agents {
         agent.stop().await;

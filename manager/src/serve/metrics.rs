@@ -275,6 +275,10 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
         "Devices of all deployments, by outcome (pending, installing, installed, failed...).",
         &["status"],
     )?;
+    // Every outcome is shown, zero or not, so a dashboard always has the series.
+    for status in ["pending", "installing", "installed", "failed", "rolled_back", "rejected"] {
+        deployments.with_label_values(&[status]).set(0);
+    }
     for (status, count) in store.deployment_statuses()? {
         deployments.with_label_values(&[&status]).set(count);
     }
