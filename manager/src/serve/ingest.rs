@@ -42,9 +42,13 @@ pub async fn run(
     login: BrokerLogin,
     store: Arc<Store>,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    wake: Arc<Notify>,
-    metrics: super::metrics::Metrics,
+    listeners: Listeners,
 ) {
+    let Listeners {
+        wake,
+        changes,
+        metrics,
+    } = listeners;
     let client_id = format!("ferry-manager-{}", std::process::id());
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
     options.set_keep_alive(Duration::from_secs(30));
@@ -70,8 +74,9 @@ pub async fn run(
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let kind = p.topic.parse::<Topic>().map_or("invalid", |t| t.kind.segment());
                     metrics.mqtt_messages.with_label_values(&[kind]).inc();
-                    if let Err(e) = ingest(&store, &wake, &p.topic, &p.payload) {
-                        tracing::warn!(topic = %p.topic, "message not recorded: {e}");
+                    match ingest(&store, &wake, &p.topic, &p.payload) {
+                        Ok(()) => changes.send_modify(|n| *n = n.wrapping_add(1)),
+                        Err(e) => tracing::warn!(topic = %p.topic, "message not recorded: {e}"),
                     }
                 }
                 Ok(_) => {}
@@ -104,6 +109,16 @@ fn republish_all(client: &AsyncClient, store: &Store) {
         }
         Err(e) => tracing::error!("cannot read desired states: {e}"),
     }
+}
+
+/// Who hears about device messages besides the store.
+pub struct Listeners {
+    /// The rollout engine, woken when a rollout device's step changes.
+    pub wake: Arc<Notify>,
+    /// Bumped on every recorded message (the dashboard's live updates).
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts messages by kind.
+    pub metrics: super::metrics::Metrics,
 }
 
 /// Records one device message, and what it says about deployments.

@@ -276,7 +276,14 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
         &["status"],
     )?;
     // Every outcome is shown, zero or not, so a dashboard always has the series.
-    for status in ["pending", "installing", "installed", "failed", "rolled_back", "rejected"] {
+    for status in [
+        "pending",
+        "installing",
+        "installed",
+        "failed",
+        "rolled_back",
+        "rejected",
+    ] {
         deployments.with_label_values(&[status]).set(0);
     }
     for (status, count) in store.deployment_statuses()? {

@@ -112,13 +112,17 @@ pub async fn serve(
     }
     let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
     let wake = Arc::new(tokio::sync::Notify::new());
+    let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
     let metrics = metrics::Metrics::new()?;
     tokio::spawn(ingest::run(
         login,
         store.clone(),
         outgoing_rx,
-        wake.clone(),
-        metrics.clone(),
+        ingest::Listeners {
+            wake: wake.clone(),
+            changes: changes.clone(),
+            metrics: metrics.clone(),
+        },
     ));
 
     // Silence means offline.
@@ -153,6 +157,7 @@ pub async fn serve(
         outgoing: outgoing_tx.clone(),
         public_url: public_url_shared.clone(),
         wake,
+        changes,
     };
     tokio::spawn(engine.clone().run());
     let state = api::AppState {
@@ -165,6 +170,10 @@ pub async fn serve(
         metrics,
     };
     remember_local_manager(&public_url, &token_path);
+    tracing::info!(
+        "dashboard: {public_url}/ (sign in with the token in {})",
+        token_path.display()
+    );
     tracing::info!(
         http = %http_addr,
         mqtt = %config.broker.clone().unwrap_or_else(|| config.mqtt_listen.to_string()),

@@ -234,6 +234,8 @@ pub struct Engine {
     pub public_url: Arc<String>,
     /// Rung when something happened that a rollout may act on.
     pub wake: Arc<Notify>,
+    /// Bumped whenever the fleet's picture changes (the dashboard's live updates).
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The label devices carry back in their results.
@@ -247,6 +249,11 @@ pub fn rollout_id(label: Option<&str>) -> Option<i64> {
 }
 
 impl Engine {
+    /// Tells live views that something changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Steps every open rollout when woken, and every second.
     pub async fn run(self) {
         loop {
@@ -332,9 +339,10 @@ impl Engine {
             .find(|&&end| devices[..end].iter().any(|d| !d.status.settled()))
         else {
             tracing::info!(rollout = rollout.id, "completed");
-            return self
-                .store
-                .set_rollout_state(rollout.id, RolloutState::Completed, None);
+            self.store
+                .set_rollout_state(rollout.id, RolloutState::Completed, None)?;
+            self.changed();
+            return Ok(());
         };
         let in_flight = devices.iter().filter(|d| d.status.in_flight()).count();
         let room = rollout
@@ -381,7 +389,9 @@ impl Engine {
             }
         }
         self.store
-            .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason))
+            .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason))?;
+        self.changed();
+        Ok(())
     }
 
     /// A published release's envelope and artifact URL.
@@ -417,6 +427,7 @@ impl Engine {
                 payload: payload.into_bytes(),
             });
             tracing::info!(rollout = id, device, step = step.as_str(), "sent");
+            self.changed();
         }
         Ok(())
     }

@@ -15,6 +15,8 @@
 //! | `POST /v1/rollouts`, `GET /v1/rollouts[/{id}]` | operator | staged rollouts: start, progress by stage |
 //! | `POST /v1/rollouts/{id}/{pause,resume,abort}` | operator | steer a rollout |
 //! | `GET /v1/health`, `GET /v1/events` | operator | recent history (`?device=`, `?after=`) |
+//! | `GET /v1/stream` | operator | server-sent events: `change` whenever the fleet's picture changes |
+//! | `GET /`, `/dashboard.js`, `/dashboard.css` | anyone | the dashboard (it asks for the token) |
 //! | `GET /metrics` | operator | Prometheus text format: fleet aggregates, per-device health, the manager's own figures |
 
 use std::path::PathBuf;
@@ -35,6 +37,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tower_http::services::ServeFile;
 
+mod dashboard;
 mod rollouts;
 
 use super::ingest::Outgoing;
@@ -105,6 +108,10 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/health", get(health_history))
         .route("/v1/events", get(event_history))
         .route("/metrics", get(metrics))
+        .route("/v1/stream", get(dashboard::stream))
+        .route("/", get(dashboard::index))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::style))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             time_request,
@@ -530,6 +537,7 @@ async fn deploy(
             payload: payload.clone().into_bytes(),
         });
     }
+    state.rollouts.changed();
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": id, "rollout": rollout, "devices": targets })),

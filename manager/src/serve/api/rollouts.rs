@@ -120,6 +120,7 @@ pub(super) async fn start(
     .map_err(|e| bad(StatusCode::BAD_REQUEST, e))?;
     let id = store.add_rollout(&request.service, &request.version, &plan, &devices)?;
     state.rollouts.wake.notify_one();
+    state.rollouts.changed();
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": id, "devices": devices })),
@@ -265,6 +266,7 @@ pub(super) async fn act(
         None => state.store.set_rollout_state(id, to, None)?,
     }
     state.rollouts.wake.notify_one();
+    state.rollouts.changed();
     let row = state
         .store
         .rollout(id)?
