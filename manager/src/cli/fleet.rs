@@ -194,17 +194,24 @@ pub(crate) struct Targets {
     pub all: bool,
 }
 
+impl Targets {
+    /// The API's request body: `service`, `version` and these devices.
+    pub fn request(&self, service: &str, version: &str) -> Value {
+        json!({
+            "service": service,
+            "version": version,
+            "devices": self.devices,
+            "tag": self.tag,
+            "all": self.all,
+        })
+    }
+}
+
 pub(crate) async fn deploy(manager: &Manager, args: DeployArgs) -> Result<Outcome> {
     let created = manager
         .post(
             "/v1/deployments",
-            &json!({
-                "service": args.service,
-                "version": args.version,
-                "devices": args.targets.devices,
-                "tag": args.targets.tag,
-                "all": args.targets.all,
-            }),
+            &args.targets.request(&args.service, &args.version),
         )
         .await?;
     let devices: Vec<&str> = created["devices"]

@@ -109,24 +109,21 @@ async fn start(manager: &Manager, args: StartArgs) -> Result<Outcome> {
     } else {
         None
     };
-    let created = manager
-        .post(
-            "/v1/rollouts",
-            &json!({
-                "service": args.service,
-                "version": args.version,
-                "devices": args.targets.devices,
-                "tag": args.targets.tag,
-                "all": args.targets.all,
-                "canary": args.canary,
-                "waves": args.waves.0,
-                "max_in_flight": args.max_in_flight,
-                "device_timeout_secs": args.device_timeout.as_secs().max(1),
-                "max_failures": args.max_failures,
-                "revert_to": revert,
-            }),
-        )
-        .await?;
+    let mut body = args.targets.request(&args.service, &args.version);
+    if let Value::Object(fields) = &mut body {
+        fields.extend([
+            ("canary".into(), json!(args.canary)),
+            ("waves".into(), json!(args.waves.0)),
+            ("max_in_flight".into(), json!(args.max_in_flight)),
+            (
+                "device_timeout_secs".into(),
+                json!(args.device_timeout.as_secs().max(1)),
+            ),
+            ("max_failures".into(), json!(args.max_failures)),
+            ("revert_to".into(), json!(revert)),
+        ]);
+    }
+    let created = manager.post("/v1/rollouts", &body).await?;
     let count = created["devices"].as_array().map_or(0, Vec::len);
     let revert_line = revert
         .as_deref()

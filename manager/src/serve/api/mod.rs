@@ -41,6 +41,7 @@ mod dashboard;
 mod rollouts;
 
 use super::ingest::Outgoing;
+use super::rollout::Selector;
 use super::store::{Store, StoreError, password_hash};
 
 /// What every handler can reach.
@@ -442,6 +443,42 @@ async fn publish_release(
     ))
 }
 
+/// The devices a request names with exactly one of `devices`, `tag` or
+/// `all`: the selector, and the registered devices it picks now (never none).
+fn select(
+    store: &Store,
+    devices: &[String],
+    tag: Option<&String>,
+    all: bool,
+) -> ApiResult<(Selector, Vec<String>)> {
+    let selector = match (devices.is_empty(), tag, all) {
+        (false, None, false) => Selector::Devices(devices.to_vec()),
+        (true, Some(tag), false) => Selector::Tag(tag.clone()),
+        (true, None, true) => Selector::All,
+        _ => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "choose the devices with exactly one of: devices, tag, all",
+            ));
+        }
+    };
+    let fleet = store.devices()?;
+    if let Some(missing) = devices
+        .iter()
+        .find(|id| !fleet.iter().any(|d| &&d.device_id == id))
+    {
+        return Err(bad(
+            StatusCode::NOT_FOUND,
+            format!("no device {missing}; add it with `ferry device add`"),
+        ));
+    }
+    let picked = selector.pick(&fleet);
+    if picked.is_empty() {
+        return Err(bad(StatusCode::NOT_FOUND, "no device matches"));
+    }
+    Ok((selector, picked))
+}
+
 async fn list_releases(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -485,38 +522,12 @@ async fn deploy(
     let envelope = Envelope::from_json(release.envelope.as_bytes())
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
 
-    let fleet = state.store.devices()?;
-    let selectors = usize::from(!request.devices.is_empty())
-        + usize::from(request.tag.is_some())
-        + usize::from(request.all);
-    if selectors != 1 {
-        return Err(bad(
-            StatusCode::BAD_REQUEST,
-            "choose the devices with exactly one of: devices, tag, all",
-        ));
-    }
-    let targets: Vec<String> = if request.all {
-        fleet.iter().map(|d| d.device_id.clone()).collect()
-    } else if let Some(tag) = &request.tag {
-        fleet
-            .iter()
-            .filter(|d| d.tags.contains(tag))
-            .map(|d| d.device_id.clone())
-            .collect()
-    } else {
-        for id in &request.devices {
-            if !fleet.iter().any(|d| &d.device_id == id) {
-                return Err(bad(
-                    StatusCode::NOT_FOUND,
-                    format!("no device {id}; add it with `ferry device add`"),
-                ));
-            }
-        }
-        request.devices.clone()
-    };
-    if targets.is_empty() {
-        return Err(bad(StatusCode::NOT_FOUND, "no device matches"));
-    }
+    let (_, targets) = select(
+        &state.store,
+        &request.devices,
+        request.tag.as_ref(),
+        request.all,
+    )?;
 
     // The deployment id goes into the rollout field, so it is known first.
     let url = format!("{}/v1/artifacts/{}", state.public_url, release.sha256);

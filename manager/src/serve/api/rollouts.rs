@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiResult, AppState, bad, operator};
-use crate::serve::rollout::{Plan, RolloutState, Selector, Threshold};
+use crate::serve::rollout::{Plan, RolloutState, Threshold};
 use crate::serve::store::{DeviceStep, RolloutRow};
 
 /// `POST /v1/rollouts`.
@@ -76,33 +76,8 @@ pub(super) async fn start(
             ));
         }
     }
-    let selector = match (request.devices.is_empty(), request.tag.clone(), request.all) {
-        (false, None, false) => Selector::Devices(request.devices.clone()),
-        (true, Some(tag), false) => Selector::Tag(tag),
-        (true, None, true) => Selector::All,
-        _ => {
-            return Err(bad(
-                StatusCode::BAD_REQUEST,
-                "choose the devices with exactly one of: devices, tag, all",
-            ));
-        }
-    };
-    let fleet = store.devices()?;
-    if let Selector::Devices(ids) = &selector {
-        if let Some(missing) = ids
-            .iter()
-            .find(|id| !fleet.iter().any(|d| &&d.device_id == id))
-        {
-            return Err(bad(
-                StatusCode::NOT_FOUND,
-                format!("no device {missing}; add it with `ferry device add`"),
-            ));
-        }
-    }
-    let devices = selector.pick(&fleet);
-    if devices.is_empty() {
-        return Err(bad(StatusCode::NOT_FOUND, "no device matches"));
-    }
+    let (selector, devices) =
+        super::select(store, &request.devices, request.tag.as_ref(), request.all)?;
     let plan = Plan {
         selector,
         canary: request.canary,
@@ -222,11 +197,14 @@ pub(super) async fn show(
     Path(id): Path<i64>,
 ) -> ApiResult<impl IntoResponse> {
     operator(&state, &headers)?;
-    let row = state
+    Ok(Json(view(find(&state, id)?)))
+}
+
+fn find(state: &AppState, id: i64) -> ApiResult<RolloutRow> {
+    state
         .store
         .rollout(id)?
-        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
-    Ok(Json(view(row)))
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))
 }
 
 /// `POST /v1/rollouts/{id}/{pause|resume|abort}`.
@@ -236,10 +214,7 @@ pub(super) async fn act(
     Path((id, action)): Path<(i64, String)>,
 ) -> ApiResult<impl IntoResponse> {
     operator(&state, &headers)?;
-    let row = state
-        .store
-        .rollout(id)?
-        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
+    let row = find(&state, id)?;
     let (from, to, reason): (&[RolloutState], _, _) = match action.as_str() {
         "pause" => (&[RolloutState::Running], RolloutState::Paused, None),
         "resume" => (&[RolloutState::Paused], RolloutState::Running, None),
@@ -267,9 +242,5 @@ pub(super) async fn act(
     }
     state.rollouts.wake.notify_one();
     state.rollouts.changed();
-    let row = state
-        .store
-        .rollout(id)?
-        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))?;
-    Ok(Json(view(row)))
+    Ok(Json(view(find(&state, id)?)))
 }

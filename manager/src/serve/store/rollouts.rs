@@ -155,6 +155,22 @@ pub struct RolloutRow {
     pub devices: Vec<RolloutDevice>,
 }
 
+/// A device's step in a rollout, read inside the transaction that changes it.
+fn current_step(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    device: &str,
+) -> Result<Option<DeviceStep>> {
+    Ok(tx
+        .query_row(
+            "SELECT status FROM rollout_devices WHERE rollout_id = ?1 AND device_id = ?2",
+            params![id, device],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .map(|s| DeviceStep::parse(&s)))
+}
+
 impl Store {
     /// Records a new rollout over `devices` (in order); returns its id.
     pub fn add_rollout(
@@ -309,14 +325,7 @@ impl Store {
     ) -> Result<bool> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let current: Option<String> = tx
-            .query_row(
-                "SELECT status FROM rollout_devices WHERE rollout_id = ?1 AND device_id = ?2",
-                params![id, device],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if !current.is_some_and(|c| DeviceStep::parse(&c).can_move_to(step)) {
+        if !current_step(&tx, id, device)?.is_some_and(|c| c.can_move_to(step)) {
             return Ok(false);
         }
         let time = now();
@@ -345,14 +354,7 @@ impl Store {
     ) -> Result<bool> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let current: Option<String> = tx
-            .query_row(
-                "SELECT status FROM rollout_devices WHERE rollout_id = ?1 AND device_id = ?2",
-                params![id, device],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if !current.is_some_and(|c| DeviceStep::parse(&c).can_move_to(step)) {
+        if !current_step(&tx, id, device)?.is_some_and(|c| c.can_move_to(step)) {
             return Ok(false);
         }
         tx.execute(
