@@ -306,6 +306,8 @@ async fn a_manager_restarted_mid_rollout_resumes_without_sending_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_tagged_mid_rollout_receives_the_release() {
     let mut fleet = Fleet::new(2).await;
+    // Running, but not in the lab (yet).
+    fleet.add_device("late-1", &["field"]).await;
     let v2 = fleet.release("2.0.0", 2);
     fleet.manager().publish(&v2).await;
     let id = fleet
@@ -313,12 +315,21 @@ async fn a_device_tagged_mid_rollout_receives_the_release() {
             "service": "api", "version": "2.0.0", "tag": "lab", "waves": [50, 100],
         }))
         .await;
-    // Paused so it is surely still running when the new device appears.
+    // Paused so it is surely still running when the device is tagged.
     fleet
         .manager()
         .post(&format!("/v1/rollouts/{id}/pause"), json!({}))
         .await;
-    fleet.add_device("late-1", &["lab"]).await;
+    let before = fleet.manager().get(&format!("/v1/rollouts/{id}")).await;
+    assert_eq!(before["devices"].as_array().unwrap().len(), 2, "{before:#}");
+    let retagged = fleet
+        .manager()
+        .request(reqwest::Method::PUT, "/v1/devices/late-1/tags")
+        .json(&json!(["field", "lab"]))
+        .send()
+        .await
+        .unwrap();
+    assert!(retagged.status().is_success(), "{}", retagged.status());
     fleet
         .manager()
         .post(&format!("/v1/rollouts/{id}/resume"), json!({}))
@@ -422,5 +433,56 @@ async fn a_revert_must_come_with_a_higher_sequence() {
         "{body}"
     );
     assert_eq!(fleet.manager().get("/v1/rollouts").await, json!([]));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_times_out_without_blocking_and_converges_when_it_returns() {
+    let mut fleet = Fleet::new(1).await;
+    // Registered, but its agent is not running yet.
+    let password = fleet.manager().add_device("away-1", &["lab"]).await;
+    let v2 = fleet.release("2.0.0", 2);
+    fleet.manager().publish(&v2).await;
+    let id = fleet
+        .start_rollout(json!({
+            "service": "api", "version": "2.0.0", "tag": "lab",
+            "device_timeout_secs": 3, "max_failures": "1",
+        }))
+        .await;
+    // The offline device counts as failed after the timeout; with one
+    // failure allowed the rollout finishes instead of waiting forever.
+    let rollout = fleet.wait_rollout(id, "completed").await;
+    let steps = devices(&rollout);
+    let away = steps.iter().find(|d| d["device_id"] == "away-1").unwrap();
+    assert_eq!(away["status"], "timed_out", "{rollout:#}");
+    assert!(
+        away["reason"].as_str().unwrap().contains("within 3s"),
+        "{rollout:#}"
+    );
+
+    // It comes back: its desired state is waiting, it installs, and the
+    // rollout records the late success.
+    let agent = Agent::start(
+        fleet.dir.path(),
+        "away-1",
+        &password,
+        fleet.mqtt,
+        &fleet.trust,
+    );
+    fleet.agents.push(agent);
+    fleet.wait_version("away-1", "2.0.0").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rollout = fleet.manager().get(&format!("/v1/rollouts/{id}")).await;
+        let steps = devices(&rollout);
+        if steps
+            .iter()
+            .any(|d| d["device_id"] == "away-1" && d["status"] == "installed")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{rollout:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     fleet.stop().await;
 }
