@@ -280,6 +280,10 @@ fn rollouts_through_the_cli() {
         serde_json::from_str(&ok(d, &["rollout", "status", &id, "--json"])).unwrap();
     assert_eq!(status["devices"][0]["status"], "reverting");
     assert_eq!(status["devices"][1]["status"], "pending");
+    // Watching a rollout that ended aborted says so, and fails for scripts.
+    let watched = common::ferry(d, &["rollout", "status", &id, "--watch"]);
+    assert_eq!(watched.code, 1, "{}", watched.stdout);
+    assert!(watched.stderr.contains("aborted"), "{}", watched.stderr);
     let list = ok(d, &["rollout", "list"]);
     assert!(
         list.starts_with(&format!("rollout {id} api 2.0.0: aborted")),
