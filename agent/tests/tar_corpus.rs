@@ -148,7 +148,6 @@ fn generate() -> BTreeMap<&'static str, (Vec<u8>, &'static str)> {
         raw_tar(&[file("bin"), file("bin/api")]),
         "cannot write",
     );
-    let mut c = c;
     let good = gzip(&raw_tar(&[file("bin/api")]));
     c.insert(
         "truncated",
