@@ -254,3 +254,29 @@ fn every_crafted_archive_is_refused_and_writes_nothing_outside() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     assert!(tried >= 18, "only {tried} archives in the corpus");
 }
+
+/// The `unpack` fuzzer's kept corpus (`fuzz/corpus/unpack/`), replayed with
+/// its invariant: whatever the bytes, nothing lands outside the release.
+#[test]
+fn the_fuzz_corpus_unpacks_nothing_outside() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/unpack");
+    let mut tried = 0;
+    for file in fs::read_dir(&dir).unwrap() {
+        let path = file.unwrap().path();
+        let sandbox = tempfile::tempdir().unwrap();
+        let dest = sandbox.path().join("releases/new");
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let _ = unpack(&path, &dest, LIMITS);
+        let outside: Vec<PathBuf> = tree(sandbox.path())
+            .into_iter()
+            .filter(|p| !p.starts_with("releases/new") && p != Path::new("releases"))
+            .collect();
+        assert!(
+            outside.is_empty(),
+            "{} wrote outside: {outside:?}",
+            path.display()
+        );
+        tried += 1;
+    }
+    assert!(tried >= 18, "only {tried} inputs in {}", dir.display());
+}
