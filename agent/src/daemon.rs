@@ -296,9 +296,22 @@ async fn worker(
 async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
     let mut retry = false;
     for release in &desired.releases {
-        let Ok(manifest) = release.envelope.unverified_manifest() else {
-            tracing::warn!("desired state holds an unreadable manifest; skipped");
-            continue;
+        let manifest = match release.envelope.unverified_manifest() {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                // Told to the operator, not only logged: nothing else will
+                // say why this release never arrives.
+                installer.reporter().step(
+                    None,
+                    desired.rollout.as_deref(),
+                    Step::Verify,
+                    StepStatus::Failed,
+                    Some(format!(
+                        "desired state holds a release that does not read: {e}"
+                    )),
+                );
+                continue;
+            }
         };
         if let Some(installed) = installer.state().services.get(&manifest.service) {
             if installed.manifest.sequence == manifest.sequence
@@ -311,7 +324,16 @@ async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
             continue;
         }
         let Some(url) = release.artifact_url.clone() else {
-            tracing::warn!(service = %manifest.service, "desired state gives no artifact URL; skipped");
+            installer.reporter().step(
+                None,
+                desired.rollout.as_deref(),
+                Step::Download,
+                StepStatus::Failed,
+                Some(format!(
+                    "desired state gives no artifact URL for {}",
+                    manifest.service
+                )),
+            );
             continue;
         };
         let result = installer

@@ -83,8 +83,14 @@ pub fn options(config: &Config) -> Result<Option<MqttOptions>, String> {
     let mut options = MqttOptions::new(config.device_id.as_str(), address.host, address.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
-    // Desired state may carry several envelopes; allow up to 1 MiB in.
-    options.set_max_packet_size(1024 * 1024, 256 * 1024);
+    // Packets a little larger than the largest desired state still come in,
+    // so an oversized one is refused with a reason the operator sees (an
+    // event) rather than by a dropped connection.
+    options.set_max_packet_size(
+        <ferry_protocol::messages::Desired as ferry_protocol::messages::Message>::MAX_BYTES
+            + 64 * 1024,
+        256 * 1024,
+    );
     if let Some(password) = &broker.password {
         let user = broker
             .username

@@ -1,0 +1,276 @@
+//! Hostile traffic at the manager and the agent over the real wire: API
+//! requests with bad tokens, huge bodies and bad JSON; malformed and
+//! oversized MQTT payloads on every topic the manager reads (from an
+//! authenticated device) and on the agent's `desired` topic. Each is
+//! refused with a reason, nothing is recorded or changed, and both keep
+//! working afterwards.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_e2e::{Agent, Manager, Mosquitto, free_port};
+use ferry_protocol::SecretKey;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Payloads no topic accepts, each with the words its refusal contains.
+fn garbage(cap: usize) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("not_json", b"\xff\xfe not json".to_vec()),
+        ("array", b"[1,2,3]".to_vec()),
+        (
+            "wrong_schema",
+            json!({ "schema": 7 }).to_string().into_bytes(),
+        ),
+        ("deep", "{\"a\":".repeat(2000).into_bytes()),
+        ("oversized", vec![b' '; cap + 1]),
+    ]
+}
+
+async fn connect(port: u16, user: &str, password: &str) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(user, "127.0.0.1", port);
+    options.set_credentials(user, password);
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut events) = AsyncClient::new(options, 64);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return (client, events),
+            Ok(Ok(_)) => {}
+            other => panic!("{user} cannot connect: {other:?}"),
+        }
+    }
+}
+
+/// Drives an event loop until `until` returns true for an incoming publish.
+async fn wait_publish(events: &mut EventLoop, what: &str, until: impl Fn(&str, &[u8]) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if until(&p.topic, &p.payload) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("waiting for {what}: {e}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_bad_tokens_huge_bodies_and_bad_json_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::start(&dir.path().join("m"), addr(free_port()), addr(free_port())).await;
+    let client = reqwest::Client::new();
+    let posts = [
+        "/v1/devices",
+        "/v1/releases",
+        "/v1/deployments",
+        "/v1/rollouts",
+    ];
+    let mut tried = 0;
+    for path in posts {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("bearer x"),
+            Some("Basic Zm9vOmJhcg=="),
+        ] {
+            let mut request = client.post(manager.url(path)).body("{}");
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{path} with {auth:?}");
+            let body: Value = response.json().await.unwrap();
+            assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+            tried += 1;
+        }
+        for (what, body, status) in [
+            ("bad JSON", b"{\"device_id\": ".to_vec(), 400),
+            ("not UTF-8", b"\xff\xfe\xfd".to_vec(), 400),
+            ("deeply nested", "[".repeat(100_000).into_bytes(), 400),
+            ("over the body limit", vec![b' '; 2 << 20], 413),
+        ] {
+            let response = manager
+                .request(reqwest::Method::POST, path)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), status, "{path}: {what}");
+            tried += 1;
+        }
+    }
+    assert!(tried >= 32);
+    // Nothing was created, and the manager still answers.
+    assert_eq!(manager.get("/v1/devices").await, json!([]));
+    assert_eq!(manager.get("/v1/releases").await, json!([]));
+    assert_eq!(manager.get("/v1/rollouts").await, json!([]));
+    manager.add_device("after", &[]).await;
+    manager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_device_messages_are_not_recorded_and_the_manager_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = addr(free_port());
+    let manager = Manager::start(&dir.path().join("m"), mqtt, addr(free_port())).await;
+    let password = manager.add_device("rogue-1", &[]).await;
+    let (device, mut events) = connect(mqtt.port(), "rogue-1", &password).await;
+    let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let mut sent = 0;
+    for (kind, cap) in [
+        ("reported", 256 << 10),
+        ("events", 64 << 10),
+        ("health", 64 << 10),
+        ("status", 4 << 10),
+    ] {
+        for (_, payload) in garbage(cap) {
+            device
+                .publish(
+                    format!("ferry/v1/devices/rogue-1/{kind}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    // Then one good health report: the manager records it, so it read
+    // everything before it and is still at work.
+    let health = json!({
+        "schema": 1, "time": "2026-01-01T00:00:00Z", "agent_version": "0.1.0", "uptime_secs": 5,
+        "cpu": { "usage_percent": 1.0, "load1": 0.1, "load5": 0.1, "load15": 0.1 },
+        "memory": { "total_bytes": 1000, "available_bytes": 500 },
+        "disk": { "path": "/", "total_bytes": 1000, "free_bytes": 500 },
+        "services": [],
+    });
+    device
+        .publish(
+            "ferry/v1/devices/rogue-1/health",
+            QoS::AtLeastOnce,
+            false,
+            health.to_string(),
+        )
+        .await
+        .unwrap();
+    let seen = manager
+        .wait_device("rogue-1", "the good health report", |d| {
+            !d["health"].is_null()
+        })
+        .await;
+    assert_eq!(seen["health"]["uptime_secs"], 5);
+    assert!(seen["reported"].is_null(), "garbage was recorded: {seen:#}");
+    let events_seen = manager.get("/v1/events?device=rogue-1").await;
+    assert_eq!(events_seen, json!([]), "garbage events were recorded");
+    let health_seen = manager.get("/v1/health?device=rogue-1").await;
+    assert_eq!(health_seen.as_array().unwrap().len(), 1, "{health_seen}");
+    assert_eq!(sent, 20);
+    pump.abort();
+    manager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_desired_states_are_refused_with_a_reason_and_the_agent_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = "pattern write ferry/v1/devices/%u/#\npattern read ferry/v1/devices/%u/desired\n\
+               user tester\ntopic write ferry/v1/devices/+/desired\ntopic read ferry/v1/devices/+/events\n\
+               topic read ferry/v1/devices/+/health\n";
+    let broker = Mosquitto::start(
+        dir.path(),
+        &[("gw-h", "device-pw"), ("tester", "tester-pw")],
+        acl,
+    );
+    let key = SecretKey::from_seed(&[51; 32]);
+    let trust = dir.path().join("ops.pub");
+    std::fs::write(&trust, key.public_key().to_text()).unwrap();
+    let agent = Agent::start(dir.path(), "gw-h", "device-pw", addr(broker.port), &trust);
+    let (tester, mut events) = connect(broker.port, "tester", "tester-pw").await;
+    tester
+        .subscribe("ferry/v1/devices/gw-h/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // The agent is up once it reports health.
+    wait_publish(&mut events, "the agent's first health report", |t, _| {
+        t.ends_with("/health")
+    })
+    .await;
+
+    let mut refused = 0;
+    for (name, payload) in garbage(1 << 20) {
+        tester
+            .publish(
+                "ferry/v1/devices/gw-h/desired",
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+        wait_publish(&mut events, name, |topic, payload| {
+            let Ok(event) = serde_json::from_slice::<Value>(payload) else {
+                return false;
+            };
+            topic.ends_with("/events")
+                && event["step"] == "verify"
+                && event["status"] == "failed"
+                && event["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("desired state"))
+        })
+        .await;
+        refused += 1;
+    }
+    assert_eq!(refused, 5);
+    // A desired state whose release is forged: refused before any download.
+    let forged = json!({
+        "schema": 1, "rollout": "x",
+        "releases": [{ "envelope": { "schema": 1, "manifest": "e30=", "signatures": [] } }],
+    });
+    tester
+        .publish(
+            "ferry/v1/devices/gw-h/desired",
+            QoS::AtLeastOnce,
+            false,
+            forged.to_string(),
+        )
+        .await
+        .unwrap();
+    wait_publish(
+        &mut events,
+        "the forged release's refusal",
+        |topic, payload| {
+            topic.ends_with("/events")
+                && serde_json::from_slice::<Value>(payload).is_ok_and(|e| {
+                    e["status"] == "failed"
+                        && e["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("release that does not read"))
+                })
+        },
+    )
+    .await;
+    // Far past any limit: the MQTT layer drops the connection; the agent
+    // reconnects and goes on (checked below by its health reports).
+    tester
+        .publish(
+            "ferry/v1/devices/gw-h/desired",
+            QoS::AtLeastOnce,
+            false,
+            vec![b' '; 3 << 20],
+        )
+        .await
+        .unwrap();
+    // Still alive: health keeps coming.
+    wait_publish(&mut events, "health after all that", |t, _| {
+        t.ends_with("/health")
+    })
+    .await;
+    assert!(!agent.data_dir.join("services").join("x").exists());
+    agent.stop().await;
+}
