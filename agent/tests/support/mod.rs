@@ -74,7 +74,19 @@ impl Rig {
 
     /// A device that says it is `target`.
     pub fn with_target(target: &str) -> Self {
+        Self::build(target, |_| {})
+    }
+
+    /// A rig whose data directory is prepared by `prepare` (given its path,
+    /// not yet created) before the agent first opens it: a small filesystem
+    /// mounted there, say.
+    pub fn with_data_dir(prepare: impl FnOnce(&Path)) -> Self {
+        Self::build(ferry_agent::BUILD_TARGET, prepare)
+    }
+
+    fn build(target: &str, prepare: impl FnOnce(&Path)) -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        prepare(&tmp.path().join("data"));
         let key = SecretKey::from_seed(&[42; 32]);
         let pub_path = tmp.path().join("ops.pub");
         fs::write(&pub_path, key.public_key().to_text()).unwrap();
