@@ -10,11 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferry_cross::{PackageRequest, package};
-use ferry_protocol::manifest::ArtifactKind;
 use ferry_protocol::messages::Outcome;
-use ferry_protocol::{RelPath, ServiceName, Target};
-use support::{Build, Rig, compile};
+use support::{Build, Rig};
 
 /// Unmounts the tmpfs when the test ends, however it ends.
 struct Mounted(PathBuf);
@@ -55,31 +52,10 @@ async fn running_out_of_space_mid_unpack_fails_cleanly_and_gives_the_space_back(
     let (bytes_before, inodes_before) = free(&rig.data());
 
     // 2.0.0: the program and 400 small files, more than the inodes left.
-    let tree = rig.tmp.path().join("tree-many");
-    fs::create_dir_all(tree.join("bin")).unwrap();
-    fs::create_dir_all(tree.join("data")).unwrap();
-    compile(&tree.join("bin/api"), "2.0.0", &rig.out, Build::SERVE);
-    for i in 0..400 {
-        fs::write(tree.join(format!("data/f{i:03}")), format!("{i}\n")).unwrap();
-    }
-    let packaged = package(
-        &PackageRequest {
-            dir: tree,
-            service: ServiceName::new("api").unwrap(),
-            version: "2.0.0".parse().unwrap(),
-            entrypoint: RelPath::new("bin/api").unwrap(),
-            sequence: 2,
-            target: Target::new(ferry_agent::BUILD_TARGET).unwrap(),
-            kind: Some(ArtifactKind::C),
-            expires: None,
-            build: Default::default(),
-            health: Default::default(),
-            reload: Vec::new(),
-        },
-        &rig.tmp.path().join("out-many"),
-    )
-    .unwrap();
-    let v2 = rig.sign(packaged.manifest, packaged.artifact);
+    let files: Vec<(String, Vec<u8>)> = (0..400)
+        .map(|i| (format!("data/f{i:03}"), format!("{i}\n").into_bytes()))
+        .collect();
+    let v2 = rig.release_with("2.0.0", 2, Build::SERVE, &files, |_| {});
     let result = rig.install(&v2).await;
     assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
     let reason = result.reason.unwrap_or_default();

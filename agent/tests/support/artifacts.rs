@@ -15,6 +15,8 @@ struct Files {
     by_sha: HashMap<String, Vec<u8>>,
     /// Artifacts whose next transfer is cut halfway.
     cut_next: Vec<String>,
+    /// Artifacts whose next transfers are cut after these many bytes, in turn.
+    cut_after: HashMap<String, std::collections::VecDeque<usize>>,
     /// The Range header of every request, "" when none.
     ranges: Vec<String>,
 }
@@ -52,6 +54,19 @@ impl ArtifactServer {
         self.files.lock().unwrap().cut_next.push(sha);
     }
 
+    /// Cuts the next transfers of `url`'s artifact, the first after
+    /// `bytes[0]` bytes of its body, the next after `bytes[1]`...
+    pub fn cut_after(&self, url: &str, bytes: &[usize]) {
+        let sha = url.rsplit('/').next().unwrap().to_string();
+        self.files
+            .lock()
+            .unwrap()
+            .cut_after
+            .entry(sha)
+            .or_default()
+            .extend(bytes);
+    }
+
     pub fn ranges(&self) -> Vec<String> {
         self.files.lock().unwrap().ranges.clone()
     }
@@ -76,9 +91,13 @@ async fn serve(
         let cut = match files.cut_next.iter().position(|s| *s == sha) {
             Some(i) => {
                 files.cut_next.remove(i);
-                true
+                Some(None)
             }
-            None => false,
+            None => files
+                .cut_after
+                .get_mut(&sha)
+                .and_then(|queue| queue.pop_front())
+                .map(Some),
         };
         (bytes, cut)
     };
@@ -93,10 +112,11 @@ async fn serve(
     let total = bytes.len();
     let body = bytes[start..].to_vec();
     let len = body.len();
-    let stream_body = if cut {
-        // Half the bytes, a pause so they reach the client, then the link breaks.
+    let stream_body = if let Some(after) = cut {
+        // Some bytes (half by default), a pause so they reach the client,
+        // then the link breaks.
         use futures_util::StreamExt;
-        let half = body[..len / 2].to_vec();
+        let half = body[..after.unwrap_or(len / 2).min(len)].to_vec();
         let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) });
         let cut = futures_util::stream::once(async {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;

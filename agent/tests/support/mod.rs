@@ -128,8 +128,25 @@ impl Rig {
         build: Build,
         tweak: impl FnOnce(&mut Manifest),
     ) -> Release {
+        self.release_with(version, sequence, build, &[], tweak)
+    }
+
+    /// Like [`Rig::release`], with `extra` files (path in the release, contents).
+    pub fn release_with(
+        &self,
+        version: &str,
+        sequence: u64,
+        build: Build,
+        extra: &[(String, Vec<u8>)],
+        tweak: impl FnOnce(&mut Manifest),
+    ) -> Release {
         let tree = self.tmp.path().join(format!("tree-{version}-{sequence}"));
         fs::create_dir_all(tree.join("bin")).unwrap();
+        for (path, bytes) in extra {
+            let path = tree.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, bytes).unwrap();
+        }
         fs::write(tree.join("etc.conf"), format!("version = {version}\n")).unwrap();
         compile(&tree.join("bin/api"), version, &self.out, build);
         let target = if build.arm {
@@ -178,6 +195,19 @@ impl Rig {
         manifest.artifact.sha256 = Sha256Digest::of(bytes);
         manifest.artifact.size = bytes.len() as u64;
         self.sign(manifest, path)
+    }
+
+    /// Installs `release` downloading its artifact from `url`.
+    pub async fn install_from(&mut self, release: &Release, url: &str) -> DeploymentResult {
+        self.installer
+            .install(InstallRequest {
+                envelope: release.envelope.clone(),
+                source: ArtifactSource::Url(url.to_owned()),
+                rollout: None,
+                retry_failed: true,
+            })
+            .await
+            .unwrap()
     }
 
     pub async fn install(&mut self, release: &Release) -> DeploymentResult {
