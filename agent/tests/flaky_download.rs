@@ -64,7 +64,10 @@ async fn a_download_cut_at_random_offsets_resumes_every_time_and_installs() {
     }
     // The agent retries a cut download itself a few times within one
     // install; what matters is where each request started.
-    println!("seed {seed:#x}: {attempts} install attempts for {} cuts", cuts.len());
+    println!(
+        "seed {seed:#x}: {attempts} install attempts for {} cuts",
+        cuts.len()
+    );
 
     // Each request after the first started where the previous one stopped:
     // the start offsets grow by exactly the bytes each cut transfer carried.

@@ -12,20 +12,7 @@ use std::process::{Command, Stdio};
 use ferry_protocol::manifest::Probe;
 use ferry_protocol::messages::{Outcome, Step, StepStatus};
 use ferry_protocol::{Envelope, SecretKey};
-use support::{ARM, Build, Rig, eventually};
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
-fn exe_of(pid: u32) -> String {
-    fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
-}
+use support::{ARM, Build, Rig, eventually, exe_of, pid_alive};
 
 #[tokio::test]
 async fn install_then_upgrade_restarts_the_service_with_the_new_binary() {

@@ -22,6 +22,21 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 pub const ARM: &str = "armv7-unknown-linux-gnueabihf";
 
+/// Whether process `pid` runs (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// The program process `pid` runs.
+pub fn exe_of(pid: u32) -> String {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 /// How to build a release's program.
 #[derive(Debug, Clone, Copy)]
 pub struct Build {
