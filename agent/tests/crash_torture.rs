@@ -21,18 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Build, Release, Rig, exe_of, pid_alive};
-
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use support::{Build, Release, Rig, Seeded, exe_of, pid_alive};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -6,19 +6,7 @@ mod support;
 
 use ferry_protocol::messages::Outcome;
 use support::artifacts::ArtifactServer;
-use support::{Build, Rig};
-
-/// A small deterministic generator (xorshift), so the offsets repeat.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use support::{Build, Rig, Seeded};
 
 #[tokio::test]
 async fn a_download_cut_at_random_offsets_resumes_every_time_and_installs() {

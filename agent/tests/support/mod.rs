@@ -22,6 +22,18 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 pub const ARM: &str = "armv7-unknown-linux-gnueabihf";
 
+/// A small deterministic generator (xorshift): seeded tests repeat exactly.
+pub struct Seeded(pub u64);
+
+impl Seeded {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Whether process `pid` runs (and is not a zombie).
 pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
