@@ -457,3 +457,57 @@ async fn the_last_will_marks_a_killed_agent_offline() {
         .await;
     assert_eq!(status.agent_version, None);
 }
+
+#[tokio::test]
+async fn the_broker_going_down_mid_download_and_losing_retained_state_does_not_stop_an_install() {
+    let rig = Rig::new();
+    let mut broker = Mosquitto::start(rig.tmp.path(), "");
+    let server = ArtifactServer::start().await;
+    let mut watcher = Watcher::connect(&broker).await;
+    let _agent = Agent::start(&rig, "broker-down", Some(&broker.url()), None);
+    watcher
+        .wait_for::<Status>("status", "the agent to come online", |s| {
+            s.state == Connectivity::Online
+        })
+        .await;
+
+    // 1 MiB of noise, sent 32 KiB every 50 ms: a download of about 2 s.
+    let mut random = support::Seeded(0xB40C_E2);
+    let noise: Vec<u8> = (0..(1 << 20) / 8)
+        .flat_map(|_| random.next().to_le_bytes())
+        .collect();
+    let v1 = rig.release_with(
+        "1.0.0",
+        1,
+        Build::SERVE,
+        &[("data/noise".into(), noise)],
+        |_| {},
+    );
+    let url = server.add(std::fs::read(&v1.artifact).unwrap());
+    server.throttle(&url, 32 << 10, Duration::from_millis(50));
+    watcher.set_desired(&[(&v1, &url)]).await;
+    watcher
+        .wait_for::<Event>("events", "the download to start", |e| {
+            e.step == Step::Download && e.status == StepStatus::Started
+        })
+        .await;
+
+    // The broker dies mid-download and comes back with nothing retained.
+    broker.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.start_again();
+
+    // The download went on over HTTP; once reconnected the agent reports
+    // the release installed, without its desired state being sent again.
+    watcher
+        .wait_for::<Reported>("reported", "v1 installed after the outage", |r| {
+            runs(r, "1.0.0")
+        })
+        .await;
+    // The desired state is restored (as the manager does on reconnecting):
+    // nothing is installed twice.
+    watcher.set_desired(&[(&v1, &url)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let full_downloads = server.ranges().iter().filter(|r| r.is_empty()).count();
+    assert_eq!(full_downloads, 1, "{:?}", server.ranges());
+}

@@ -9,12 +9,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ferry_protocol::Sha256Digest;
+use futures_util::StreamExt as _;
 
 #[derive(Default)]
 struct Files {
     by_sha: HashMap<String, Vec<u8>>,
     /// Artifacts whose next transfer is cut halfway.
     cut_next: Vec<String>,
+    /// Artifacts sent slowly: (chunk size, pause between chunks).
+    throttled: HashMap<String, (usize, std::time::Duration)>,
     /// Artifacts whose next transfers are cut after these many bytes, in turn.
     cut_after: HashMap<String, std::collections::VecDeque<usize>>,
     /// The Range header of every request, "" when none.
@@ -67,6 +70,17 @@ impl ArtifactServer {
             .extend(bytes);
     }
 
+    /// Sends `url`'s artifact `chunk` bytes at a time with `pause` between,
+    /// like a slow link.
+    pub fn throttle(&self, url: &str, chunk: usize, pause: std::time::Duration) {
+        let sha = url.rsplit('/').next().unwrap().to_string();
+        self.files
+            .lock()
+            .unwrap()
+            .throttled
+            .insert(sha, (chunk, pause));
+    }
+
     pub fn ranges(&self) -> Vec<String> {
         self.files.lock().unwrap().ranges.clone()
     }
@@ -82,7 +96,7 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let (bytes, cut) = {
+    let (bytes, cut, throttle) = {
         let mut files = files.lock().unwrap();
         files.ranges.push(range.clone());
         let Some(bytes) = files.by_sha.get(&sha).cloned() else {
@@ -99,7 +113,8 @@ async fn serve(
                 .and_then(|queue| queue.pop_front())
                 .map(Some),
         };
-        (bytes, cut)
+        let throttle = files.throttled.get(&sha).copied();
+        (bytes, cut, throttle)
     };
     let start: usize = range
         .strip_prefix("bytes=")
@@ -123,6 +138,13 @@ async fn serve(
             Err(std::io::Error::other("link cut"))
         });
         Body::from_stream(first.chain(cut))
+    } else if let Some((chunk, pause)) = throttle {
+        let chunks: Vec<Vec<u8>> = body.chunks(chunk.max(1)).map(<[u8]>::to_vec).collect();
+        let slow = futures_util::stream::iter(chunks).then(move |piece| async move {
+            tokio::time::sleep(pause).await;
+            Ok::<_, std::io::Error>(piece)
+        });
+        Body::from_stream(slow)
     } else {
         Body::from(body)
     };

@@ -37,6 +37,17 @@ impl Mosquitto {
         self.child = spawn(&self.config, self.port);
     }
 
+    /// Kills the broker (until [`Mosquitto::start_again`]).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a broker again on the same port, with nothing retained.
+    pub fn start_again(&mut self) {
+        self.child = spawn(&self.config, self.port);
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
