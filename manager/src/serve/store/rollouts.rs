@@ -377,15 +377,32 @@ impl Store {
         release: (&str, &str),
         outcome: Option<(DeviceStep, Option<&str>)>,
     ) -> Result<bool> {
-        let Some(rollout) = self.rollout(id)? else {
+        // Only the rollout's head: this runs for every progress event, and a
+        // rollout's device list can be the whole fleet.
+        let head = self
+            .db()
+            .query_row(
+                "SELECT service, version, plan FROM rollouts WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((service, version, plan)) = head else {
             return Ok(false);
         };
-        if rollout.service != release.0 {
+        if service != release.0 {
             return Ok(false);
         }
-        let (step, reason) = if rollout.version == release.1 {
+        let plan: Plan = serde_json::from_str(&plan)?;
+        let (step, reason) = if version == release.1 {
             outcome.unwrap_or((DeviceStep::Installing, None))
-        } else if rollout.plan.revert_to.as_deref() == Some(release.1) {
+        } else if plan.revert_to.as_deref() == Some(release.1) {
             match outcome {
                 None => return Ok(false),
                 Some((DeviceStep::Installed, _)) => (DeviceStep::Reverted, None),
