@@ -240,11 +240,23 @@ impl Store {
 
     /// Rollouts that are running or paused.
     pub fn open_rollouts(&self) -> Result<Vec<RolloutRow>> {
-        Ok(self
-            .rollouts()?
-            .into_iter()
-            .filter(|r| matches!(r.state, RolloutState::Running | RolloutState::Paused))
-            .collect())
+        // Only open ones are read: the engine asks every second, and
+        // finished rollouts pile up.
+        let ids: Vec<i64> = {
+            let db = self.db();
+            let mut stmt = db.prepare(
+                "SELECT id FROM rollouts WHERE state IN ('running', 'paused') ORDER BY id DESC",
+            )?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(rollout) = self.rollout(id)? {
+                out.push(rollout);
+            }
+        }
+        Ok(out)
     }
 
     /// One rollout with its devices.
