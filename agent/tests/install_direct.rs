@@ -529,12 +529,7 @@ async fn an_agent_killed_during_the_health_gate_finishes_the_install_when_it_res
         !pid_alive(orphan),
         "the killed agent's service process still runs"
     );
-    let running: Vec<u32> = rig
-        .records()
-        .iter()
-        .filter(|r| r.0 == "start" && pid_alive(r.2))
-        .map(|r| r.2)
-        .collect();
+    let running = rig.live_service_pids();
     assert_eq!(
         running.len(),
         1,

@@ -5,6 +5,7 @@
 pub mod artifacts;
 pub mod broker;
 pub mod container;
+pub mod torture;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,8 @@ pub struct Release {
     pub manifest: Manifest,
     pub envelope: Envelope,
     pub artifact: PathBuf,
+    /// The directory it was packaged from, when the rig built it.
+    pub tree: Option<PathBuf>,
 }
 
 pub struct Rig {
@@ -183,7 +186,7 @@ impl Rig {
         };
         let packaged = package(
             &PackageRequest {
-                dir: tree,
+                dir: tree.clone(),
                 service: ServiceName::new("api").unwrap(),
                 version: version.parse().unwrap(),
                 entrypoint: RelPath::new("bin/api").unwrap(),
@@ -201,7 +204,10 @@ impl Rig {
         let mut manifest = packaged.manifest;
         manifest.health.window_secs = 1;
         tweak(&mut manifest);
-        self.sign(manifest, packaged.artifact)
+        Release {
+            tree: Some(tree),
+            ..self.sign(manifest, packaged.artifact)
+        }
     }
 
     /// Signs `manifest` with the trusted key.
@@ -211,6 +217,7 @@ impl Rig {
             manifest,
             envelope,
             artifact,
+            tree: None,
         }
     }
 
@@ -287,6 +294,15 @@ impl Rig {
                 let mut f = l.split(' ');
                 Some((f.next()?.into(), f.next()?.into(), f.next()?.parse().ok()?))
             })
+            .collect()
+    }
+
+    /// The service processes that recorded a start and still run.
+    pub fn live_service_pids(&self) -> Vec<u32> {
+        self.records()
+            .iter()
+            .filter(|r| r.0 == "start" && pid_alive(r.2))
+            .map(|r| r.2)
             .collect()
     }
 
