@@ -1,5 +1,5 @@
-//! Harness for end-to-end tests: a manager (`ferry serve`, in-process, on
-//! free loopback ports), agents (the agent library's daemon, in-process,
+//! Harness for end-to-end tests: a manager (`ferry serve`, in-process or
+//! as a process of its own, on free loopback ports), agents (the agent library's daemon, in-process,
 //! each with its own data directory and direct supervisor, or the ARMv7
 //! device binary as a process under qemu-arm), and signed releases of a
 //! real C service built with the machine's `cc`.
@@ -32,9 +32,33 @@ pub struct Manager {
     pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     pub token: String,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    running: Running,
     client: reqwest::Client,
+}
+
+/// How a manager runs.
+enum Running {
+    /// On a runtime and thread of its own in this process.
+    InProcess {
+        stop: Option<oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+    /// As `ferry serve`, a process of its own (that a test can kill).
+    Process(std::process::Child),
+}
+
+/// The `ferry` binary, built like the manager's own tests build it (a no-op
+/// when it is up to date).
+pub fn ferry_binary() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build", "--locked", "-p", "ferry", "--bin", "ferry"])
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "building ferry failed");
+    workspace.join("target/debug/ferry")
 }
 
 impl Manager {
@@ -63,7 +87,7 @@ impl Manager {
 
     /// Starts a manager with exactly this configuration.
     pub async fn start_configured(config: ServeConfig) -> Self {
-        // HTTP clients in this process use rustls with ring.
+        // The manager and the HTTP clients in this process use rustls with ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (data_dir, mqtt, http) = (
             config.data_dir.clone(),
@@ -86,9 +110,53 @@ impl Manager {
                 .unwrap();
             runtime.shutdown_timeout(Duration::from_secs(2));
         });
+        let running = Running::InProcess {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        Self::when_up(data_dir, mqtt, http, running).await
+    }
+
+    /// Starts `ferry serve` (the binary from [`ferry_binary`]) as a process,
+    /// with the embedded broker, keeping state in `data_dir`.
+    pub async fn start_process(
+        binary: &Path,
+        data_dir: &Path,
+        mqtt: SocketAddr,
+        http: SocketAddr,
+    ) -> Self {
+        let log = data_dir.with_extension("log");
+        std::fs::create_dir_all(data_dir).unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .args(["--mqtt-listen", &mqtt.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        Self::when_up(data_dir.to_owned(), mqtt, http, Running::Process(child)).await
+    }
+
+    async fn when_up(
+        data_dir: PathBuf,
+        mqtt: SocketAddr,
+        http: SocketAddr,
+        running: Running,
+    ) -> Self {
+        // HTTP clients in this process use rustls with ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::new();
         let url = format!("http://{http}/healthz");
-        for _ in 0..200 {
+        for _ in 0..400 {
             if client.get(&url).send().await.is_ok() {
                 break;
             }
@@ -101,21 +169,41 @@ impl Manager {
         Self {
             http,
             mqtt,
-            data_dir: data_dir.to_owned(),
+            data_dir,
             token,
-            stop: Some(stop),
-            thread: Some(thread),
+            running,
             client,
         }
     }
 
     /// Stops the manager, as a process exit would: every task and connection ends.
     pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        match &mut self.running {
+            Running::InProcess { stop, thread } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(thread) = thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+            }
+            Running::Process(child) => {
+                use nix::sys::signal::{Signal, kill};
+                use nix::unistd::Pid;
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+                let _ = child.wait();
+            }
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+
+    /// Kills a manager process with SIGKILL: no shutdown of any kind.
+    pub fn kill(mut self) {
+        match &mut self.running {
+            Running::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Running::InProcess { .. } => panic!("only a manager process can be killed"),
         }
     }
 
@@ -187,6 +275,21 @@ impl Manager {
         assert!(post.status().is_success(), "publish: {}", post.status());
     }
 
+    /// How many times `device` committed `version` of `api`, from its events.
+    pub async fn commits(&self, device: &str, version: &str) -> usize {
+        let events = self.get(&format!("/v1/events?device={device}")).await;
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["message"]["step"] == "commit"
+                    && e["message"]["status"] == "succeeded"
+                    && e["message"]["release"]["version"] == version
+            })
+            .count()
+    }
+
     /// A device's view, once `check` holds (or panics after `limit`).
     pub async fn wait_device(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -200,6 +303,15 @@ impl Manager {
                 "timed out waiting for {id}: {what}\n{device:#}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if let Running::Process(child) = &mut self.running {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

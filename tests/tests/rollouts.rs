@@ -146,21 +146,6 @@ fn devices(rollout: &Value) -> Vec<Value> {
     rollout["devices"].as_array().cloned().unwrap_or_default()
 }
 
-/// How many times `device` committed `version` of `api`, from its events.
-async fn commits(manager: &Manager, device: &str, version: &str) -> usize {
-    let events = manager.get(&format!("/v1/events?device={device}")).await;
-    events
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| {
-            e["message"]["step"] == "commit"
-                && e["message"]["status"] == "succeeded"
-                && e["message"]["release"]["version"] == version
-        })
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_wave_rollout_completes_wave_after_wave() {
     let fleet = Fleet::new(5).await;
@@ -295,7 +280,7 @@ async fn a_manager_restarted_mid_rollout_resumes_without_sending_twice() {
         let device = format!("dev-{i}");
         fleet.wait_version(&device, "2.0.0").await;
         assert_eq!(
-            commits(fleet.manager(), &device, "2.0.0").await,
+            fleet.manager().commits(&device, "2.0.0").await,
             1,
             "{device} installed 2.0.0 more than once"
         );

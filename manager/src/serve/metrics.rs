@@ -283,6 +283,7 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
         "failed",
         "rolled_back",
         "rejected",
+        "superseded",
     ] {
         deployments.with_label_values(&[status]).set(0);
     }

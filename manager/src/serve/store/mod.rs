@@ -384,12 +384,12 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         let time = now();
+        let service: String =
+            tx.query_row("SELECT service FROM deployments WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
         for (device, payload) in desired {
-            tx.execute(
-                "INSERT INTO desired (device_id, payload) VALUES (?1, ?2)
-                 ON CONFLICT (device_id) DO UPDATE SET payload = ?2",
-                params![device, payload],
-            )?;
+            set_desired(&tx, device, payload, &service, &format!("deployment {id}"))?;
             tx.execute(
                 "INSERT INTO deployment_devices (deployment_id, device_id, status, updated) VALUES (?1, ?2, 'pending', ?3)",
                 params![id, device, time],
@@ -477,4 +477,29 @@ impl Store {
             [cutoff],
         )?)
     }
+}
+
+/// Sets a device's desired state (within `tx`). Its entries in earlier
+/// deployments of `service` that have not ended are marked `superseded`:
+/// the device no longer holds their release as desired, and would otherwise
+/// show as pending forever.
+fn set_desired(
+    tx: &rusqlite::Transaction,
+    device: &str,
+    payload: &str,
+    service: &str,
+    by: &str,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO desired (device_id, payload) VALUES (?1, ?2)
+         ON CONFLICT (device_id) DO UPDATE SET payload = ?2",
+        params![device, payload],
+    )?;
+    tx.execute(
+        "UPDATE deployment_devices SET status = 'superseded', reason = ?3, updated = ?4
+         WHERE device_id = ?1 AND status IN ('pending', 'installing')
+           AND deployment_id IN (SELECT id FROM deployments WHERE service = ?2)",
+        params![device, service, format!("replaced by {by}"), now()],
+    )?;
+    Ok(())
 }

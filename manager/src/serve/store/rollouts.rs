@@ -7,7 +7,7 @@
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
-use super::{Result, Store, now};
+use super::{Result, Store, now, set_desired};
 use crate::serve::rollout::{Plan, RolloutState};
 
 /// Where one device is in a rollout.
@@ -341,11 +341,11 @@ impl Store {
             return Ok(false);
         }
         let time = now();
-        tx.execute(
-            "INSERT INTO desired (device_id, payload) VALUES (?1, ?2)
-             ON CONFLICT (device_id) DO UPDATE SET payload = ?2",
-            params![device, desired],
-        )?;
+        let service: String =
+            tx.query_row("SELECT service FROM rollouts WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
+        set_desired(&tx, device, desired, &service, &format!("rollout {id}"))?;
         tx.execute(
             "UPDATE rollout_devices SET status = ?3, reason = NULL, sent_at = ?4, updated = ?4
              WHERE rollout_id = ?1 AND device_id = ?2",
