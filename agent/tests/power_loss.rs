@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use support::torture::{
     AgentProcess, DURABLE_SYSCALLS, Known, assert_old_or_new, assert_recovers, env_or,
-    journal_phase,
+    journal_phase, strace_line,
 };
 use support::{Build, Rig};
 
@@ -183,12 +183,7 @@ fn kill_programs_under(dir: &Path) {
 fn crash_points(log: &Path) -> Vec<(&'static str, usize)> {
     let text = fs::read_to_string(log).unwrap();
     let mut per_thread = BTreeMap::<(&str, &str), usize>::new();
-    for line in text.lines() {
-        // "PID  call(...) = result", the pid padded to five columns.
-        let Some((tid, call)) = line.split_once(' ') else {
-            continue;
-        };
-        let call = call.trim_start();
+    for (tid, call) in text.lines().filter_map(strace_line) {
         if let Some(name) = DURABLE_SYSCALLS
             .iter()
             .find(|name| call.starts_with(&format!("{name}(")))

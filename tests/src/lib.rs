@@ -1,8 +1,8 @@
 //! Harness for end-to-end tests: a manager (`ferry serve`, in-process or
-//! as a process of its own, on free loopback ports), agents (the agent library's daemon, in-process,
-//! each with its own data directory and direct supervisor, or the ARMv7
-//! device binary as a process under qemu-arm), and signed releases of a
-//! real C service built with the machine's `cc`.
+//! as a process of its own, on free loopback ports), agents (the agent
+//! library's daemon, in-process, each with its own data directory and direct
+//! supervisor, or the ARMv7 device binary as a process under qemu-arm), and
+//! signed releases of a real C service built with the machine's `cc`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -196,15 +196,13 @@ impl Manager {
         }
     }
 
-    /// Kills a manager process with SIGKILL: no shutdown of any kind.
-    pub fn kill(mut self) {
-        match &mut self.running {
-            Running::Process(child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            Running::InProcess { .. } => panic!("only a manager process can be killed"),
-        }
+    /// Kills a manager process with SIGKILL (what dropping it does): no
+    /// shutdown of any kind.
+    pub fn kill(self) {
+        assert!(
+            matches!(self.running, Running::Process(_)),
+            "only a manager process can be killed"
+        );
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -308,6 +306,7 @@ impl Manager {
 }
 
 impl Drop for Manager {
+    /// A manager process is killed with SIGKILL.
     fn drop(&mut self) {
         if let Running::Process(child) = &mut self.running {
             let _ = child.kill();

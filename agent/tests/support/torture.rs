@@ -141,13 +141,10 @@ impl AgentProcess {
         }
         // The injected call is the one that never returned.
         text.lines()
-            .find(|l| l.contains(&format!(" {syscall}(")) && l.ends_with("= ?"))
-            .map(|l| {
-                l.split_once(' ')
-                    .map_or(l, |(_, call)| call)
-                    .trim()
-                    .to_owned()
-            })
+            .filter_map(strace_line)
+            .map(|(_, call)| call)
+            .find(|call| call.starts_with(&format!("{syscall}(")) && call.ends_with("= ?"))
+            .map(str::to_owned)
     }
 
     fn strace(&self, release: &Release, log: &Path, inject: Option<(&str, usize)>) -> Child {
@@ -170,6 +167,13 @@ impl AgentProcess {
             .spawn()
             .expect("strace not found (scripts/setup installs it)")
     }
+}
+
+/// A line of an `strace -f` log as (thread id, the call and its result).
+pub fn strace_line(line: &str) -> Option<(&str, &str)> {
+    // "PID  call(...) = result", the pid padded to five columns.
+    let (tid, call) = line.split_once(' ')?;
+    Some((tid, call.trim()))
 }
 
 fn kill(mut child: Child) {
