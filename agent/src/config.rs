@@ -13,6 +13,13 @@
 //! [trust]
 //! keys = ["/etc/ferry/ops.pub"]       # public key files
 //! threshold = 1
+//! [transfer]                          # optional: how artifacts are fetched
+//! transport = "auto"                  # auto (HTTP, else MQTT) | http | mqtt
+//! block_size = 65536                  # bytes per MQTT block, 1 KiB to 256 KiB
+//! blocks_per_request = 16
+//! requests_in_flight = 2
+//! retry_after = "10s"                 # ask again for blocks that did not come
+//! give_up_after = "2m"                # no new byte for this long ends the attempt
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -55,6 +62,89 @@ pub struct Config {
     /// Ceilings on any release.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How artifacts are fetched.
+    #[serde(default)]
+    pub transfer: TransferConfig,
+}
+
+/// How artifacts travel to the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// HTTP from the URL in the desired state; MQTT blocks when that URL
+    /// cannot be reached or there is none.
+    #[default]
+    Auto,
+    /// HTTP only.
+    Http,
+    /// MQTT blocks only (sites that open only the broker's port).
+    Mqtt,
+}
+
+/// How artifacts are fetched, and the MQTT block transfer's flow control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransferConfig {
+    /// Which transport.
+    pub transport: Transport,
+    /// Bytes per MQTT block.
+    pub block_size: u32,
+    /// Blocks asked for in one request.
+    pub blocks_per_request: u32,
+    /// Requests outstanding at once: with the two above, the most bytes
+    /// in flight (and held in memory out of order).
+    pub requests_in_flight: u32,
+    /// Silence after which blocks not yet received are asked for again.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Time without a new byte after which the attempt ends; the worker
+    /// tries again later, resuming from what it holds.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        Self {
+            transport: Transport::Auto,
+            block_size: ferry_protocol::blocks::DEFAULT_BLOCK_SIZE,
+            blocks_per_request: 16,
+            requests_in_flight: 2,
+            retry_after: Duration::from_secs(10),
+            give_up_after: Duration::from_secs(120),
+        }
+    }
+}
+
+impl TransferConfig {
+    fn check(&self) -> Result<(), String> {
+        use ferry_protocol::blocks::{MAX_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, MIN_BLOCK_SIZE};
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size) {
+            return Err(format!(
+                "transfer.block_size = {} is outside {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}",
+                self.block_size
+            ));
+        }
+        if !(1..=MAX_BLOCKS_PER_REQUEST).contains(&self.blocks_per_request) {
+            return Err(format!(
+                "transfer.blocks_per_request = {} is outside 1 to {MAX_BLOCKS_PER_REQUEST}",
+                self.blocks_per_request
+            ));
+        }
+        if !(1..=64).contains(&self.requests_in_flight) {
+            return Err(format!(
+                "transfer.requests_in_flight = {} is outside 1 to 64",
+                self.requests_in_flight
+            ));
+        }
+        if self.retry_after.is_zero() || self.give_up_after < self.retry_after {
+            return Err(
+                "transfer.retry_after must be above zero and give_up_after at least as long"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Which supervisor runs the services.
@@ -191,7 +281,13 @@ impl Config {
 
     /// Parses configuration text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+        let config: Self =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))?;
+        config.transfer.check()?;
+        if config.transfer.transport == Transport::Mqtt && config.broker.is_none() {
+            return Err("transfer.transport = \"mqtt\" needs a [broker]".into());
+        }
+        Ok(config)
     }
 
     /// The device's target: configured, or the agent's own.
@@ -277,6 +373,37 @@ threshold = 1
         );
         let bad_interval = EXAMPLE.replace("\"30s\"", "\"soon\"");
         assert!(Config::parse(&bad_interval).unwrap_err().contains("soon"));
+        for (transfer, named) in [
+            ("transport = \"ftp\"", "ftp"),
+            ("block_size = 512", "block_size"),
+            ("block_size = 262145", "block_size"),
+            ("blocks_per_request = 0", "blocks_per_request"),
+            ("requests_in_flight = 0", "requests_in_flight"),
+            ("retry_after = \"0s\"", "retry_after"),
+            ("retry_after = \"1m\"\ngive_up_after = \"10s\"", "give_up_after"),
+        ] {
+            let text = format!("{EXAMPLE}[transfer]\n{transfer}\n");
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains(named), "{transfer}: {err}");
+        }
+        let offline_mqtt = EXAMPLE
+            .replace("[broker]\nurl = \"mqtt://manager.local:1883\"\nusername = \"gw-0042\"\npassword = \"secret\"\n", "")
+            + "[transfer]\ntransport = \"mqtt\"\n";
+        assert!(Config::parse(&offline_mqtt).unwrap_err().contains("needs a [broker]"));
+    }
+
+    #[test]
+    fn transfer_settings_parse() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(c.transfer, TransferConfig::default());
+        let text = format!(
+            "{EXAMPLE}[transfer]\ntransport = \"mqtt\"\nblock_size = 4096\nretry_after = \"2s\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.transfer.transport, Transport::Mqtt);
+        assert_eq!(c.transfer.block_size, 4096);
+        assert_eq!(c.transfer.retry_after, Duration::from_secs(2));
+        assert_eq!(c.transfer.blocks_per_request, 16);
     }
 
     #[test]

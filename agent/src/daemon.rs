@@ -21,8 +21,9 @@ use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, interval, sleep_until};
 
-use crate::config::Config;
+use crate::config::{Config, TransferConfig};
 use crate::device::{self, SetupError};
+use crate::fetch::{self, mqtt::BlockLink, mqtt::BlockSink};
 use crate::health::HealthProbe;
 use crate::inbox;
 use crate::install::{ArtifactSource, InstallRequest, Installer};
@@ -55,10 +56,19 @@ pub async fn run_with(
 ) -> Result<(), SetupError> {
     let _lock = device::lock_data_dir(&config)?;
     let (reporter, mut reports) = Reporter::channel();
-    let installer = device::installer(&config, reporter.clone())?;
+    let mut installer = device::installer(&config, reporter.clone())?;
     let supervisor = installer.supervisor().clone();
     let (desired_tx, desired_rx) = watch::channel::<Option<Desired>>(None);
     let (work_tx, work_rx) = mpsc::unbounded_channel();
+    let mut session = Session::new(&config).map_err(|message| {
+        SetupError::Config(crate::config::ConfigError::Parse {
+            path: config_path.map(Path::to_owned).unwrap_or_default(),
+            message,
+        })
+    })?;
+    if let Some(link) = session.block_link(&config.transfer) {
+        installer.set_block_link(link);
+    }
     tokio::spawn(worker(installer, desired_rx, work_rx, config.inbox.clone()));
 
     // The inbox and the config file are watched; changes arrive as `()`.
@@ -75,12 +85,6 @@ pub async fn run_with(
     let (config_tx, mut config_rx) = mpsc::unbounded_channel();
     let _config_watcher = config_path.and_then(|path| watch_file(path, config_tx));
 
-    let mut session = Session::new(&config).map_err(|message| {
-        SetupError::Config(crate::config::ConfigError::Parse {
-            path: config_path.map(Path::to_owned).unwrap_or_default(),
-            message,
-        })
-    })?;
     let mut health = HealthProbe::new(config.data_dir.clone());
     let mut health_tick = interval(config.health_interval);
     let mut last_reported: Option<Reported> = None;
@@ -323,23 +327,12 @@ async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
         if installer.state().has_failed(&manifest) {
             continue;
         }
-        let Some(url) = release.artifact_url.clone() else {
-            installer.reporter().step(
-                None,
-                desired.rollout.as_deref(),
-                Step::Download,
-                StepStatus::Failed,
-                Some(format!(
-                    "desired state gives no artifact URL for {}",
-                    manifest.service
-                )),
-            );
-            continue;
-        };
         let result = installer
             .install(InstallRequest {
                 envelope: release.envelope.clone(),
-                source: ArtifactSource::Url(url),
+                source: ArtifactSource::Remote {
+                    url: release.artifact_url.clone(),
+                },
                 rollout: desired.rollout.clone(),
                 retry_failed: false,
             })
@@ -387,6 +380,8 @@ enum SessionEvent {
 struct Session {
     device: DeviceId,
     mqtt: Option<(AsyncClient, EventLoop)>,
+    /// Where artifact blocks go, once the worker has the other end.
+    blocks: Option<BlockSink>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -403,9 +398,18 @@ impl Session {
         Ok(Self {
             device: config.device_id.clone(),
             mqtt,
+            blocks: None,
             retry_at: None,
             backoff: BACKOFF_MIN,
         })
+    }
+
+    /// The worker's end of a link for artifact blocks; none without a broker.
+    fn block_link(&mut self, settings: &TransferConfig) -> Option<BlockLink> {
+        let (client, _) = self.mqtt.as_ref()?;
+        let (sink, link) = fetch::mqtt::link(client.clone(), &self.device, settings);
+        self.blocks = Some(sink);
+        Some(link)
     }
 
     fn topic(&self, kind: TopicKind) -> String {
@@ -426,8 +430,13 @@ impl Session {
                 tracing::info!("connected to the broker");
                 self.backoff = BACKOFF_MIN;
                 let desired = Topic::new(self.device.clone(), TopicKind::Desired).to_string();
+                let blocks = Topic::new(self.device.clone(), TopicKind::Blocks).to_string();
                 let status = Topic::new(self.device.clone(), TopicKind::Status).to_string();
                 let _ = client.try_subscribe(desired, mqtt::qos(TopicKind::Desired));
+                let _ = client.try_subscribe(blocks, mqtt::qos(TopicKind::Blocks));
+                if let Some(sink) = &self.blocks {
+                    sink.connected();
+                }
                 let _ = client.try_publish(
                     status,
                     mqtt::qos(TopicKind::Status),
@@ -443,11 +452,20 @@ impl Session {
                     {
                         SessionEvent::Desired(publish.payload.to_vec())
                     }
+                    Ok(topic) if topic.device == self.device && topic.kind == TopicKind::Blocks => {
+                        if let Some(sink) = &self.blocks {
+                            sink.frame(publish.payload);
+                        }
+                        SessionEvent::Nothing
+                    }
                     _ => SessionEvent::Nothing,
                 }
             }
             Ok(_) => SessionEvent::Nothing,
             Err(e) => {
+                if let Some(sink) = &self.blocks {
+                    sink.disconnected();
+                }
                 tracing::warn!(retry_in = ?self.backoff, "broker connection: {e}");
                 self.retry_at = Some(Instant::now() + self.backoff);
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);

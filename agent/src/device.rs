@@ -6,7 +6,7 @@ use std::path::Path;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::config::{Config, ConfigError, SupervisorKind};
-use crate::fetch::Credentials;
+use crate::fetch::http::Credentials;
 use crate::install::{Installer, InstallerParts};
 use crate::layout::Layout;
 use crate::report::Reporter;
@@ -97,6 +97,7 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         reporter,
         http: http_client()?,
         credentials,
+        transfer: config.transfer,
     })
     .map_err(|error| SetupError::DataDir {
         path: config.data_dir.clone(),

@@ -21,8 +21,11 @@ use ferry_protocol::messages::{
 };
 use ferry_protocol::{Checks, Envelope, Manifest, ServiceName, Target, Timestamp, TrustPolicy};
 
+use crate::config::{TransferConfig, Transport};
 use crate::durable;
-use crate::fetch::{self, Credentials, FetchError};
+use crate::fetch::mqtt::BlockLink;
+use crate::fetch::http::Credentials;
+use crate::fetch::{self, FetchError};
 use crate::health_gate;
 use crate::journal::{self, Entry, MAX_ATTEMPTS, Phase};
 use crate::layout::Layout;
@@ -57,8 +60,12 @@ impl Default for AgentLimits {
 pub enum ArtifactSource {
     /// A local file: the offline `install` command or the inbox.
     File(PathBuf),
-    /// An HTTP(S) URL, from the desired state.
-    Url(String),
+    /// The manager, as the desired state names it: HTTP(S) from `url`
+    /// where there is one, or MQTT blocks, as the transfer settings say.
+    Remote {
+        /// The artifact's HTTP(S) URL, if the desired state gives one.
+        url: Option<String>,
+    },
 }
 
 /// One release to install.
@@ -100,6 +107,8 @@ pub struct Installer {
     reporter: Reporter,
     http: reqwest::Client,
     credentials: Option<Credentials>,
+    transfer: TransferConfig,
+    blocks: Option<BlockLink>,
     state: State,
 }
 
@@ -121,6 +130,8 @@ pub struct InstallerParts {
     pub http: reqwest::Client,
     /// Credentials for the artifact store.
     pub credentials: Option<Credentials>,
+    /// Which transport fetches artifacts, and the MQTT flow control.
+    pub transfer: TransferConfig,
 }
 
 impl Installer {
@@ -138,6 +149,8 @@ impl Installer {
             reporter: parts.reporter,
             http: parts.http,
             credentials: parts.credentials,
+            transfer: parts.transfer,
+            blocks: None,
             state,
         })
     }
@@ -188,6 +201,12 @@ impl Installer {
     /// The data directory's layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Gives the installer the MQTT session's block link, for artifacts
+    /// over MQTT.
+    pub fn set_block_link(&mut self, link: BlockLink) {
+        self.blocks = Some(link);
     }
 
     /// Replaces the trust policy (the agent's config changed).
@@ -430,7 +449,7 @@ impl Installer {
                         })
                     })
             }
-            ArtifactSource::Url(url) => self.download(manifest, url, rollout).await,
+            ArtifactSource::Remote { url } => self.download(manifest, url.as_deref(), rollout).await,
         };
         match fetched {
             Ok(path) => {
@@ -443,26 +462,58 @@ impl Installer {
         }
     }
 
-    /// Downloads with a few resumed retries, reporting progress every 5%.
+    /// Fetches from the manager over the configured transport, reporting
+    /// progress every 5%: HTTP with a few resumed retries, or MQTT blocks
+    /// (`auto` turns to MQTT when the HTTP endpoint cannot be reached, or
+    /// the desired state gives no URL). Both resume the same `.part`.
     async fn download(
+        &mut self,
+        manifest: &Manifest,
+        url: Option<&str>,
+        rollout: Option<&str>,
+    ) -> Result<PathBuf, FetchError> {
+        let transport = self.transfer.transport;
+        if let (Some(url), Transport::Auto | Transport::Http) = (url, transport) {
+            match self.download_http(manifest, url, rollout).await {
+                Err(e @ FetchError::Unreachable { .. })
+                    if transport == Transport::Auto && self.blocks.is_some() =>
+                {
+                    tracing::warn!(error = %e, "artifact store unreachable; fetching over MQTT");
+                }
+                other => return other,
+            }
+        } else if transport == Transport::Http {
+            return Err(FetchError::Transfer {
+                from: "the manager".into(),
+                have: 0,
+                reason: format!(
+                    "the desired state gives no artifact URL for {} and transfer.transport is \"http\"",
+                    manifest.service
+                ),
+            });
+        }
+        let Some(link) = self.blocks.as_mut() else {
+            return Err(FetchError::NoBroker);
+        };
+        let progress = progress_every_5_percent(self.reporter.clone(), release_ref(manifest), rollout);
+        fetch::mqtt::fetch(link, &manifest.artifact, &self.layout, &self.transfer, progress).await
+    }
+
+    async fn download_http(
         &mut self,
         manifest: &Manifest,
         url: &str,
         rollout: Option<&str>,
     ) -> Result<PathBuf, FetchError> {
         const ATTEMPTS: u32 = 3;
-        let release = release_ref(manifest);
+        // An endpoint that cannot be reached is not retried when MQTT can
+        // take over at once.
+        let can_fall_back = self.transfer.transport == Transport::Auto && self.blocks.is_some();
         let mut last_error = None;
         for attempt in 1..=ATTEMPTS {
-            let mut reported = 0u64;
-            let reporter = self.reporter.clone();
-            let progress = |done: u64, total: u64| {
-                if done == total || done.saturating_sub(reported) >= total / 20 {
-                    reported = done;
-                    reporter.progress(&release, rollout, Step::Download, done, total);
-                }
-            };
-            match fetch::download(
+            let progress =
+                progress_every_5_percent(self.reporter.clone(), release_ref(manifest), rollout);
+            match fetch::http::download(
                 &self.http,
                 url,
                 self.credentials.as_ref(),
@@ -473,7 +524,10 @@ impl Installer {
             .await
             {
                 Ok(path) => return Ok(path),
-                Err(e @ FetchError::Transfer { .. }) if attempt < ATTEMPTS => {
+                Err(e @ FetchError::Unreachable { .. }) if can_fall_back => return Err(e),
+                Err(e @ (FetchError::Transfer { .. } | FetchError::Unreachable { .. }))
+                    if attempt < ATTEMPTS =>
+                {
                     tracing::warn!(error = %e, attempt, "download interrupted; resuming");
                     tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt))).await;
                     last_error = Some(e);
@@ -482,7 +536,7 @@ impl Installer {
             }
         }
         Err(last_error.unwrap_or(FetchError::Transfer {
-            url: url.into(),
+            from: url.into(),
             have: 0,
             reason: "no attempt made".into(),
         }))
@@ -829,4 +883,19 @@ fn check_entrypoint(release: &Path, manifest: &Manifest, target: &Target) -> Res
         .and_then(|f| f.take(ELF_HEADER_LEN as u64).read_to_end(&mut header))
         .map_err(|e| format!("cannot read {what}: {e}"))?;
     check_elf(&header, target).map_err(|e| format!("{what}: {e}"))
+}
+
+/// A progress callback that reports a download at every 5% (and at the end).
+fn progress_every_5_percent(
+    reporter: Reporter,
+    release: ReleaseRef,
+    rollout: Option<&str>,
+) -> impl FnMut(u64, u64) + use<'_> {
+    let mut reported = 0u64;
+    move |done: u64, total: u64| {
+        if done == total || done.saturating_sub(reported) >= total / 20 {
+            reported = done;
+            reporter.progress(&release, rollout, Step::Download, done, total);
+        }
+    }
 }

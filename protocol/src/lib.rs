@@ -11,10 +11,14 @@
 //!   device decides whether to believe it.
 //! - [`digest`]: SHA-256 digests and the streaming artifact check.
 //! - [`elf`]: whether an executable's ELF header fits a target.
-//! - [`messages`]: desired, reported, events, health and status payloads.
+//! - [`messages`]: desired, reported, events, health, status and block
+//!   request payloads.
+//! - [`blocks`]: artifact blocks over MQTT, for devices that reach only the
+//!   broker.
 //! - [`schema`] (feature `schema`): JSON Schema for the published payloads.
 #![deny(missing_docs)]
 
+pub mod blocks;
 pub mod decode;
 pub mod digest;
 pub mod elf;

@@ -247,6 +247,90 @@ pub struct Progress {
     pub total: Option<u64>,
 }
 
+/// `fetch`: a device asks for a byte range of an artifact, to be sent as
+/// blocks of `block_size` bytes on its `blocks` topic (see
+/// [`crate::blocks`]). Many blocks per request keep requests rare on slow
+/// links; the device keeps a few requests in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct BlockRequest {
+    /// Payload schema version: 1 for this format.
+    pub schema: u32,
+    /// The artifact, by the SHA-256 its signed manifest names.
+    pub artifact: Sha256Digest,
+    /// First byte wanted.
+    pub offset: u64,
+    /// Bytes wanted from `offset` (the answer stops at the artifact's end).
+    pub length: u64,
+    /// Bytes per block, [`crate::blocks::MIN_BLOCK_SIZE`] to
+    /// [`crate::blocks::MAX_BLOCK_SIZE`].
+    pub block_size: u32,
+}
+
+impl Message for BlockRequest {
+    const KIND: TopicKind = TopicKind::Fetch;
+    const WHAT: &'static str = "block request";
+    const MAX_BYTES: usize = 1024;
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+
+    /// Reads a request and checks its block size and range.
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let request: Self = decode_json(Self::WHAT, bytes, Self::MAX_BYTES)?;
+        check_schema(Self::WHAT, request.schema, MESSAGE_SCHEMA)?;
+        request
+            .check()
+            .map_err(|reason| DecodeError::invalid(Self::WHAT, reason))?;
+        Ok(request)
+    }
+}
+
+impl BlockRequest {
+    /// Whether the block size and range are within the protocol's limits.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::blocks::{MAX_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, MIN_BLOCK_SIZE};
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size) {
+            return Err(format!(
+                "block size {} is outside {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes",
+                self.block_size
+            ));
+        }
+        if self.length == 0 {
+            return Err("asks for no bytes".into());
+        }
+        let blocks = self.length.div_ceil(u64::from(self.block_size));
+        if blocks > u64::from(MAX_BLOCKS_PER_REQUEST) {
+            return Err(format!(
+                "asks for {blocks} blocks; at most {MAX_BLOCKS_PER_REQUEST} per request"
+            ));
+        }
+        if self.offset.checked_add(self.length).is_none() {
+            return Err("range runs past the largest offset".into());
+        }
+        Ok(())
+    }
+
+    /// The blocks answering this request for an artifact of `size` bytes:
+    /// `(offset, length)` pairs, the last one cut at the artifact's end.
+    /// None when the range starts at or past the end.
+    pub fn blocks(&self, size: u64) -> Option<impl Iterator<Item = (u64, u32)>> {
+        if self.offset >= size || self.block_size == 0 {
+            return None;
+        }
+        let end = self.offset.saturating_add(self.length).min(size);
+        let step = u64::from(self.block_size);
+        let first = self.offset;
+        let count = (end - first).div_ceil(step);
+        Some((0..count).map(move |i| {
+            let at = first + i * step;
+            // At most `block_size`, which is a u32.
+            let len = (end - at).min(step) as u32;
+            (at, len)
+        }))
+    }
+}
+
 /// `health`: the device's periodic health report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

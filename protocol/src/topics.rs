@@ -7,6 +7,11 @@
 //! | `ferry/v1/devices/{id}/events`   | device → manager | 1 |
 //! | `ferry/v1/devices/{id}/health`   | device → anyone  | 0 |
 //! | `ferry/v1/devices/{id}/status`   | device (last will) | 1, retained |
+//! | `ferry/v1/devices/{id}/fetch`    | device → manager | 1 |
+//! | `ferry/v1/devices/{id}/blocks`   | manager → device | 0 |
+//!
+//! `fetch` and `blocks` carry artifacts where a device reaches only the
+//! broker: see [`crate::blocks`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +36,10 @@ pub enum TopicKind {
     Health,
     /// `online` / `offline`, the last will.
     Status,
+    /// A request for byte ranges of an artifact.
+    Fetch,
+    /// Artifact blocks answering this device's requests.
+    Blocks,
 }
 
 /// How a topic is published: MQTT QoS level and retain flag.
@@ -44,12 +53,14 @@ pub struct Delivery {
 
 impl TopicKind {
     /// All kinds, in table order.
-    pub const ALL: [TopicKind; 5] = [
+    pub const ALL: [TopicKind; 7] = [
         Self::Desired,
         Self::Reported,
         Self::Events,
         Self::Health,
         Self::Status,
+        Self::Fetch,
+        Self::Blocks,
     ];
 
     /// The topic's last segment.
@@ -60,6 +71,8 @@ impl TopicKind {
             Self::Events => "events",
             Self::Health => "health",
             Self::Status => "status",
+            Self::Fetch => "fetch",
+            Self::Blocks => "blocks",
         }
     }
 
@@ -70,11 +83,13 @@ impl TopicKind {
                 qos: 1,
                 retain: true,
             },
-            Self::Events => Delivery {
+            Self::Events | Self::Fetch => Delivery {
                 qos: 1,
                 retain: false,
             },
-            Self::Health => Delivery {
+            // A lost block is asked for again; an acknowledgement per
+            // block would double the packets on a slow link.
+            Self::Health | Self::Blocks => Delivery {
                 qos: 0,
                 retain: false,
             },
@@ -83,7 +98,12 @@ impl TopicKind {
 
     /// Whether the device itself publishes on this kind of topic.
     pub fn published_by_device(self) -> bool {
-        !matches!(self, Self::Desired)
+        !self.subscribed_by_device()
+    }
+
+    /// Whether the device subscribes to this kind (its own topic only).
+    pub fn subscribed_by_device(self) -> bool {
+        matches!(self, Self::Desired | Self::Blocks)
     }
 
     fn from_segment(segment: &str) -> Option<Self> {
@@ -223,6 +243,11 @@ mod tests {
         );
         assert!(!TopicKind::Desired.published_by_device());
         assert!(TopicKind::Status.published_by_device());
+        assert!(TopicKind::Fetch.published_by_device());
+        assert!(!TopicKind::Blocks.published_by_device());
+        assert!(TopicKind::Blocks.subscribed_by_device());
+        assert_eq!(TopicKind::Blocks.delivery().qos, 0);
+        assert_eq!(TopicKind::Fetch.delivery().qos, 1);
         assert_eq!(
             TopicKind::Health.all_devices_filter(),
             "ferry/v1/devices/+/health"

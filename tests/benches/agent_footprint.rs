@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_cross::{PackageRequest, package};
-use ferry_e2e::{Manager, ProcessAgent, armv7_agent_binary, free_port, native_agent_binary, sign};
+use ferry_e2e::{
+    Manager, ProcessAgent, armv7_agent_binary, free_port, incompressible, native_agent_binary, sign,
+};
 use ferry_protocol::manifest::{ArtifactKind, HealthSettings};
 use ferry_protocol::names::ARMV7_TARGET;
 use ferry_protocol::{RelPath, SecretKey, ServiceName, Target};
@@ -35,20 +37,6 @@ fn memory_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Bytes gzip cannot shrink (xorshift), so the artifact really is 20 MB.
-fn incompressible(len: usize) -> Vec<u8> {
-    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 struct Case {

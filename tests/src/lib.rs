@@ -62,6 +62,23 @@ pub fn ferry_binary() -> PathBuf {
 }
 
 impl Manager {
+    /// The value of one sample on `/metrics`, e.g.
+    /// `ferry_mqtt_block_bytes_sent_total` or `name{label="x"}`; 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .request(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Starts a manager with the embedded broker, keeping state in `data_dir`.
     pub async fn start(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
         Self::start_with(data_dir, mqtt, http, None).await
@@ -428,6 +445,21 @@ pub fn armv7_agent_binary() -> PathBuf {
     binary
 }
 
+/// The agent binary for this machine as `cargo test` builds it for the
+/// agent's own tests (a no-op when it is up to date): an agent a test can
+/// SIGKILL.
+pub fn agent_binary() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build", "--locked", "-p", "ferry-agent", "--bin", "ferry-agent"])
+        .status()
+        .expect("cannot run cargo");
+    assert!(status.success(), "building ferry-agent failed");
+    workspace.join("target/debug/ferry-agent")
+}
+
 /// The agent built for this machine with the device profile (what the
 /// ARMv7 build is compared against).
 pub fn native_agent_binary() -> PathBuf {
@@ -468,21 +500,43 @@ impl ProcessAgent {
         mqtt: SocketAddr,
         trust: &Path,
     ) -> Self {
+        Self::start_with(binary, dir, device, password, mqtt, trust, "")
+    }
+
+    /// Starts an agent process whose configuration ends with `extra`; a
+    /// second start for the same device continues its data directory and
+    /// appends to its log.
+    pub fn start_with(
+        binary: &Path,
+        dir: &Path,
+        device: &str,
+        password: &str,
+        mqtt: SocketAddr,
+        trust: &Path,
+        extra: &str,
+    ) -> Self {
         let data_dir = dir.join(format!("agent-{device}"));
         let config = dir.join(format!("{device}.toml"));
         std::fs::write(
             &config,
-            agent_config(&data_dir, device, password, mqtt, trust),
+            agent_config(&data_dir, device, password, mqtt, trust) + extra,
         )
         .unwrap();
         let log = dir.join(format!("{device}.log"));
+        let log_file = || {
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap()
+        };
         let child = Command::new(binary)
             .arg("--config")
             .arg(&config)
             // Inherited by the services it starts, as a device's would be.
             .env("QEMU_LD_PREFIX", ARM_SYSROOT)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdout(log_file())
+            .stderr(log_file())
             .spawn()
             .unwrap();
         Self {
@@ -490,6 +544,12 @@ impl ProcessAgent {
             log,
             child,
         }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would (its services run on).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The agent's process id (under emulation, qemu's).
@@ -546,7 +606,45 @@ pub struct Release {
 /// Builds, packages and signs version `version` of service `api`, a C
 /// program that writes "start VERSION PID" to `out` and waits.
 pub fn release(dir: &Path, key: &SecretKey, version: &str, sequence: u64, out: &Path) -> Release {
-    build_release(dir, key, version, sequence, out, false, 0)
+    build_release(dir, key, version, sequence, out, false, Padding::None)
+}
+
+/// What a test release carries beside its program.
+#[derive(Debug, Clone, Copy)]
+enum Padding {
+    None,
+    /// A file of zeros (small once compressed).
+    Zeros(usize),
+    /// A file gzip cannot shrink: the artifact is as big as the file.
+    Noise(usize),
+}
+
+/// Bytes gzip cannot shrink (xorshift), so an artifact really is as large
+/// as its payload.
+pub fn incompressible(len: usize) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Like [`release`], with `bytes` of incompressible data beside the
+/// program: an artifact of about that size.
+pub fn large_release(
+    dir: &Path,
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+    out: &Path,
+    bytes: usize,
+) -> Release {
+    build_release(dir, key, version, sequence, out, false, Padding::Noise(bytes))
 }
 
 /// Like [`release`], with a `pad`-byte data file beside the program: a
@@ -559,7 +657,7 @@ pub fn padded_release(
     out: &Path,
     pad: usize,
 ) -> Release {
-    build_release(dir, key, version, sequence, out, false, pad)
+    build_release(dir, key, version, sequence, out, false, Padding::Zeros(pad))
 }
 
 /// Like [`release`], but the program exits with 1 at once, every time: a
@@ -571,7 +669,7 @@ pub fn crashing_release(
     sequence: u64,
     out: &Path,
 ) -> Release {
-    build_release(dir, key, version, sequence, out, true, 0)
+    build_release(dir, key, version, sequence, out, true, Padding::None)
 }
 
 fn build_release(
@@ -581,12 +679,14 @@ fn build_release(
     sequence: u64,
     out: &Path,
     crash: bool,
-    pad: usize,
+    pad: Padding,
 ) -> Release {
     let tree = dir.join(format!("tree-{version}"));
     std::fs::create_dir_all(tree.join("bin")).unwrap();
-    if pad > 0 {
-        std::fs::write(tree.join("padding"), vec![0u8; pad]).unwrap();
+    match pad {
+        Padding::None => {}
+        Padding::Zeros(n) => std::fs::write(tree.join("padding"), vec![0u8; n]).unwrap(),
+        Padding::Noise(n) => std::fs::write(tree.join("padding"), incompressible(n)).unwrap(),
     }
     let source = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -687,5 +787,50 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay in front of a broker whose connections a test can cut: the
+/// network dropping a device's connection, for real, at a chosen moment.
+pub struct Relay {
+    pub addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Relays connections on a free port to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let cuts = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut, task }
+    }
+
+    /// Drops every connection open now; new ones are relayed again.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
     }
 }

@@ -236,7 +236,9 @@ impl Rig {
         self.installer
             .install(InstallRequest {
                 envelope: release.envelope.clone(),
-                source: ArtifactSource::Url(url.to_owned()),
+                source: ArtifactSource::Remote {
+                    url: Some(url.to_owned()),
+                },
                 rollout: None,
                 retry_failed: true,
             })

@@ -3,8 +3,8 @@
 //! - A device connects with its id as client id and user name, and the
 //!   password `ferry device add` printed; anyone else is refused.
 //! - A device may publish only under `ferry/v1/devices/{its id}/` on the
-//!   topics a device publishes (reported, events, health, status), and may
-//!   subscribe only to its own `desired` topic. The check is a hook on every
+//!   topics a device publishes (reported, events, health, status, fetch),
+//!   and may subscribe only to its own `desired` and `blocks` topics. The check is a hook on every
 //!   publish and subscribe, keyed on the authenticated user name, so one
 //!   device can never read another's desired state.
 //! - The manager's own client is a superuser with a password made at start.
@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ferry_protocol::topics::{Topic, TopicKind};
+use ferry_protocol::topics::Topic;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
@@ -129,7 +129,7 @@ impl Handler for GuardHook {
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
                 let user = user_of(session);
                 let allowed = match subscribe.topic_filter.parse::<Topic>() {
-                    Ok(topic) => topic.device.as_str() == user && topic.kind == TopicKind::Desired,
+                    Ok(topic) => topic.device.as_str() == user && topic.kind.subscribed_by_device(),
                     Err(_) => false,
                 };
                 if allowed {

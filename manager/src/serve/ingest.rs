@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use ferry_protocol::messages::{Event, Message, Outcome, Reported, StepStatus};
 use ferry_protocol::topics::{Topic, TopicKind};
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{Notify, mpsc};
 
-use super::rollout;
+use super::{blocks, rollout};
 use super::store::{DeviceStep, Store};
 
 /// A desired-state message to publish (retained).
@@ -35,20 +35,8 @@ pub struct BrokerLogin {
     pub password: Option<String>,
 }
 
-/// Runs the client until the process ends: reconnects with backoff, and on
-/// every connection subscribes again and republishes every device's desired
-/// state (a restarted broker may have lost its retained messages).
-pub async fn run(
-    login: BrokerLogin,
-    store: Arc<Store>,
-    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    listeners: Listeners,
-) {
-    let Listeners {
-        wake,
-        changes,
-        metrics,
-    } = listeners;
+/// The manager's MQTT client and its event loop, not yet connected.
+pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
     let client_id = format!("ferry-manager-{}", std::process::id());
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
     options.set_keep_alive(Duration::from_secs(30));
@@ -57,7 +45,24 @@ pub async fn run(
     if let (Some(user), Some(password)) = (&login.username, &login.password) {
         options.set_credentials(user, password);
     }
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    AsyncClient::new(options, 1024)
+}
+
+/// Runs the client until the process ends: reconnects with backoff, and on
+/// every connection subscribes again and republishes every device's desired
+/// state (a restarted broker may have lost its retained messages).
+pub async fn run(
+    (client, mut eventloop): (AsyncClient, EventLoop),
+    store: Arc<Store>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    listeners: Listeners,
+) {
+    let Listeners {
+        wake,
+        changes,
+        metrics,
+        block_requests,
+    } = listeners;
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
@@ -65,15 +70,25 @@ pub async fn run(
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!("manager connected to the broker");
-                    for kind in [TopicKind::Reported, TopicKind::Events, TopicKind::Health, TopicKind::Status] {
+                    for kind in TopicKind::ALL.into_iter().filter(|k| k.published_by_device()) {
                         let qos = if kind.delivery().qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
                         let _ = client.try_subscribe(kind.all_devices_filter(), qos);
                     }
                     republish_all(&client, &store);
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let kind = p.topic.parse::<Topic>().map_or("invalid", |t| t.kind.segment());
+                    let topic = p.topic.parse::<Topic>();
+                    let kind = topic.as_ref().map_or("invalid", |t| t.kind.segment());
                     metrics.mqtt_messages.with_label_values(&[kind]).inc();
+                    if let Ok(Topic { device, kind: TopicKind::Fetch }) = topic {
+                        // Served elsewhere: a transfer must not stall ingestion.
+                        let request = blocks::Incoming { device, payload: p.payload.to_vec() };
+                        if block_requests.try_send(request).is_err() {
+                            // The device asks again when its blocks do not come.
+                            tracing::warn!("block requests queue full; one dropped");
+                        }
+                        continue;
+                    }
                     match ingest(&store, &wake, &p.topic, &p.payload) {
                         Ok(()) => changes.send_modify(|n| *n = n.wrapping_add(1)),
                         Err(e) => tracing::warn!(topic = %p.topic, "message not recorded: {e}"),
@@ -119,6 +134,8 @@ pub struct Listeners {
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts messages by kind.
     pub metrics: super::metrics::Metrics,
+    /// The block server's queue of artifact requests.
+    pub block_requests: mpsc::Sender<blocks::Incoming>,
 }
 
 /// Records one device message, and what it says about deployments.
@@ -184,7 +201,9 @@ fn ingest(store: &Store, wake: &Notify, topic: &str, payload: &[u8]) -> anyhow::
         TopicKind::Status => {
             ferry_protocol::messages::Status::decode(payload)?;
         }
-        TopicKind::Desired => return Ok(()),
+        // Not the manager's to record: what it publishes, or block requests
+        // (served before they get here).
+        TopicKind::Desired | TopicKind::Blocks | TopicKind::Fetch => return Ok(()),
     }
     store.record(device, topic.kind.segment(), payload)?;
     Ok(())

@@ -12,7 +12,7 @@
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -26,6 +26,10 @@ pub struct Metrics {
     pub mqtt_messages: IntCounterVec,
     /// HTTP API request durations, by method, route template and status class.
     pub http_duration: HistogramVec,
+    /// Block requests (artifacts over MQTT), by result.
+    pub mqtt_block_requests: IntCounterVec,
+    /// Artifact bytes sent as MQTT blocks.
+    pub mqtt_block_bytes: IntCounter,
 }
 
 /// A metric that could not be made or written (a programming error, or a
@@ -59,6 +63,17 @@ impl Metrics {
                 .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
                 &["method", "route", "status"],
             )?,
+            mqtt_block_requests: IntCounterVec::new(
+                Opts::new(
+                    "ferry_mqtt_block_requests_total",
+                    "Artifact block requests from devices, by result (served, refused, failed, malformed).",
+                ),
+                &["result"],
+            )?,
+            mqtt_block_bytes: IntCounter::new(
+                "ferry_mqtt_block_bytes_sent_total",
+                "Artifact bytes sent to devices as MQTT blocks.",
+            )?,
         })
     }
 
@@ -67,6 +82,8 @@ impl Metrics {
         let registry = Registry::new();
         registry.register(Box::new(self.mqtt_messages.clone()))?;
         registry.register(Box::new(self.http_duration.clone()))?;
+        registry.register(Box::new(self.mqtt_block_requests.clone()))?;
+        registry.register(Box::new(self.mqtt_block_bytes.clone()))?;
         fleet(&registry, store)?;
         let mut out = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut out)?;

@@ -2,10 +2,12 @@
 //!
 //! One process: the embedded MQTT broker ([`broker`]) unless an external one
 //! is named, the MQTT client that ingests device messages and publishes
-//! desired state ([`ingest`]), the HTTP API and artifact store ([`api`]),
+//! desired state ([`ingest`]), the block server that sends artifacts over
+//! MQTT ([`blocks`]), the HTTP API and artifact store ([`api`]),
 //! and SQLite ([`store`]) under the data directory.
 
 pub mod api;
+pub mod blocks;
 pub mod broker;
 pub mod desired;
 pub mod ingest;
@@ -114,14 +116,24 @@ pub async fn serve(
     let wake = Arc::new(tokio::sync::Notify::new());
     let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
     let metrics = metrics::Metrics::new()?;
+    let mqtt = ingest::client(&login);
+    let (block_tx, block_rx) = mpsc::channel(1024);
+    let block_server = blocks::BlockServer {
+        store: store.clone(),
+        artifacts: artifacts.clone(),
+        client: mqtt.0.clone(),
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(block_server.run(block_rx));
     tokio::spawn(ingest::run(
-        login,
+        mqtt,
         store.clone(),
         outgoing_rx,
         ingest::Listeners {
             wake: wake.clone(),
             changes: changes.clone(),
             metrics: metrics.clone(),
+            block_requests: block_tx,
         },
     ));
 

@@ -1,11 +1,20 @@
 //! Getting an artifact into the data directory, checked.
 //!
-//! Bytes go to `downloads/<sha256>.part` through an [`ArtifactCheck`], so
+//! Every transport writes through one [`Staging`] file: bytes go to
+//! `downloads/<sha256>.part` in order, through an [`ArtifactCheck`], so
 //! they are hashed as they are written and the transfer stops as soon as it
 //! runs over the declared size. Only a complete file with the right hash is
-//! renamed to `downloads/<sha256>.tar.gz`. An interrupted HTTP download
-//! keeps its `.part`, and the next attempt asks for the rest with a Range
-//! request after re-hashing what it already has.
+//! renamed to `downloads/<sha256>.tar.gz`. An interrupted transfer keeps its
+//! `.part`; the next attempt, by either transport, re-hashes what it holds
+//! and asks only for the rest. The `.part`'s length is the whole record of
+//! progress, so an artifact has no size limit and nothing else to persist.
+//!
+//! - [`import_file`]: from a local file (the inbox, the offline `install`).
+//! - [`http`]: over HTTP(S) with Range requests.
+//! - [`mqtt`]: in blocks over MQTT, where a device reaches only the broker.
+
+pub mod http;
+pub mod mqtt;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -14,7 +23,6 @@ use std::path::{Path, PathBuf};
 use ferry_protocol::digest::{ArtifactCheck, ArtifactError};
 use ferry_protocol::manifest::ArtifactInfo;
 use reqwest::StatusCode;
-use reqwest::header::RANGE;
 
 use crate::durable;
 use crate::layout::Layout;
@@ -26,15 +34,29 @@ pub enum FetchError {
     #[error("{0}")]
     Mismatch(#[from] ArtifactError),
     /// The transfer failed; what arrived is kept for a resume.
-    #[error("download from {url} failed after {have} bytes: {reason}")]
+    #[error("download from {from} failed after {have} bytes: {reason}")]
     Transfer {
         /// Where from.
-        url: String,
+        from: String,
         /// Bytes held so far.
         have: u64,
         /// What went wrong.
         reason: String,
     },
+    /// The HTTP endpoint could not be reached at all (`auto` then tries MQTT).
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable {
+        /// Where.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The manager refused to send the artifact over MQTT.
+    #[error("the manager refused the artifact over MQTT: {0}")]
+    Refused(String),
+    /// MQTT blocks were wanted but the agent has no broker.
+    #[error("the artifact can only come over MQTT, and no [broker] is configured")]
+    NoBroker,
     /// The server answered with an error status.
     #[error("{url} answered HTTP {status}")]
     Status {
@@ -59,7 +81,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> FetchError {
 }
 
 /// An artifact being written to its `.part` file.
-struct Staging {
+pub(crate) struct Staging {
     path: PathBuf,
     file: File,
     check: ArtifactCheck,
@@ -169,77 +191,3 @@ pub fn import_file(
     staging.finish(&checked)
 }
 
-/// Credentials for the artifact store.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    /// User name (the device id).
-    pub username: String,
-    /// Password.
-    pub password: String,
-}
-
-/// Downloads an artifact over HTTP(S), resuming a `.part` left by an earlier
-/// attempt. `progress` is called with (bytes held, total) as data arrives.
-pub async fn download(
-    http: &reqwest::Client,
-    url: &str,
-    credentials: Option<&Credentials>,
-    artifact: &ArtifactInfo,
-    layout: &Layout,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<PathBuf, FetchError> {
-    let checked = layout.checked_download(&artifact.sha256);
-    if checked.exists() {
-        return Ok(checked);
-    }
-    let mut staging = Staging::open(layout, artifact, true)?;
-    if staging.held() == artifact.size {
-        return staging.finish(&checked);
-    }
-    let transfer = |have: u64, reason: String| FetchError::Transfer {
-        url: url.to_owned(),
-        have,
-        reason,
-    };
-
-    let mut request = http.get(url);
-    if let Some(c) = credentials {
-        request = request.basic_auth(&c.username, Some(&c.password));
-    }
-    if staging.held() > 0 {
-        request = request.header(RANGE, format!("bytes={}-", staging.held()));
-    }
-    let mut response = request
-        .send()
-        .await
-        .map_err(|e| transfer(staging.held(), e.to_string()))?;
-    match response.status() {
-        StatusCode::PARTIAL_CONTENT => {}
-        // The server ignored the range: start over.
-        StatusCode::OK => staging.restart(artifact)?,
-        status => {
-            return Err(FetchError::Status {
-                url: url.to_owned(),
-                status,
-            });
-        }
-    }
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                staging.write(&chunk)?;
-                progress(staging.held(), artifact.size);
-            }
-            Ok(None) => break,
-            Err(e) => {
-                staging.keep();
-                return Err(transfer(staging.held(), e.to_string()));
-            }
-        }
-    }
-    if staging.held() < artifact.size {
-        staging.keep();
-        return Err(transfer(staging.held(), "connection closed early".into()));
-    }
-    staging.finish(&checked)
-}

@@ -1,0 +1,204 @@
+//! Artifacts over MQTT: answers devices' block requests from the artifact
+//! store, for sites where a device reaches only the broker.
+//!
+//! A request arrives on `ferry/v1/devices/{id}/fetch` (the broker has
+//! already checked that the device published under its own id). The device
+//! may fetch only an artifact that its desired state names; anything else
+//! is answered with a refusal frame, so the device stops at once with a
+//! reason instead of timing out. Blocks go to that device's own `blocks`
+//! topic, which only it may subscribe to.
+//!
+//! Requests are served by a few tasks at once; each reads its range in
+//! block-sized reads and publishes block by block, so the manager holds at
+//! most one block per request in memory, and the MQTT client's bounded
+//! queue paces the reads to what the broker takes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_protocol::Sha256Digest;
+use ferry_protocol::blocks::Frame;
+use ferry_protocol::messages::{BlockRequest, Desired, Message};
+use ferry_protocol::topics::{Topic, TopicKind};
+use rumqttc::{AsyncClient, QoS};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{Semaphore, mpsc};
+
+use super::metrics::Metrics;
+use super::store::Store;
+
+/// Requests served at the same time; more wait their turn.
+const CONCURRENT_REQUESTS: usize = 16;
+
+/// One device's request, as the ingest loop hands it over.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The requesting device (from the topic the broker let it publish on).
+    pub device: ferry_protocol::DeviceId,
+    /// The request's payload, not yet read.
+    pub payload: Vec<u8>,
+}
+
+/// What the block server needs.
+pub struct BlockServer {
+    /// Desired states, for the check that a device was told to install an artifact.
+    pub store: Arc<Store>,
+    /// The artifact store.
+    pub artifacts: PathBuf,
+    /// The manager's MQTT client.
+    pub client: AsyncClient,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+impl BlockServer {
+    /// Serves requests until the channel closes.
+    pub async fn run(self, mut requests: mpsc::Receiver<Incoming>) {
+        let server = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(CONCURRENT_REQUESTS));
+        while let Some(incoming) = requests.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let server = server.clone();
+            tokio::spawn(async move {
+                server.serve(incoming).await;
+                drop(slot);
+            });
+        }
+    }
+
+    async fn serve(&self, incoming: Incoming) {
+        let device = incoming.device;
+        let request = match BlockRequest::decode(&incoming.payload) {
+            Ok(request) => request,
+            Err(e) => {
+                // Without a readable artifact id there is no one to answer.
+                tracing::warn!(%device, "block request refused: {e}");
+                self.count("malformed");
+                return;
+            }
+        };
+        let artifact = request.artifact;
+        if let Err(reason) = self.check(&device, &request) {
+            tracing::warn!(%device, %artifact, "block request refused: {reason}");
+            self.count("refused");
+            self.send(
+                &device,
+                Frame::Refused {
+                    artifact,
+                    reason: &reason,
+                },
+            )
+            .await;
+            return;
+        }
+        match self.send_range(&device, &request).await {
+            Ok(bytes) => {
+                self.count("served");
+                self.metrics.mqtt_block_bytes.inc_by(bytes);
+            }
+            Err(reason) => {
+                tracing::warn!(%device, %artifact, "block request failed: {reason}");
+                self.count("failed");
+                self.send(
+                    &device,
+                    Frame::Refused {
+                        artifact,
+                        reason: &reason,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Whether `device` may have these bytes: its desired state must name
+    /// the artifact, and the range must start inside it.
+    fn check(&self, device: &ferry_protocol::DeviceId, request: &BlockRequest) -> Result<(), String> {
+        let desired = self
+            .store
+            .desired(device.as_str())
+            .map_err(|e| format!("the manager cannot read desired states: {e}"))?;
+        let assigned = desired
+            .and_then(|text| Desired::decode(text.as_bytes()).ok())
+            .is_some_and(|d| names_artifact(&d, &request.artifact));
+        if !assigned {
+            return Err(format!(
+                "artifact {} is not in {device}'s desired state",
+                request.artifact
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the range block by block and publishes each; the bytes sent.
+    async fn send_range(
+        &self,
+        device: &ferry_protocol::DeviceId,
+        request: &BlockRequest,
+    ) -> Result<u64, String> {
+        let path = self.artifacts.join(request.artifact.to_string());
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| format!("artifact {} is not in the store: {e}", request.artifact))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| format!("cannot read artifact {}: {e}", request.artifact))?
+            .len();
+        let blocks = request.blocks(size).ok_or_else(|| {
+            format!(
+                "offset {} is past the end of artifact {} ({size} bytes)",
+                request.offset, request.artifact
+            )
+        })?;
+        file.seek(std::io::SeekFrom::Start(request.offset))
+            .await
+            .map_err(|e| format!("cannot read artifact {}: {e}", request.artifact))?;
+        let mut buf = vec![0u8; request.block_size as usize];
+        let mut sent = 0u64;
+        for (offset, len) in blocks {
+            let data = &mut buf[..len as usize];
+            file.read_exact(data)
+                .await
+                .map_err(|e| format!("cannot read artifact {}: {e}", request.artifact))?;
+            let frame = Frame::Block {
+                artifact: request.artifact,
+                offset,
+                data,
+            };
+            if !self.send(device, frame).await {
+                return Err("the manager's broker connection is closed".into());
+            }
+            sent += u64::from(len);
+        }
+        Ok(sent)
+    }
+
+    /// Publishes one frame on the device's `blocks` topic; false when the
+    /// client is gone.
+    async fn send(&self, device: &ferry_protocol::DeviceId, frame: Frame<'_>) -> bool {
+        let topic = Topic::new(device.clone(), TopicKind::Blocks).to_string();
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, frame.encode())
+            .await
+            .is_ok()
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics
+            .mqtt_block_requests
+            .with_label_values(&[result])
+            .inc();
+    }
+}
+
+/// Whether a desired state names this artifact.
+fn names_artifact(desired: &Desired, artifact: &Sha256Digest) -> bool {
+    desired.releases.iter().any(|r| {
+        r.envelope
+            .unverified_manifest()
+            .is_ok_and(|m| m.artifact.sha256 == *artifact)
+    })
+}
