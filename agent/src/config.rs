@@ -139,8 +139,7 @@ impl TransferConfig {
         }
         if self.retry_after.is_zero() || self.give_up_after < self.retry_after {
             return Err(
-                "transfer.retry_after must be above zero and give_up_after at least as long"
-                    .into(),
+                "transfer.retry_after must be above zero and give_up_after at least as long".into(),
             );
         }
         Ok(())
@@ -380,7 +379,10 @@ threshold = 1
             ("blocks_per_request = 0", "blocks_per_request"),
             ("requests_in_flight = 0", "requests_in_flight"),
             ("retry_after = \"0s\"", "retry_after"),
-            ("retry_after = \"1m\"\ngive_up_after = \"10s\"", "give_up_after"),
+            (
+                "retry_after = \"1m\"\ngive_up_after = \"10s\"",
+                "give_up_after",
+            ),
         ] {
             let text = format!("{EXAMPLE}[transfer]\n{transfer}\n");
             let err = Config::parse(&text).unwrap_err();
@@ -389,7 +391,11 @@ threshold = 1
         let offline_mqtt = EXAMPLE
             .replace("[broker]\nurl = \"mqtt://manager.local:1883\"\nusername = \"gw-0042\"\npassword = \"secret\"\n", "")
             + "[transfer]\ntransport = \"mqtt\"\n";
-        assert!(Config::parse(&offline_mqtt).unwrap_err().contains("needs a [broker]"));
+        assert!(
+            Config::parse(&offline_mqtt)
+                .unwrap_err()
+                .contains("needs a [broker]")
+        );
     }
 
     #[test]

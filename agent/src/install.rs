@@ -23,8 +23,8 @@ use ferry_protocol::{Checks, Envelope, Manifest, ServiceName, Target, Timestamp,
 
 use crate::config::{TransferConfig, Transport};
 use crate::durable;
-use crate::fetch::mqtt::BlockLink;
 use crate::fetch::http::Credentials;
+use crate::fetch::mqtt::BlockLink;
 use crate::fetch::{self, FetchError};
 use crate::health_gate;
 use crate::journal::{self, Entry, MAX_ATTEMPTS, Phase};
@@ -449,7 +449,9 @@ impl Installer {
                         })
                     })
             }
-            ArtifactSource::Remote { url } => self.download(manifest, url.as_deref(), rollout).await,
+            ArtifactSource::Remote { url } => {
+                self.download(manifest, url.as_deref(), rollout).await
+            }
         };
         match fetched {
             Ok(path) => {
@@ -495,8 +497,16 @@ impl Installer {
         let Some(link) = self.blocks.as_mut() else {
             return Err(FetchError::NoBroker);
         };
-        let progress = progress_every_5_percent(self.reporter.clone(), release_ref(manifest), rollout);
-        fetch::mqtt::fetch(link, &manifest.artifact, &self.layout, &self.transfer, progress).await
+        let progress =
+            progress_every_5_percent(self.reporter.clone(), release_ref(manifest), rollout);
+        fetch::mqtt::fetch(
+            link,
+            &manifest.artifact,
+            &self.layout,
+            &self.transfer,
+            progress,
+        )
+        .await
     }
 
     async fn download_http(

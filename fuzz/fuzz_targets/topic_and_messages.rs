@@ -1,8 +1,10 @@
 //! Any bytes as a topic name and as the payload of every device topic:
-//! refused or read, never a panic; a topic that parses names itself again.
+//! refused or read, never a panic; a topic that parses names itself again,
+//! and a block frame that reads writes back to the same bytes.
 #![no_main]
 
-use ferry_protocol::messages::{Desired, Event, Health, Message, Reported, Status};
+use ferry_protocol::blocks::Frame;
+use ferry_protocol::messages::{BlockRequest, Desired, Event, Health, Message, Reported, Status};
 use ferry_protocol::topics::Topic;
 use libfuzzer_sys::fuzz_target;
 
@@ -17,4 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = Event::decode(data);
     let _ = Health::decode(data);
     let _ = Status::decode(data);
+    if let Ok(request) = BlockRequest::decode(data) {
+        assert!(request.check().is_ok());
+    }
+    if let Ok(frame) = Frame::decode(data) {
+        assert_eq!(frame.encode(), data, "a frame must write back as it was read");
+    }
 });

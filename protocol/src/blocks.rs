@@ -141,6 +141,9 @@ impl<'a> Frame<'a> {
                 })
             }
             KIND_REFUSED => {
+                if offset != 0 {
+                    return Err(fail("a refusal with an offset"));
+                }
                 if length > MAX_REASON_BYTES {
                     return Err(fail("refusal reason too long"));
                 }
@@ -238,6 +241,14 @@ mod tests {
         let n = bad_utf8.len();
         bad_utf8[n - 1] = 0xff;
         cases.push(("reason not utf-8", bad_utf8));
+        // Found by fuzzing: a refusal carrying an offset read as one without.
+        let mut refusal_offset = Frame::Refused {
+            artifact: sha(),
+            reason: "no",
+        }
+        .encode();
+        refusal_offset[37] = 1;
+        cases.push(("refusal with an offset", refusal_offset));
         for (name, bytes) in cases {
             assert!(Frame::decode(&bytes).is_err(), "{name} accepted");
         }

@@ -6,7 +6,7 @@
 
 use crate::envelope::Envelope;
 use crate::manifest::Manifest;
-use crate::messages::{Desired, Event, Health, Reported, Status};
+use crate::messages::{BlockRequest, Desired, Event, Health, Reported, Status};
 
 /// Each published schema: its file name and its JSON text (pretty, with a
 /// final newline).
@@ -27,6 +27,10 @@ pub fn published() -> Vec<(&'static str, String)> {
         (
             "desired.schema.json",
             render(schemars::schema_for!(Desired)),
+        ),
+        (
+            "block-request.schema.json",
+            render(schemars::schema_for!(BlockRequest)),
         ),
         (
             "manifest.schema.json",

@@ -5,7 +5,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use ferry_protocol::messages::{Desired, Event, Health, Message, Reported, Status};
+use ferry_protocol::blocks::Frame;
+use ferry_protocol::messages::{BlockRequest, Desired, Event, Health, Message, Reported, Status};
 use ferry_protocol::topics::Topic;
 use ferry_protocol::trust::NothingInstalled;
 use ferry_protocol::{Checks, Manifest, SecretKey, Timestamp, TrustPolicy};
@@ -73,5 +74,11 @@ fn kept_topics_and_payloads_read_or_refuse_cleanly() {
         let _ = Event::decode(&bytes);
         let _ = Health::decode(&bytes);
         let _ = Status::decode(&bytes);
+        if let Ok(request) = BlockRequest::decode(&bytes) {
+            assert!(request.check().is_ok(), "{}", path.display());
+        }
+        if let Ok(frame) = Frame::decode(&bytes) {
+            assert_eq!(frame.encode(), bytes, "{}", path.display());
+        }
     }
 }

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use ferry_cross::{PackageRequest, package};
 use ferry_e2e::{
-    Manager, ProcessAgent, armv7_agent_binary, free_port, incompressible, native_agent_binary, sign,
+    Manager, ProcessAgent, armv7_agent_binary, free_port, incompressible, memory_kib,
+    native_agent_binary, sign,
 };
 use ferry_protocol::manifest::{ArtifactKind, HealthSettings};
 use ferry_protocol::names::ARMV7_TARGET;
@@ -24,19 +25,6 @@ const PAYLOAD_BYTES: usize = 20 * 1024 * 1024;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// VmRSS and VmHWM (peak) of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 struct Case {

@@ -26,6 +26,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The name of an in-process manager's threads.
+pub const MANAGER_THREAD: &str = "ferry-manager";
+
 /// A running manager.
 pub struct Manager {
     pub http: SocketAddr,
@@ -47,18 +50,29 @@ enum Running {
     Process(std::process::Child),
 }
 
-/// The `ferry` binary, built like the manager's own tests build it (a no-op
-/// when it is up to date).
-pub fn ferry_binary() -> PathBuf {
+/// Runs cargo in the workspace with `args` (a build that is a no-op when
+/// up to date); the path `built` under the workspace.
+fn cargo_build(args: &[&str], built: &str) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&workspace)
-        .args(["build", "--locked", "-p", "ferry", "--bin", "ferry"])
+        .args(args)
         .status()
         .expect("cannot run cargo");
-    assert!(status.success(), "building ferry failed");
-    workspace.join("target/debug/ferry")
+    assert!(status.success(), "cargo {} failed", args.join(" "));
+    let binary = workspace.join(built);
+    assert!(binary.is_file(), "{} was not built", binary.display());
+    binary
+}
+
+/// The `ferry` binary, built like the manager's own tests build it (a no-op
+/// when it is up to date).
+pub fn ferry_binary() -> PathBuf {
+    cargo_build(
+        &["build", "--locked", "-p", "ferry", "--bin", "ferry"],
+        "target/debug/ferry",
+    )
 }
 
 impl Manager {
@@ -117,6 +131,8 @@ impl Manager {
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                // Benchmarks find the manager's CPU time by this name.
+                .thread_name(MANAGER_THREAD)
                 .enable_all()
                 .build()
                 .unwrap();
@@ -430,57 +446,37 @@ pub fn armv7_agent_binary() -> PathBuf {
         Path::new("/proc/sys/fs/binfmt_misc/qemu-arm").exists(),
         "qemu-arm is not registered with binfmt_misc; run scripts/setup"
     );
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // The device profile and target have their own build directories, so
     // this does not wait on the lock of the `cargo test` running it.
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .arg("agent-armv7")
-        .status()
-        .expect("cannot run cargo");
-    assert!(status.success(), "cargo agent-armv7 failed");
-    let binary = workspace.join("target/armv7-unknown-linux-gnueabihf/device/ferry-agent");
-    assert!(binary.is_file(), "{} was not built", binary.display());
-    binary
+    cargo_build(
+        &["agent-armv7"],
+        "target/armv7-unknown-linux-gnueabihf/device/ferry-agent",
+    )
 }
 
 /// The agent binary for this machine as `cargo test` builds it for the
 /// agent's own tests (a no-op when it is up to date): an agent a test can
 /// SIGKILL.
 pub fn agent_binary() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args(["build", "--locked", "-p", "ferry-agent", "--bin", "ferry-agent"])
-        .status()
-        .expect("cannot run cargo");
-    assert!(status.success(), "building ferry-agent failed");
-    workspace.join("target/debug/ferry-agent")
+    host_agent("dev", "target/debug/ferry-agent")
 }
 
 /// The agent built for this machine with the device profile (what the
 /// ARMv7 build is compared against).
 pub fn native_agent_binary() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "--locked",
-            "-p",
-            "ferry-agent",
-            "--bin",
-            "ferry-agent",
-            "--profile",
-            "device",
-        ])
-        .status()
-        .expect("cannot run cargo");
-    assert!(status.success(), "building the native agent failed");
-    workspace.join("target/device/ferry-agent")
+    host_agent("device", "target/device/ferry-agent")
+}
+
+fn host_agent(profile: &str, built: &str) -> PathBuf {
+    let args = [
+        "build",
+        "--locked",
+        "-p",
+        "ferry-agent",
+        "--bin",
+        "ferry-agent",
+    ];
+    cargo_build(&[&args[..], &["--profile", profile]].concat(), built)
 }
 
 /// An agent binary running as its own process (the ARMv7 one under qemu),
@@ -644,7 +640,15 @@ pub fn large_release(
     out: &Path,
     bytes: usize,
 ) -> Release {
-    build_release(dir, key, version, sequence, out, false, Padding::Noise(bytes))
+    build_release(
+        dir,
+        key,
+        version,
+        sequence,
+        out,
+        false,
+        Padding::Noise(bytes),
+    )
 }
 
 /// Like [`release`], with a `pad`-byte data file beside the program: a
@@ -783,11 +787,31 @@ impl Mosquitto {
     }
 }
 
+impl Mosquitto {
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// VmRSS and VmHWM (peak) of a process, in KiB (0 when unknown).
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// A TCP relay in front of a broker whose connections a test can cut: the
@@ -832,5 +856,108 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
         self.cut();
+    }
+}
+
+/// Which broker devices and the manager meet on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// The manager's own (rmqtt).
+    Embedded,
+    /// mosquitto, with the ACL the README documents, as the external broker.
+    Mosquitto,
+}
+
+/// An in-process manager on either broker, with devices registered.
+pub struct Site {
+    pub manager: Manager,
+    /// Where devices connect.
+    pub mqtt: SocketAddr,
+    /// Each device's broker password.
+    pub passwords: Vec<(String, String)>,
+    /// The external broker, if that is the kind.
+    pub mosquitto: Option<Mosquitto>,
+}
+
+impl Site {
+    /// Starts a manager keeping state in `root/manager` on a broker of
+    /// `kind`, with `devices` registered; `public_url` is the base of the
+    /// artifact URLs devices are sent.
+    pub async fn start(
+        root: &Path,
+        kind: BrokerKind,
+        devices: &[&str],
+        public_url: Option<String>,
+    ) -> Self {
+        let data = root.join("manager");
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = |mqtt_port: u16, broker: Option<String>| ServeConfig {
+            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+            http_listen: http,
+            data_dir: data.clone(),
+            broker,
+            public_url: public_url.clone(),
+            offline_after: Duration::from_secs(90),
+        };
+        let mut passwords = Vec::new();
+        match kind {
+            BrokerKind::Embedded => {
+                let manager = Manager::start_configured(config(free_port(), None)).await;
+                for id in devices {
+                    passwords.push((id.to_string(), manager.add_device(id, &[]).await));
+                }
+                let mqtt = manager.mqtt;
+                Self {
+                    manager,
+                    mqtt,
+                    passwords,
+                    mosquitto: None,
+                }
+            }
+            BrokerKind::Mosquitto => {
+                // Devices are registered first; their credentials then go
+                // into mosquitto's password file.
+                let provisioning = Manager::start_configured(config(
+                    free_port(),
+                    Some("mqtt://127.0.0.1:1".into()),
+                ))
+                .await;
+                for id in devices {
+                    passwords.push((id.to_string(), provisioning.add_device(id, &[]).await));
+                }
+                provisioning.stop().await;
+                let acl = std::fs::read_to_string(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../manager/mosquitto.acl"
+                ))
+                .unwrap();
+                let mut users: Vec<(&str, &str)> = vec![("ferry-manager", "manager-secret")];
+                users.extend(passwords.iter().map(|(d, p)| (d.as_str(), p.as_str())));
+                let broker = Mosquitto::start(root, &users, &acl);
+                let manager = Manager::start_configured(config(
+                    free_port(),
+                    Some(format!(
+                        "mqtt://ferry-manager:manager-secret@127.0.0.1:{}",
+                        broker.port
+                    )),
+                ))
+                .await;
+                Self {
+                    manager,
+                    mqtt: SocketAddr::from(([127, 0, 0, 1], broker.port)),
+                    passwords,
+                    mosquitto: Some(broker),
+                }
+            }
+        }
+    }
+
+    /// A registered device's password.
+    pub fn password(&self, device: &str) -> &str {
+        self.passwords
+            .iter()
+            .find(|(d, _)| d == device)
+            .map(|(_, p)| p.as_str())
+            .unwrap_or_else(|| panic!("{device} is not registered"))
     }
 }

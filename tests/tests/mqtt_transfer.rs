@@ -11,10 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry::serve::ServeConfig;
 use ferry_e2e::{
-    Manager, Mosquitto, ProcessAgent, Relay, Release, agent_binary, free_port, incompressible,
-    installed_version, large_release, release,
+    BrokerKind, Manager, ProcessAgent, Relay, Release, Site, agent_binary, free_port,
+    incompressible, installed_version, large_release, release,
 };
 use ferry_protocol::SecretKey;
 use ferry_protocol::blocks::Frame;
@@ -24,106 +23,36 @@ use serde_json::{Value, json};
 
 const LARGE: usize = 20 * 1024 * 1024;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// Which broker the devices and the manager meet on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BrokerKind {
-    Embedded,
-    Mosquitto,
-}
-
-/// A manager, its broker, a release key and registered devices.
-struct Site {
+/// A manager whose artifact URLs lead nowhere (HTTP is blocked at this
+/// site), a release key, and registered devices.
+struct Blocked {
     dir: tempfile::TempDir,
     key: SecretKey,
     trust: PathBuf,
-    manager: Manager,
-    /// Where devices connect.
-    mqtt: SocketAddr,
-    passwords: Vec<(String, String)>,
-    _mosquitto: Option<Mosquitto>,
+    site: Site,
 }
 
-impl Site {
-    /// A manager whose artifact URLs lead nowhere (HTTP is blocked at this
-    /// site), with `devices` registered.
+impl std::ops::Deref for Blocked {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
+}
+
+impl Blocked {
     async fn new(kind: BrokerKind, devices: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = SecretKey::from_seed(&[77; 32]);
         let trust = dir.path().join("ops.pub");
         std::fs::write(&trust, key.public_key().to_text()).unwrap();
-        let data = dir.path().join("manager");
-        let http = addr(free_port());
         let unreachable = format!("http://127.0.0.1:{}", free_port());
-        let config = |mqtt: SocketAddr, broker: Option<String>| ServeConfig {
-            mqtt_listen: mqtt,
-            http_listen: http,
-            data_dir: data.clone(),
-            broker,
-            public_url: Some(unreachable.clone()),
-            offline_after: Duration::from_secs(90),
-        };
-        let mut passwords = Vec::new();
-        let (manager, mqtt, mosquitto) = match kind {
-            BrokerKind::Embedded => {
-                let mqtt = addr(free_port());
-                let manager = Manager::start_configured(config(mqtt, None)).await;
-                for id in devices {
-                    passwords.push((id.to_string(), manager.add_device(id, &[]).await));
-                }
-                (manager, mqtt, None)
-            }
-            BrokerKind::Mosquitto => {
-                // Devices are registered first; their credentials then go
-                // into mosquitto's password file, with the README's ACL.
-                let provisioning = Manager::start_configured(config(
-                    addr(free_port()),
-                    Some("mqtt://127.0.0.1:1".into()),
-                ))
-                .await;
-                for id in devices {
-                    passwords.push((id.to_string(), provisioning.add_device(id, &[]).await));
-                }
-                provisioning.stop().await;
-                let acl = std::fs::read_to_string(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../manager/mosquitto.acl"
-                ))
-                .unwrap();
-                let mut users: Vec<(&str, &str)> = vec![("ferry-manager", "manager-secret")];
-                users.extend(passwords.iter().map(|(d, p)| (d.as_str(), p.as_str())));
-                let broker = Mosquitto::start(dir.path(), &users, &acl);
-                let manager = Manager::start_configured(config(
-                    addr(free_port()),
-                    Some(format!(
-                        "mqtt://ferry-manager:manager-secret@127.0.0.1:{}",
-                        broker.port
-                    )),
-                ))
-                .await;
-                (manager, addr(broker.port), Some(broker))
-            }
-        };
+        let site = Site::start(dir.path(), kind, devices, Some(unreachable)).await;
         Self {
             dir,
             key,
             trust,
-            manager,
-            mqtt,
-            passwords,
-            _mosquitto: mosquitto,
+            site,
         }
-    }
-
-    fn password(&self, device: &str) -> &str {
-        self.passwords
-            .iter()
-            .find(|(d, _)| d == device)
-            .map(|(_, p)| p.as_str())
-            .unwrap()
     }
 
     async fn deploy(&self, release: &Release, devices: &[&str]) {
@@ -212,7 +141,7 @@ async fn sent_settles(manager: &Manager) -> f64 {
 /// is cut three times and the agent is SIGKILLed once; the agent resumes
 /// from what it holds and fetches no byte twice after the restart.
 async fn install_through_cuts_and_a_kill(kind: BrokerKind, transfer: &str) {
-    let site = Site::new(kind, &["gw-m"]).await;
+    let site = Blocked::new(kind, &["gw-m"]).await;
     let mut dice = Dice::from_env();
     let relay = Relay::start(site.mqtt).await;
     let root = site.dir.path();
@@ -252,7 +181,10 @@ async fn install_through_cuts_and_a_kill(kind: BrokerKind, transfer: &str) {
     agent.kill();
     let held = part_len(&root.join("agent-gw-m"), &big);
     println!("agent killed with {held} of {size} bytes held");
-    assert!(held < size, "the kill came after the whole artifact arrived");
+    assert!(
+        held < size,
+        "the kill came after the whole artifact arrived"
+    );
     // What the manager was still sending the dead agent is not counted
     // against the restarted one.
     let sent_before = sent_settles(&site.manager).await;
@@ -297,7 +229,7 @@ async fn install_through_cuts_and_a_kill(kind: BrokerKind, transfer: &str) {
         "{events}"
     );
     drop(agent);
-    site.manager.stop().await;
+    site.site.manager.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,7 +247,7 @@ async fn a_device_whose_http_is_blocked_falls_back_to_mqtt_through_cuts_and_a_ki
 /// operator reads why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_block_ends_in_a_hash_mismatch_and_nothing_installed() {
-    let site = Site::new(BrokerKind::Embedded, &["gw-c"]).await;
+    let site = Blocked::new(BrokerKind::Embedded, &["gw-c"]).await;
     let root = site.dir.path();
     let out = root.join("service.out");
     let v1 = release(root, &site.key, "1.0.0", 1, &out);
@@ -364,9 +296,11 @@ async fn a_corrupted_block_ends_in_a_hash_mismatch_and_nothing_installed() {
     );
     assert_eq!(installed_version(&device, "api").as_deref(), Some("1.0.0"));
     let events = site.manager.get("/v1/events?device=gw-c").await;
-    let mismatch = events.as_array().unwrap().iter().find(|e| {
-        e["message"]["step"] == "hash_check" && e["message"]["status"] == "failed"
-    });
+    let mismatch = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["message"]["step"] == "hash_check" && e["message"]["status"] == "failed");
     let reason = mismatch
         .and_then(|e| e["message"]["reason"].as_str())
         .unwrap_or_else(|| panic!("no hash check failure: {events}"));
@@ -388,7 +322,7 @@ async fn a_corrupted_block_ends_in_a_hash_mismatch_and_nothing_installed() {
         "{releases:?}"
     );
     agent.stop().await;
-    site.manager.stop().await;
+    site.site.manager.stop().await;
 }
 
 /// A device's raw MQTT session, to ask for blocks by hand.
@@ -442,7 +376,10 @@ impl RawDevice {
 
     /// Subscribes; true if the broker granted it.
     async fn subscribe(&mut self, filter: &str) -> bool {
-        self.client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+        self.client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .unwrap();
         let codes = tokio::time::timeout(Duration::from_secs(5), self.suback.recv())
             .await
             .expect("no SUBACK")
@@ -492,7 +429,7 @@ impl Drop for RawDevice {
 /// topic: another device asking is refused with a reason, and cannot
 /// listen in on the blocks.
 async fn artifacts_go_only_where_assigned(kind: BrokerKind) {
-    let site = Site::new(kind, &["gw-a", "gw-b"]).await;
+    let site = Blocked::new(kind, &["gw-a", "gw-b"]).await;
     let root = site.dir.path();
     let assigned = release(root, &site.key, "1.0.0", 1, &root.join("service.out"));
     site.deploy(&assigned, &["gw-b"]).await;
@@ -551,7 +488,7 @@ async fn artifacts_go_only_where_assigned(kind: BrokerKind) {
             .await,
         1.0
     );
-    site.manager.stop().await;
+    site.site.manager.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

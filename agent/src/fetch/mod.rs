@@ -190,4 +190,3 @@ pub fn import_file(
     }
     staging.finish(&checked)
 }
-

@@ -68,7 +68,8 @@ impl BlockSink {
 
     /// The connection is gone.
     pub fn disconnected(&self) {
-        self.connection.send_if_modified(|c| std::mem::replace(&mut c.up, false));
+        self.connection
+            .send_if_modified(|c| std::mem::replace(&mut c.up, false));
     }
 }
 
@@ -357,7 +358,10 @@ mod tests {
         );
         assert_eq!(w.next, 3072);
         assert!(w.accept(0, block(1024, 1)).is_empty(), "duplicate");
-        assert!(w.accept(3072, block(1024, 4)).is_empty(), "the last block is short");
+        assert!(
+            w.accept(3072, block(1024, 4)).is_empty(),
+            "the last block is short"
+        );
         assert_eq!(w.accept(3072, block(100, 4)).len(), 1);
         assert_eq!(w.next, w.size);
         assert!(!w.waiting());

@@ -115,7 +115,11 @@ impl BlockServer {
 
     /// Whether `device` may have these bytes: its desired state must name
     /// the artifact, and the range must start inside it.
-    fn check(&self, device: &ferry_protocol::DeviceId, request: &BlockRequest) -> Result<(), String> {
+    fn check(
+        &self,
+        device: &ferry_protocol::DeviceId,
+        request: &BlockRequest,
+    ) -> Result<(), String> {
         let desired = self
             .store
             .desired(device.as_str())

@@ -10,8 +10,8 @@ use ferry_protocol::topics::{Topic, TopicKind};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{Notify, mpsc};
 
-use super::{blocks, rollout};
 use super::store::{DeviceStep, Store};
+use super::{blocks, rollout};
 
 /// A desired-state message to publish (retained).
 #[derive(Debug, Clone)]
