@@ -118,7 +118,10 @@ impl Default for TransferConfig {
 
 impl TransferConfig {
     fn check(&self) -> Result<(), String> {
-        use ferry_protocol::blocks::{MAX_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, MIN_BLOCK_SIZE};
+        use ferry_protocol::blocks::{
+            MAX_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, MAX_REQUEST_BYTES, MAX_REQUESTS_IN_FLIGHT,
+            MIN_BLOCK_SIZE,
+        };
         if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return Err(format!(
                 "transfer.block_size = {} is outside {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}",
@@ -131,9 +134,15 @@ impl TransferConfig {
                 self.blocks_per_request
             ));
         }
-        if !(1..=64).contains(&self.requests_in_flight) {
+        let request_bytes = u64::from(self.block_size) * u64::from(self.blocks_per_request);
+        if request_bytes > MAX_REQUEST_BYTES {
             return Err(format!(
-                "transfer.requests_in_flight = {} is outside 1 to 64",
+                "transfer.block_size × blocks_per_request = {request_bytes} bytes; a request may ask for at most {MAX_REQUEST_BYTES}"
+            ));
+        }
+        if !(1..=MAX_REQUESTS_IN_FLIGHT).contains(&self.requests_in_flight) {
+            return Err(format!(
+                "transfer.requests_in_flight = {} is outside 1 to {MAX_REQUESTS_IN_FLIGHT}",
                 self.requests_in_flight
             ));
         }
@@ -378,6 +387,11 @@ threshold = 1
             ("block_size = 262145", "block_size"),
             ("blocks_per_request = 0", "blocks_per_request"),
             ("requests_in_flight = 0", "requests_in_flight"),
+            ("requests_in_flight = 9", "requests_in_flight"),
+            (
+                "block_size = 262144\nblocks_per_request = 65",
+                "blocks_per_request",
+            ),
             ("retry_after = \"0s\"", "retry_after"),
             (
                 "retry_after = \"1m\"\ngive_up_after = \"10s\"",

@@ -31,6 +31,11 @@ pub const MAX_BLOCK_SIZE: u32 = 256 * 1024;
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// The most blocks one request may ask for.
 pub const MAX_BLOCKS_PER_REQUEST: u32 = 1024;
+/// The most bytes one request may ask for.
+pub const MAX_REQUEST_BYTES: u64 = 16 * 1024 * 1024;
+/// The most requests of one device the manager serves at a time; more are
+/// dropped (the device asks again after its retry time).
+pub const MAX_REQUESTS_IN_FLIGHT: u32 = 8;
 /// The longest refusal reason sent.
 pub const MAX_REASON_BYTES: usize = 1024;
 
@@ -289,6 +294,10 @@ mod tests {
             (
                 "too many blocks",
                 request(0, 1024 * (u64::from(MAX_BLOCKS_PER_REQUEST) + 1), 1024),
+            ),
+            (
+                "too many bytes",
+                request(0, MAX_REQUEST_BYTES + 1, MAX_BLOCK_SIZE),
             ),
             ("overflow", request(u64::MAX, 1, 1024)),
         ] {

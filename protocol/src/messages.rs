@@ -289,7 +289,9 @@ impl Message for BlockRequest {
 impl BlockRequest {
     /// Whether the block size and range are within the protocol's limits.
     pub fn check(&self) -> Result<(), String> {
-        use crate::blocks::{MAX_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, MIN_BLOCK_SIZE};
+        use crate::blocks::{
+            MAX_BLOCK_SIZE, MAX_BLOCKS_PER_REQUEST, MAX_REQUEST_BYTES, MIN_BLOCK_SIZE,
+        };
         if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return Err(format!(
                 "block size {} is outside {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes",
@@ -303,6 +305,12 @@ impl BlockRequest {
         if blocks > u64::from(MAX_BLOCKS_PER_REQUEST) {
             return Err(format!(
                 "asks for {blocks} blocks; at most {MAX_BLOCKS_PER_REQUEST} per request"
+            ));
+        }
+        if self.length > MAX_REQUEST_BYTES {
+            return Err(format!(
+                "asks for {} bytes; at most {MAX_REQUEST_BYTES} per request",
+                self.length
             ));
         }
         if self.offset.checked_add(self.length).is_none() {

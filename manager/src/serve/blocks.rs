@@ -11,13 +11,17 @@
 //! Requests are served by a few tasks at once; each reads its range in
 //! block-sized reads and publishes block by block, so the manager holds at
 //! most one block per request in memory, and the MQTT client's bounded
-//! queue paces the reads to what the broker takes.
+//! queue paces the reads to what the broker takes. A device gets at most
+//! [`MAX_REQUESTS_IN_FLIGHT`] requests served at a time; more are dropped
+//! (an agent never has more out, and asks again for what does not come),
+//! so one device cannot keep the server to itself.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ferry_protocol::Sha256Digest;
-use ferry_protocol::blocks::Frame;
+use ferry_protocol::blocks::{Frame, MAX_REQUESTS_IN_FLIGHT};
 use ferry_protocol::messages::{BlockRequest, Desired, Message};
 use ferry_protocol::topics::{Topic, TopicKind};
 use rumqttc::{AsyncClient, QoS};
@@ -56,14 +60,20 @@ impl BlockServer {
     pub async fn run(self, mut requests: mpsc::Receiver<Incoming>) {
         let server = Arc::new(self);
         let slots = Arc::new(Semaphore::new(CONCURRENT_REQUESTS));
+        let per_device = Arc::new(PerDevice::default());
         while let Some(incoming) = requests.recv().await {
+            let Some(turn) = per_device.take(&incoming.device) else {
+                tracing::warn!(device = %incoming.device, "block request dropped: {MAX_REQUESTS_IN_FLIGHT} already in flight");
+                server.count("throttled");
+                continue;
+            };
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
             let server = server.clone();
             tokio::spawn(async move {
                 server.serve(incoming).await;
-                drop(slot);
+                drop((slot, turn));
             });
         }
     }
@@ -198,6 +208,44 @@ impl BlockServer {
     }
 }
 
+/// Requests being served, per device.
+#[derive(Default)]
+struct PerDevice(Mutex<HashMap<ferry_protocol::DeviceId, u32>>);
+
+/// One request's place in its device's count, given back when dropped.
+struct Turn {
+    counts: Arc<PerDevice>,
+    device: ferry_protocol::DeviceId,
+}
+
+impl PerDevice {
+    /// A turn for `device`, unless it has the most requests in flight.
+    fn take(self: &Arc<Self>, device: &ferry_protocol::DeviceId) -> Option<Turn> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(device.clone()).or_insert(0);
+        if *count >= MAX_REQUESTS_IN_FLIGHT {
+            return None;
+        }
+        *count += 1;
+        Some(Turn {
+            counts: self.clone(),
+            device: device.clone(),
+        })
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.device) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.device);
+            }
+        }
+    }
+}
+
 /// Whether a desired state names this artifact.
 fn names_artifact(desired: &Desired, artifact: &Sha256Digest) -> bool {
     desired.releases.iter().any(|r| {
@@ -205,4 +253,28 @@ fn names_artifact(desired: &Desired, artifact: &Sha256Digest) -> bool {
             .unverified_manifest()
             .is_ok_and(|m| m.artifact.sha256 == *artifact)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_gets_a_bounded_number_of_turns() {
+        let counts = Arc::new(PerDevice::default());
+        let gw1 = ferry_protocol::DeviceId::new("gw-1").unwrap();
+        let gw2 = ferry_protocol::DeviceId::new("gw-2").unwrap();
+        let mut turns: Vec<Turn> = (0..MAX_REQUESTS_IN_FLIGHT)
+            .map(|_| counts.take(&gw1).unwrap())
+            .collect();
+        assert!(counts.take(&gw1).is_none(), "one turn too many");
+        assert!(counts.take(&gw2).is_some(), "another device waits on gw-1");
+        turns.pop();
+        assert!(
+            counts.take(&gw1).is_some(),
+            "a finished request frees a turn"
+        );
+        drop(turns);
+        assert!(counts.0.lock().unwrap().get(&gw1).is_none());
+    }
 }

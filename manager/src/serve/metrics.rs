@@ -66,7 +66,7 @@ impl Metrics {
             mqtt_block_requests: IntCounterVec::new(
                 Opts::new(
                     "ferry_mqtt_block_requests_total",
-                    "Artifact block requests from devices, by result (served, refused, failed, malformed).",
+                    "Artifact block requests from devices, by result (served, refused, failed, malformed, throttled).",
                 ),
                 &["result"],
             )?,
