@@ -150,7 +150,7 @@ async fn install_through_cuts_and_a_kill(kind: BrokerKind, transfer: &str) {
     let size = big.manifest.artifact.size;
     assert!(size > LARGE as u64, "the artifact is {size} bytes");
     let binary = agent_binary();
-    let extra = format!("[transfer]\n{transfer}\nretry_after = \"2s\"\n");
+    let extra = format!("[transfer]\n{transfer}\n");
     let start = || {
         ProcessAgent::start_with(
             &binary,

@@ -156,12 +156,15 @@ impl Window {
         }
     }
 
-    /// The next range to ask for, if the window has room.
+    /// The next range to ask for, if the window has room for all of it.
     fn next_request(&mut self) -> Option<(u64, u64)> {
-        if self.asked >= self.size || self.asked - self.next >= self.window_bytes {
+        if self.asked >= self.size {
             return None;
         }
         let length = self.request_bytes.min(self.size - self.asked);
+        if self.asked - self.next + length > self.window_bytes {
+            return None;
+        }
         let range = (self.asked, length);
         self.asked += length;
         Some(range)
