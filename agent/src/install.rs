@@ -369,13 +369,27 @@ impl Installer {
 
         // Disk.
         self.reporter.started(&release, rollout, Step::DiskCheck);
+        // A local file is unpacked straight from where it is: no copy.
+        let streamed = matches!(source, ArtifactSource::File(_))
+            && !self
+                .layout
+                .checked_download(&manifest.artifact.sha256)
+                .exists();
         if !already_unpacked {
-            self.check_disk(manifest)?;
+            self.check_disk(manifest, streamed)?;
         }
         self.reporter.succeeded(&release, rollout, Step::DiskCheck);
         if !already_unpacked {
-            let artifact = self.fetch(manifest, source, rollout).await?;
-            self.unpack(manifest, &artifact, &dest, rollout).await?;
+            match source {
+                // A local file is hashed in the pass that unpacks it.
+                ArtifactSource::File(path) if streamed => {
+                    self.unpack_file(manifest, path, &dest, rollout).await?;
+                }
+                _ => {
+                    let artifact = self.fetch(manifest, source, rollout).await?;
+                    self.unpack(manifest, &artifact, &dest, rollout).await?;
+                }
+            }
         }
 
         // ELF.
@@ -390,7 +404,9 @@ impl Installer {
         Ok(dir_name)
     }
 
-    fn check_disk(&self, manifest: &Manifest) -> Result<(), StepError> {
+    /// Free space for the unpacked release, the reserve, and (unless
+    /// `streamed` from a local file) the downloaded artifact.
+    fn check_disk(&self, manifest: &Manifest, streamed: bool) -> Result<(), StepError> {
         let root = self.layout.root();
         let stat = nix::sys::statvfs::statvfs(root).map_err(|e| {
             StepError::new(
@@ -402,10 +418,11 @@ impl Installer {
         #[allow(clippy::useless_conversion)]
         let free =
             u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
-        let download = if self
-            .layout
-            .checked_download(&manifest.artifact.sha256)
-            .exists()
+        let download = if streamed
+            || self
+                .layout
+                .checked_download(&manifest.artifact.sha256)
+                .exists()
         {
             0
         } else {
@@ -561,42 +578,105 @@ impl Installer {
     ) -> Result<(), StepError> {
         let release = release_ref(manifest);
         self.reporter.started(&release, rollout, Step::Unpack);
-        let limits = UnpackLimits {
+        let limits = self.unpack_limits(manifest);
+        let source = artifact.to_owned();
+        self.fill_release_dir(manifest, dest, move |staging| {
+            unpack::unpack(&source, staging, limits)
+                .map(|_| ())
+                .map_err(|e| StepError::new(Step::Unpack, e.to_string()))
+        })
+        .await?;
+        // The checked artifact has served its purpose; flash space is scarce.
+        let _ = fs::remove_file(artifact);
+        self.reporter.succeeded(&release, rollout, Step::Unpack);
+        Ok(())
+    }
+
+    /// Copies, hashes and unpacks a local artifact in one pass: no copy of
+    /// it is written. The release directory appears only when the bytes
+    /// hashed to the manifest's digest; until then the unpacked files sit
+    /// in a staging directory nothing runs from, written by the same strict
+    /// unpacker (whose size and entry limits come from the verified
+    /// manifest), and are removed if the hash is wrong.
+    async fn unpack_file(
+        &mut self,
+        manifest: &Manifest,
+        source: &Path,
+        dest: &Path,
+        rollout: Option<&str>,
+    ) -> Result<(), StepError> {
+        let release = release_ref(manifest);
+        self.reporter.started(&release, rollout, Step::Download);
+        self.reporter.started(&release, rollout, Step::Unpack);
+        let limits = self.unpack_limits(manifest);
+        let (source, artifact) = (source.to_owned(), manifest.artifact.clone());
+        self.fill_release_dir(manifest, dest, move |staging| {
+            let file = fs::File::open(&source).map_err(|e| {
+                StepError::new(Step::Download, format!("opening {}: {e}", source.display()))
+            })?;
+            let mut checked = fetch::CheckedReader::new(file, &artifact);
+            let unpacked = unpack::unpack_from(&mut checked, staging, limits);
+            // Wrong bytes are the cause whatever the unpacker made of them.
+            match checked.finish() {
+                Err(FetchError::Mismatch(e)) => Err(StepError::new(Step::HashCheck, e)),
+                Err(e) => Err(StepError::new(Step::Download, e)),
+                Ok(()) => unpacked
+                    .map(|_| ())
+                    .map_err(|e| StepError::new(Step::Unpack, e.to_string())),
+            }
+        })
+        .await?;
+        self.reporter.succeeded(&release, rollout, Step::Download);
+        self.reporter.succeeded(&release, rollout, Step::HashCheck);
+        self.reporter.succeeded(&release, rollout, Step::Unpack);
+        Ok(())
+    }
+
+    fn unpack_limits(&self, manifest: &Manifest) -> UnpackLimits {
+        UnpackLimits {
             max_bytes: manifest
                 .limits
                 .unpacked_bytes
                 .min(self.limits.max_unpacked_bytes),
             max_entries: manifest.limits.entries.min(self.limits.max_entries),
-        };
+        }
+    }
+
+    /// Runs `fill` on a fresh staging directory beside `dest` (off the async
+    /// thread), makes what it wrote durable, and renames it to `dest`; on
+    /// failure the staging directory is removed.
+    async fn fill_release_dir(
+        &self,
+        manifest: &Manifest,
+        dest: &Path,
+        fill: impl FnOnce(&Path) -> Result<(), StepError> + Send + 'static,
+    ) -> Result<(), StepError> {
         let staging = dest.with_file_name(format!(".staging-{}", manifest.release_dir_name()));
-        let (artifact, staging_dir, dest_dir) =
-            (artifact.to_owned(), staging.clone(), dest.to_owned());
-        let unpacked = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let (staging_dir, dest_dir) = (staging.clone(), dest.to_owned());
+        let unpack_err = |reason: String| StepError::new(Step::Unpack, reason);
+        let done = tokio::task::spawn_blocking(move || -> Result<(), StepError> {
             if let Some(parent) = staging_dir.parent() {
                 fs::create_dir_all(parent)
-                    .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                    .map_err(|e| unpack_err(format!("cannot create {}: {e}", parent.display())))?;
             }
             if staging_dir.exists() {
-                fs::remove_dir_all(&staging_dir)
-                    .map_err(|e| format!("cannot clear {}: {e}", staging_dir.display()))?;
+                fs::remove_dir_all(&staging_dir).map_err(|e| {
+                    unpack_err(format!("cannot clear {}: {e}", staging_dir.display()))
+                })?;
             }
-            unpack::unpack(&artifact, &staging_dir, limits).map_err(|e| e.to_string())?;
+            fill(&staging_dir)?;
             // The release's files must be on disk before anything points at them.
-            durable::sync_filesystem(&staging_dir).map_err(|e| format!("sync failed: {e}"))?;
+            durable::sync_filesystem(&staging_dir)
+                .map_err(|e| unpack_err(format!("sync failed: {e}")))?;
             durable::rename(&staging_dir, &dest_dir)
-                .map_err(|e| format!("cannot move the release into place: {e}"))?;
-            // The checked artifact has served its purpose; flash space is scarce.
-            let _ = fs::remove_file(&artifact);
-            Ok(())
+                .map_err(|e| unpack_err(format!("cannot move the release into place: {e}")))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("unpack task failed: {e}")));
-        if let Err(reason) = unpacked {
+        .unwrap_or_else(|e| Err(unpack_err(format!("unpack task failed: {e}"))));
+        if done.is_err() {
             let _ = fs::remove_dir_all(&staging);
-            return Err(StepError::new(Step::Unpack, reason));
         }
-        self.reporter.succeeded(&release, rollout, Step::Unpack);
-        Ok(())
+        done
     }
 
     /// Swap, restart, health gate; then commit or roll back. Re-entered by

@@ -91,11 +91,22 @@ pub enum UnpackError {
 
 /// Unpacks the `.tar.gz` at `archive` into `dest`, which must not exist yet.
 pub fn unpack(archive: &Path, dest: &Path, limits: UnpackLimits) -> Result<Unpacked, UnpackError> {
+    let file = File::open(archive).map_err(UnpackError::Corrupt)?;
+    unpack_from(file, dest, limits)
+}
+
+/// Unpacks a `.tar.gz` read from `source` into `dest`, which must not exist
+/// yet. Reads no further than the archive's end.
+pub fn unpack_from(
+    source: impl Read,
+    dest: &Path,
+    limits: UnpackLimits,
+) -> Result<Unpacked, UnpackError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |error| UnpackError::Write { path, error }
     };
-    let file = File::open(archive).map_err(UnpackError::Corrupt)?;
+    let file = source;
     fs::create_dir(dest).map_err(write_err(dest))?;
 
     // Headers, padding and long names cost at most a few blocks per entry on

@@ -961,3 +961,41 @@ impl Site {
             .unwrap_or_else(|| panic!("{device} is not registered"))
     }
 }
+
+/// A device's own MQTT session (client id and user name = `device`),
+/// connected: its event loop runs on a task of the current runtime and
+/// hands every incoming packet to `incoming`.
+pub async fn device_session(
+    mqtt: SocketAddr,
+    device: &str,
+    password: &str,
+    mut incoming: impl FnMut(rumqttc::Packet) + Send + 'static,
+) -> (rumqttc::AsyncClient, JoinHandle<()>) {
+    use rumqttc::{Event, Packet};
+    let mut options = rumqttc::MqttOptions::new(device, "127.0.0.1", mqtt.port());
+    options.set_credentials(device, password);
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1024);
+    let (up_tx, up) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut up_tx = Some(up_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(tx) = up_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(packet)) => incoming(packet),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), up)
+        .await
+        .unwrap_or_else(|_| panic!("{device} could not connect"))
+        .unwrap();
+    (client, task)
+}

@@ -18,7 +18,7 @@ use ferry_e2e::{
 use ferry_protocol::SecretKey;
 use ferry_protocol::blocks::Frame;
 use ferry_protocol::messages::{BlockRequest, MESSAGE_SCHEMA, Message};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Packet, QoS};
 use serde_json::{Value, json};
 
 const LARGE: usize = 20 * 1024 * 1024;
@@ -335,37 +335,19 @@ struct RawDevice {
 
 impl RawDevice {
     async fn connect(mqtt: SocketAddr, device: &str, password: &str) -> Self {
-        let mut options = MqttOptions::new(device, "127.0.0.1", mqtt.port());
-        options.set_credentials(device, password);
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (frames_tx, frames) = tokio::sync::mpsc::unbounded_channel();
         let (suback_tx, suback) = tokio::sync::mpsc::unbounded_channel();
-        let (up_tx, up) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut up_tx = Some(up_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if let Some(tx) = up_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = frames_tx.send((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        let _ = suback_tx.send(ack.return_codes);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        let (client, task) =
+            ferry_e2e::device_session(mqtt, device, password, move |packet| match packet {
+                Packet::Publish(p) => {
+                    let _ = frames_tx.send((p.topic.clone(), p.payload.to_vec()));
                 }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), up)
-            .await
-            .expect("no connection")
-            .unwrap();
+                Packet::SubAck(ack) => {
+                    let _ = suback_tx.send(ack.return_codes);
+                }
+                _ => {}
+            })
+            .await;
         Self {
             client,
             frames,

@@ -166,6 +166,58 @@ impl Staging {
     }
 }
 
+/// A reader that passes every byte it reads through an [`ArtifactCheck`]:
+/// a local artifact hashed in the same pass that unpacks it.
+pub struct CheckedReader<R> {
+    inner: R,
+    check: ArtifactCheck,
+    /// Set once the bytes ran over the declared size.
+    over: Option<ArtifactError>,
+}
+
+impl<R: Read> CheckedReader<R> {
+    /// Checks what is read from `inner` against `artifact`.
+    pub fn new(inner: R, artifact: &ArtifactInfo) -> Self {
+        Self {
+            inner,
+            check: ArtifactCheck::new(artifact),
+            over: None,
+        }
+    }
+
+    /// Reads what is left (a reader may stop before the end) and checks
+    /// size and hash.
+    pub fn finish(mut self) -> Result<(), FetchError> {
+        if let Some(e) = self.over.take() {
+            return Err(e.into());
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self
+                .inner
+                .read(&mut buf)
+                .map_err(io_err("reading the artifact"))?;
+            if n == 0 {
+                break;
+            }
+            self.check.update(&buf[..n])?;
+        }
+        self.check.finish()?;
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for CheckedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Err(e) = self.check.update(&buf[..n]) {
+            self.over = Some(e.clone());
+            return Err(io::Error::other(e));
+        }
+        Ok(n)
+    }
+}
+
 /// Copies an artifact from a local file (a USB stick, an inbox), checking it.
 pub fn import_file(
     source: &Path,
