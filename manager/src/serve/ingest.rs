@@ -10,7 +10,7 @@ use ferry_protocol::topics::{Topic, TopicKind};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{Notify, mpsc};
 
-use super::store::{DeviceStep, Store};
+use super::store::{DeviceStep, Record, Store};
 use super::{blocks, rollout};
 
 /// A desired-state message to publish (retained).
@@ -63,6 +63,7 @@ pub async fn run(
         metrics,
         block_requests,
     } = listeners;
+    let recorder = spawn_recorder(store.clone(), changes);
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
@@ -90,7 +91,13 @@ pub async fn run(
                         continue;
                     }
                     match ingest(&store, &wake, &p.topic, &p.payload) {
-                        Ok(()) => changes.send_modify(|n| *n = n.wrapping_add(1)),
+                        Ok(Some(record)) => {
+                            // Waits only when the recorder is far behind.
+                            if recorder.send(record).await.is_err() {
+                                tracing::error!("the recorder stopped; message not recorded");
+                            }
+                        }
+                        Ok(None) => {}
                         Err(e) => tracing::warn!(topic = %p.topic, "message not recorded: {e}"),
                     }
                 }
@@ -130,7 +137,7 @@ fn republish_all(client: &AsyncClient, store: &Store) {
 pub struct Listeners {
     /// The rollout engine, woken when a rollout device's step changes.
     pub wake: Arc<Notify>,
-    /// Bumped on every recorded message (the dashboard's live updates).
+    /// Bumped on every batch of recorded messages (the dashboard's live updates).
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts messages by kind.
     pub metrics: super::metrics::Metrics,
@@ -138,8 +145,14 @@ pub struct Listeners {
     pub block_requests: mpsc::Sender<blocks::Incoming>,
 }
 
-/// Records one device message, and what it says about deployments.
-fn ingest(store: &Store, wake: &Notify, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+/// Checks one device message and acts on what it says about deployments;
+/// returns what is to be recorded.
+fn ingest(
+    store: &Store,
+    wake: &Notify,
+    topic: &str,
+    payload: &[u8],
+) -> anyhow::Result<Option<Record>> {
     let topic: Topic = topic.parse()?;
     let device = topic.device.as_str();
     // Decode before storing: malformed or oversized payloads are refused.
@@ -203,10 +216,48 @@ fn ingest(store: &Store, wake: &Notify, topic: &str, payload: &[u8]) -> anyhow::
         }
         // Not the manager's to record: what it publishes, or block requests
         // (served before they get here).
-        TopicKind::Desired | TopicKind::Blocks | TopicKind::Fetch => return Ok(()),
+        TopicKind::Desired | TopicKind::Blocks | TopicKind::Fetch => return Ok(None),
     }
-    store.record(device, topic.kind.segment(), payload)?;
-    Ok(())
+    Ok(Some(Record {
+        device: device.to_owned(),
+        kind: topic.kind.segment(),
+        payload: String::from_utf8_lossy(payload).into_owned(),
+        time: super::store::now(),
+    }))
+}
+
+/// Writes what the ingest loop hands over, on a thread of its own: a
+/// batch is whatever queued while the last one was written, so under load
+/// one transaction records many messages, and ingestion never waits on
+/// SQLite. Bumps `changes` once per batch.
+fn spawn_recorder(
+    store: Arc<Store>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+) -> mpsc::Sender<Record> {
+    const BATCH: usize = 2048;
+    let (tx, mut rx) = mpsc::channel::<Record>(64 * 1024);
+    std::thread::Builder::new()
+        .name("ferry-recorder".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            while let Some(first) = rx.blocking_recv() {
+                batch.push(first);
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(record) => batch.push(record),
+                        Err(_) => break,
+                    }
+                }
+                match store.record_many(&batch) {
+                    Ok(()) => changes.send_modify(|n| *n = n.wrapping_add(1)),
+                    Err(e) => tracing::warn!("{} device messages not recorded: {e}", batch.len()),
+                }
+                batch.clear();
+            }
+        })
+        .map_err(|e| tracing::error!("cannot start the recorder thread: {e}"))
+        .ok();
+    tx
 }
 
 /// The deployment a rollout id names (`deploy-<id>`).

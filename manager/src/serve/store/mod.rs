@@ -56,6 +56,19 @@ pub struct DeviceRow {
     pub health: Option<serde_json::Value>,
 }
 
+/// A device message to record (see [`Store::record_many`]).
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The device.
+    pub device: String,
+    /// Its topic kind: "reported", "events", "health" or "status".
+    pub kind: &'static str,
+    /// The payload, already checked.
+    pub payload: String,
+    /// When it arrived.
+    pub time: String,
+}
+
 /// A published release.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReleaseRow {
@@ -195,12 +208,23 @@ impl Store {
 
     /// Every device with its latest state.
     pub fn devices(&self) -> Result<Vec<DeviceRow>> {
+        self.devices_where(None)
+    }
+
+    /// One device.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
+        Ok(self.devices_where(Some(id))?.pop())
+    }
+
+    /// Every device, or the one named.
+    fn devices_where(&self, id: Option<&str>) -> Result<Vec<DeviceRow>> {
         let db = self.db();
-        let mut stmt = db.prepare(
+        let mut stmt = db.prepare_cached(
             "SELECT d.id, d.tags, COALESCE(s.online, 0), s.last_seen, s.reported, s.health
-             FROM devices d LEFT JOIN device_state s ON s.device_id = d.id ORDER BY d.id",
+             FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
+             WHERE ?1 IS NULL OR d.id = ?1 ORDER BY d.id",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map([id], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -225,55 +249,70 @@ impl Store {
         Ok(out)
     }
 
-    /// One device.
-    pub fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
-        Ok(self.devices()?.into_iter().find(|d| d.device_id == id))
+    /// Records a message from a device: latest state and bounded history.
+    pub fn record(&self, device: &str, kind: &'static str, payload: &[u8]) -> Result<()> {
+        self.record_many(&[Record {
+            device: device.to_owned(),
+            kind,
+            payload: String::from_utf8_lossy(payload).into_owned(),
+            time: now(),
+        }])
     }
 
-    /// Records a message from a device: latest state and bounded history.
-    pub fn record(&self, device: &str, kind: &str, payload: &[u8]) -> Result<()> {
-        let text = String::from_utf8_lossy(payload);
-        let db = self.db();
-        let time = now();
-        db.execute(
-            "INSERT INTO device_state (device_id, last_seen) VALUES (?1, ?2)
-             ON CONFLICT (device_id) DO UPDATE SET last_seen = ?2",
-            params![device, time],
-        )?;
-        match kind {
-            "reported" => {
-                db.execute(
-                    "UPDATE device_state SET reported = ?2 WHERE device_id = ?1",
-                    params![device, text],
-                )?;
+    /// Records device messages in one transaction, in order: under load
+    /// the ingest path hands them over in batches, so a commit (and its
+    /// write-ahead-log pages) is shared by many messages, and each device's
+    /// history is trimmed once per batch.
+    pub fn record_many(&self, records: &[Record]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let mut trimmed: Vec<(&str, &str)> = Vec::new();
+        for r in records {
+            let (device, text, time) = (r.device.as_str(), r.payload.as_str(), r.time.as_str());
+            tx.prepare_cached(
+                "INSERT INTO device_state (device_id, last_seen) VALUES (?1, ?2)
+                 ON CONFLICT (device_id) DO UPDATE SET last_seen = ?2",
+            )?
+            .execute(params![device, time])?;
+            match r.kind {
+                "reported" => {
+                    tx.prepare_cached(
+                        "UPDATE device_state SET reported = ?2 WHERE device_id = ?1",
+                    )?
+                    .execute(params![device, text])?;
+                }
+                "health" => {
+                    tx.prepare_cached(
+                        "UPDATE device_state SET health = ?2, online = 1 WHERE device_id = ?1",
+                    )?
+                    .execute(params![device, text])?;
+                }
+                "status" => {
+                    let online = text.contains("\"online\"");
+                    tx.prepare_cached("UPDATE device_state SET online = ?2 WHERE device_id = ?1")?
+                        .execute(params![device, online])?;
+                }
+                _ => {}
             }
-            "health" => {
-                db.execute(
-                    "UPDATE device_state SET health = ?2, online = 1 WHERE device_id = ?1",
-                    params![device, text],
-                )?;
+            if r.kind == "health" || r.kind == "events" {
+                tx.prepare_cached(
+                    "INSERT INTO history (device_id, kind, time, payload) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![device, r.kind, time, text])?;
+                if !trimmed.contains(&(device, r.kind)) {
+                    trimmed.push((device, r.kind));
+                }
             }
-            "status" => {
-                let online = text.contains("\"online\"");
-                db.execute(
-                    "UPDATE device_state SET online = ?2 WHERE device_id = ?1",
-                    params![device, online],
-                )?;
-            }
-            _ => {}
         }
-        if kind == "health" || kind == "events" {
-            db.execute(
-                "INSERT INTO history (device_id, kind, time, payload) VALUES (?1, ?2, ?3, ?4)",
-                params![device, kind, time, text],
-            )?;
-            db.execute(
+        for (device, kind) in trimmed {
+            tx.prepare_cached(
                 "DELETE FROM history WHERE device_id = ?1 AND kind = ?2 AND id <= (
                      SELECT id FROM history WHERE device_id = ?1 AND kind = ?2
                      ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-                params![device, kind, HISTORY],
-            )?;
+            )?
+            .execute(params![device, kind, HISTORY])?;
         }
+        tx.commit()?;
         Ok(())
     }
 
@@ -502,4 +541,39 @@ fn set_desired(
         params![device, service, format!("replaced by {by}"), now()],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(device: &str, kind: &'static str, payload: &str) -> Record {
+        Record {
+            device: device.into(),
+            kind,
+            payload: payload.into(),
+            time: now(),
+        }
+    }
+
+    #[test]
+    fn a_batch_records_in_order_and_trims_history_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("ferry.db")).unwrap();
+        let id = DeviceId::new("gw-1").unwrap();
+        store.add_device(&id, "pw", &[]).unwrap();
+        let mut batch: Vec<Record> = (0..HISTORY + 50)
+            .map(|i| record("gw-1", "health", &format!("{{\"n\":{i}}}")))
+            .collect();
+        // The last word in a batch wins: online, then offline.
+        batch.push(record("gw-1", "status", r#"{"state":"online"}"#));
+        batch.push(record("gw-1", "status", r#"{"state":"offline"}"#));
+        store.record_many(&batch).unwrap();
+        let device = store.device("gw-1").unwrap().unwrap();
+        assert!(!device.online);
+        assert_eq!(device.health.unwrap()["n"], HISTORY + 49);
+        let history = store.history("health", Some("gw-1"), 0, 1000).unwrap();
+        assert_eq!(history.len() as i64, HISTORY);
+        assert!(store.device("gw-2").unwrap().is_none());
+    }
 }
