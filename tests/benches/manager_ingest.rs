@@ -7,7 +7,8 @@
 //! service) at QoS 0 at a fixed total rate, stepped up from 5,000 to 40,000
 //! per second, 6 s per step. For each step: the rate the publishers
 //! reached, the rate the manager ingested (its own counter of health
-//! messages received, which it records before taking the next), and the
+//! messages received and checked) and recorded (written to SQLite, in
+//! batches, by its recorder thread; all device messages), and the
 //! API's p50/p99 latency for one device and for the whole fleet, asked in
 //! a loop meanwhile. Everything shares the machine's two cores, so the
 //! publishers' own work is part of the load. Asserts nothing about speed.
@@ -107,11 +108,13 @@ async fn step(
         }));
     }
     let series = "ferry_mqtt_messages_received_total{kind=\"health\"}";
+    let stored = "ferry_device_messages_recorded_total";
     // Let the rate settle before counting.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (sent0, got0, t0) = (
+    let (sent0, got0, stored0, t0) = (
         sent.load(Ordering::Relaxed),
         site.manager.metric(series).await,
+        site.manager.metric(stored).await,
         Instant::now(),
     );
     let mut one = Vec::new();
@@ -132,9 +135,10 @@ async fn step(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let (sent1, got1) = (
+    let (sent1, got1, stored1) = (
         sent.load(Ordering::Relaxed),
         site.manager.metric(series).await,
+        site.manager.metric(stored).await,
     );
     running.store(false, Ordering::Relaxed);
     for p in publishers {
@@ -144,10 +148,11 @@ async fn step(
     fleet.sort_by(f64::total_cmp);
     let ingested = (got1 - got0) / secs;
     println!(
-        "offered {rate:>6}/s | sent {:>7.0}/s | ingested {:>7.0}/s ({:>5.1}% of sent) | GET /v1/devices/ID p50 {:>6.1} ms p99 {:>6.1} ms | GET /v1/devices ({DEVICES}) p50 {:>6.1} ms p99 {:>6.1} ms",
+        "offered {rate:>6}/s | sent {:>7.0}/s | ingested {:>7.0}/s ({:>5.1}% of sent), recorded {:>7.0}/s | GET /v1/devices/ID p50 {:>6.1} ms p99 {:>6.1} ms | GET /v1/devices ({DEVICES}) p50 {:>6.1} ms p99 {:>6.1} ms",
         (sent1 - sent0) as f64 / secs,
         ingested,
         100.0 * ingested / ((sent1 - sent0) as f64 / secs).max(1.0),
+        (stored1 - stored0) / secs,
         percentile(&one, 0.5),
         percentile(&one, 0.99),
         percentile(&fleet, 0.5),

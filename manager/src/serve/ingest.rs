@@ -63,7 +63,7 @@ pub async fn run(
         metrics,
         block_requests,
     } = listeners;
-    let recorder = spawn_recorder(store.clone(), changes);
+    let recorder = spawn_recorder(store.clone(), changes, metrics.messages_recorded.clone());
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
@@ -233,6 +233,7 @@ fn ingest(
 fn spawn_recorder(
     store: Arc<Store>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    recorded: prometheus::IntCounter,
 ) -> mpsc::Sender<Record> {
     const BATCH: usize = 2048;
     let (tx, mut rx) = mpsc::channel::<Record>(64 * 1024);
@@ -249,7 +250,10 @@ fn spawn_recorder(
                     }
                 }
                 match store.record_many(&batch) {
-                    Ok(()) => changes.send_modify(|n| *n = n.wrapping_add(1)),
+                    Ok(()) => {
+                        recorded.inc_by(batch.len() as u64);
+                        changes.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                     Err(e) => tracing::warn!("{} device messages not recorded: {e}", batch.len()),
                 }
                 batch.clear();

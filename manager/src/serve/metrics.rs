@@ -30,6 +30,8 @@ pub struct Metrics {
     pub mqtt_block_requests: IntCounterVec,
     /// Artifact bytes sent as MQTT blocks.
     pub mqtt_block_bytes: IntCounter,
+    /// Device messages written to the store.
+    pub messages_recorded: IntCounter,
 }
 
 /// A metric that could not be made or written (a programming error, or a
@@ -74,6 +76,10 @@ impl Metrics {
                 "ferry_mqtt_block_bytes_sent_total",
                 "Artifact bytes sent to devices as MQTT blocks.",
             )?,
+            messages_recorded: IntCounter::new(
+                "ferry_device_messages_recorded_total",
+                "Device messages written to the store (received ones are recorded in batches).",
+            )?,
         })
     }
 
@@ -84,6 +90,7 @@ impl Metrics {
         registry.register(Box::new(self.http_duration.clone()))?;
         registry.register(Box::new(self.mqtt_block_requests.clone()))?;
         registry.register(Box::new(self.mqtt_block_bytes.clone()))?;
+        registry.register(Box::new(self.messages_recorded.clone()))?;
         fleet(&registry, store)?;
         let mut out = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut out)?;
