@@ -1,8 +1,10 @@
-//! The agent's footprint: peak resident memory idle and while it installs a
-//! 20 MB release, for the device-profile binary on this machine and the
-//! ARMv7 binary under qemu-arm (whose figures include qemu's own memory,
-//! so they bound the device's from above). Prints figures; asserts nothing
-//! about speed.
+//! The agent's footprint: resident memory and CPU over a minute idle
+//! (connected, reporting health every second), and peak resident memory
+//! while it installs a 50 MB release, for the device-profile binary on this
+//! machine and the ARMv7 binary under qemu-arm (whose figures include
+//! qemu's own memory, so they bound the device's from above); then Mender's
+//! client daemon (Debian's amd64 package, where installed) idle for the same
+//! minute. Prints figures; asserts nothing about speed.
 //!
 //! `cargo bench -p ferry-e2e --bench agent_footprint`
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_cross::{PackageRequest, package};
 use ferry_e2e::{
-    Manager, ProcessAgent, armv7_agent_binary, free_port, incompressible, memory_kib,
+    Manager, ProcessAgent, armv7_agent_binary, cpu_secs, free_port, incompressible, memory_kib,
     native_agent_binary, sign,
 };
 use ferry_protocol::manifest::{ArtifactKind, HealthSettings};
@@ -21,7 +23,8 @@ use ferry_protocol::names::ARMV7_TARGET;
 use ferry_protocol::{RelPath, SecretKey, ServiceName, Target};
 use serde_json::json;
 
-const PAYLOAD_BYTES: usize = 20 * 1024 * 1024;
+const PAYLOAD_BYTES: usize = 50 * 1024 * 1024;
+const IDLE: Duration = Duration::from_secs(60);
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -89,8 +92,11 @@ async fn measure(case: Case) {
     manager
         .wait_device("bench-1", "online", |d| d["online"] == true)
         .await;
-    // Idle: connected, reporting health every second, for a while.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Idle: connected, reporting health every second, for a minute.
+    let stat = PathBuf::from(format!("/proc/{}/stat", agent.pid()));
+    let cpu_before = cpu_secs(&stat);
+    tokio::time::sleep(IDLE).await;
+    let idle_cpu = cpu_secs(&stat) - cpu_before;
     let (idle_rss, idle_peak) = memory_kib(agent.pid());
 
     manager.publish(&release).await;
@@ -115,10 +121,12 @@ async fn measure(case: Case) {
     );
     let (_, install_peak) = memory_kib(agent.pid());
     println!(
-        "{:<28} idle RSS {:>6} KiB (peak {:>6} KiB) | peak during a {} MiB install {:>6} KiB | deploy to installed {:>6.2} s (health window 2 s)",
+        "{:<28} idle RSS {:>6} KiB (peak {:>6} KiB), CPU {:.2} s in {} s | peak during a {} MiB install {:>6} KiB | deploy to installed {:>6.2} s (health window 2 s)",
         case.name,
         idle_rss,
         idle_peak,
+        idle_cpu,
+        IDLE.as_secs(),
         PAYLOAD_BYTES / (1024 * 1024),
         install_peak,
         took.as_secs_f64()
@@ -161,4 +169,69 @@ fn main() {
     }
     runtime.block_on(measure(native));
     runtime.block_on(measure(arm));
+    mender_idle();
+}
+
+/// Mender's client daemon, idle for the same minute: pointed at a server
+/// that refuses connections, it retries on its own schedule, as a device
+/// waiting for its server does.
+fn mender_idle() {
+    let Ok(path) = which("mender") else {
+        println!("Mender: not installed (scripts/bench installs it); skipped");
+        return;
+    };
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("device_type"), "device_type=bench\n").unwrap();
+    let config = dir.path().join("mender.conf");
+    std::fs::write(
+        &config,
+        json!({ "ServerURL": format!("https://127.0.0.1:{}", free_port()), "UpdatePollIntervalSeconds": 1800, "InventoryPollIntervalSeconds": 28800 }).to_string(),
+    )
+    .unwrap();
+    let fallback = dir.path().join("fallback.conf");
+    std::fs::write(&fallback, "{}").unwrap();
+    let mut daemon = Command::new(&path)
+        .arg("--config")
+        .arg(&config)
+        .arg("--fallback-config")
+        .arg(&fallback)
+        .arg("--data")
+        .arg(&data)
+        .arg("--no-syslog")
+        .arg("daemon")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stat = PathBuf::from(format!("/proc/{}/stat", daemon.id()));
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu_before = cpu_secs(&stat);
+    std::thread::sleep(IDLE);
+    let idle_cpu = cpu_secs(&stat) - cpu_before;
+    let (rss, peak) = memory_kib(daemon.id());
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    println!(
+        "{:<28} idle RSS {:>6} KiB (peak {:>6} KiB), CPU {:.2} s in {} s | binary {} bytes ({:.2} MiB, as packaged)",
+        "mender 3.4 daemon (amd64)",
+        rss,
+        peak,
+        idle_cpu,
+        IDLE.as_secs(),
+        size,
+        size as f64 / 1048576.0
+    );
+}
+
+fn which(tool: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(tool))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
 }

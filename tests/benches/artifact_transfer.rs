@@ -12,31 +12,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_e2e::{
-    BrokerKind, MANAGER_THREAD, Mosquitto, ProcessAgent, Release, Site, large_release, memory_kib,
-    native_agent_binary,
+    BrokerKind, MANAGER_THREAD, Mosquitto, ProcessAgent, Release, Site, cpu_secs, large_release,
+    memory_kib, native_agent_binary,
 };
 use ferry_protocol::SecretKey;
 use serde_json::{Value, json};
 
 const PAYLOAD_BYTES: usize = 20 * 1024 * 1024;
 const RUNS: usize = 3;
-
-/// User + system CPU seconds of a process or thread, from its `stat` file.
-fn cpu_secs(stat: &Path) -> f64 {
-    let text = std::fs::read_to_string(stat).unwrap_or_default();
-    // Fields after the command name, which may hold spaces: utime and stime
-    // are the 12th and 13th of them.
-    let Some((_, rest)) = text.rsplit_once(") ") else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    // The kernel's USER_HZ is 100 on Linux.
-    ticks as f64 / 100.0
-}
 
 /// CPU seconds of this process's threads named like the in-process manager's.
 fn manager_cpu() -> f64 {

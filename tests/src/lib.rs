@@ -801,6 +801,24 @@ impl Drop for Mosquitto {
     }
 }
 
+/// User + system CPU seconds a process or thread has used, from its
+/// `/proc/.../stat` file (0 when unknown).
+pub fn cpu_secs(stat: &Path) -> f64 {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: utime and stime
+    // are the 12th and 13th of them.
+    let Some((_, rest)) = text.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // The kernel's USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
 /// VmRSS and VmHWM (peak) of a process, in KiB (0 when unknown).
 pub fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

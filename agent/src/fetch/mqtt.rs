@@ -170,11 +170,6 @@ impl Window {
         Some(range)
     }
 
-    /// Whether blocks are asked for and not yet all written.
-    fn waiting(&self) -> bool {
-        self.asked > self.next
-    }
-
     /// Takes a block; returns the blocks now ready to write, in order.
     /// Only whole blocks on the grid of what was asked are kept, so the
     /// early ones never hold more than the window.
@@ -294,7 +289,9 @@ pub async fn fetch(
                     window.rewind();
                 }
             }
-            () = sleep_until(retry_at), if up && window.waiting() => {
+            // Also when nothing is out: a request the client could not take
+            // is asked again here.
+            () = sleep_until(retry_at), if up => {
                 tracing::info!(from = window.next, "blocks did not come; asking again");
                 window.rewind();
                 retry_at = Instant::now() + settings.retry_after;
@@ -367,7 +364,7 @@ mod tests {
         );
         assert_eq!(w.accept(3072, block(100, 4)).len(), 1);
         assert_eq!(w.next, w.size);
-        assert!(!w.waiting());
+        assert_eq!(w.asked, w.next, "nothing left out");
     }
 
     #[test]

@@ -249,20 +249,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Records a message from a device: latest state and bounded history.
-    pub fn record(&self, device: &str, kind: &'static str, payload: &[u8]) -> Result<()> {
-        self.record_many(&[Record {
-            device: device.to_owned(),
-            kind,
-            payload: String::from_utf8_lossy(payload).into_owned(),
-            time: now(),
-        }])
-    }
-
-    /// Records device messages in one transaction, in order: under load
-    /// the ingest path hands them over in batches, so a commit (and its
-    /// write-ahead-log pages) is shared by many messages, and each device's
-    /// history is trimmed once per batch.
+    /// Records device messages (latest state and bounded history) in one
+    /// transaction, in order. Under load the ingest path hands them over in
+    /// batches, so a commit (and its write-ahead-log pages) is shared by
+    /// many messages, and each device's history is trimmed once per batch.
     pub fn record_many(&self, records: &[Record]) -> Result<()> {
         let mut db = self.db();
         let tx = db.transaction()?;
