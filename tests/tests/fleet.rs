@@ -252,7 +252,7 @@ async fn the_broker_refuses_strangers_and_keeps_devices_to_their_own_topics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uploads_are_checked_and_downloads_resume_with_range() {
+async fn uploads_are_checked_and_assigned_downloads_resume_with_range() {
     let fleet = Fleet::new();
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
     let manager = Manager::start(&fleet.dir.path().join("manager"), mqtt, http).await;
@@ -311,6 +311,28 @@ async fn uploads_are_checked_and_downloads_resume_with_range() {
         .await
         .unwrap();
     assert_eq!(wrong_password.status(), 401);
+    // A device gets only an artifact its desired state names.
+    let unassigned = client
+        .get(&url)
+        .basic_auth("gw-1", Some(&password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unassigned.status(), 403);
+    let body: serde_json::Value = unassigned.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in gw-1's desired state"),
+        "{body}"
+    );
+    manager
+        .post(
+            "/v1/deployments",
+            json!({ "service": "api", "version": "1.0.0", "devices": ["gw-1"] }),
+        )
+        .await;
     let whole = client
         .get(&url)
         .basic_auth("gw-1", Some(&password))

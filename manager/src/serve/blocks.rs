@@ -20,9 +20,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ferry_protocol::Sha256Digest;
 use ferry_protocol::blocks::{Frame, MAX_REQUESTS_IN_FLIGHT};
-use ferry_protocol::messages::{BlockRequest, Desired, Message};
+use ferry_protocol::messages::{BlockRequest, Message};
 use ferry_protocol::topics::{Topic, TopicKind};
 use rumqttc::{AsyncClient, QoS};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -124,19 +123,16 @@ impl BlockServer {
     }
 
     /// Whether `device` may have these bytes: its desired state must name
-    /// the artifact, and the range must start inside it.
+    /// the artifact.
     fn check(
         &self,
         device: &ferry_protocol::DeviceId,
         request: &BlockRequest,
     ) -> Result<(), String> {
-        let desired = self
+        let assigned = self
             .store
-            .desired(device.as_str())
+            .desires_artifact(device.as_str(), &request.artifact)
             .map_err(|e| format!("the manager cannot read desired states: {e}"))?;
-        let assigned = desired
-            .and_then(|text| Desired::decode(text.as_bytes()).ok())
-            .is_some_and(|d| names_artifact(&d, &request.artifact));
         if !assigned {
             return Err(format!(
                 "artifact {} is not in {device}'s desired state",
@@ -244,15 +240,6 @@ impl Drop for Turn {
             }
         }
     }
-}
-
-/// Whether a desired state names this artifact.
-fn names_artifact(desired: &Desired, artifact: &Sha256Digest) -> bool {
-    desired.releases.iter().any(|r| {
-        r.envelope
-            .unverified_manifest()
-            .is_ok_and(|m| m.artifact.sha256 == *artifact)
-    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! | `GET /v1/devices`, `GET /v1/devices/{id}` | operator | fleet view |
 //! | `PUT /v1/devices/{id}/tags` | operator | replace a device's tags |
 //! | `PUT /v1/artifacts/{sha256}` | operator | upload an artifact; refused unless the bytes hash to `sha256` |
-//! | `GET /v1/artifacts/{sha256}` | device or operator | download, with Range |
+//! | `GET /v1/artifacts/{sha256}` | device (only an artifact in its desired state) or operator | download, with Range |
 //! | `POST /v1/releases`, `GET /v1/releases` | operator | publish an envelope (its artifact uploaded first), list |
 //! | `GET /v1/releases/{service}/{version}` | operator | one release with its signed envelope |
 //! | `POST /v1/deployments`, `GET /v1/deployments[/{id}]` | operator | deploy a release to devices, progress |
@@ -190,9 +190,15 @@ fn operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 }
 
 /// Checks a device's basic-auth credentials.
-fn device_or_operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+/// Who a request comes from, when a device may ask too.
+enum Caller {
+    Operator,
+    Device(String),
+}
+
+fn device_or_operator(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
     if operator(state, headers).is_ok() {
-        return Ok(());
+        return Ok(Caller::Operator);
     }
     let basic = headers
         .get(header::AUTHORIZATION)
@@ -208,7 +214,7 @@ fn device_or_operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     };
     match state.store.password_hash_of(user)? {
         Some(hash) if constant_time_eq(hash.as_bytes(), password_hash(password).as_bytes()) => {
-            Ok(())
+            Ok(Caller::Device(user.to_owned()))
         }
         _ => Err(bad(
             StatusCode::UNAUTHORIZED,
@@ -357,8 +363,17 @@ async fn download_artifact(
     Path(sha): Path<String>,
     request: Request,
 ) -> ApiResult<Response> {
-    device_or_operator(&state, &headers)?;
+    let caller = device_or_operator(&state, &headers)?;
     let sha = parse_sha(&sha)?;
+    // A device gets only what it was told to install, as over MQTT.
+    if let Caller::Device(device) = caller {
+        if !state.store.desires_artifact(&device, &sha)? {
+            return Err(bad(
+                StatusCode::FORBIDDEN,
+                format!("artifact {sha} is not in {device}'s desired state"),
+            ));
+        }
+    }
     let path = state.artifacts.join(sha.to_string());
     if !path.exists() {
         return Err(bad(StatusCode::NOT_FOUND, format!("no artifact {sha}")));

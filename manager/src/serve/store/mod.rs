@@ -249,6 +249,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether `device`'s desired state names the artifact `sha256`: the
+    /// only artifacts a device may fetch, over HTTP or MQTT.
+    pub fn desires_artifact(&self, device: &str, sha256: &Sha256Digest) -> Result<bool> {
+        use ferry_protocol::messages::{Desired, Message};
+        let Some(text) = self.desired(device)? else {
+            return Ok(false);
+        };
+        let desired = Desired::decode(text.as_bytes())
+            .map_err(|e| StoreError::Invalid(format!("desired state of {device}: {e}")))?;
+        Ok(desired.releases.iter().any(|r| {
+            r.envelope
+                .unverified_manifest()
+                .is_ok_and(|m| m.artifact.sha256 == *sha256)
+        }))
+    }
+
     /// Records device messages (latest state and bounded history) in one
     /// transaction, in order. Under load the ingest path hands them over in
     /// batches, so a commit (and its write-ahead-log pages) is shared by
