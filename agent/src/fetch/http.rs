@@ -6,7 +6,7 @@ use ferry_protocol::manifest::ArtifactInfo;
 use reqwest::StatusCode;
 use reqwest::header::RANGE;
 
-use super::{FetchError, Staging};
+use super::{FetchError, Resumed, Staging};
 use crate::layout::Layout;
 
 /// Credentials for the artifact store.
@@ -28,14 +28,10 @@ pub async fn download(
     layout: &Layout,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<PathBuf, FetchError> {
-    let checked = layout.checked_download(&artifact.sha256);
-    if checked.exists() {
-        return Ok(checked);
-    }
-    let mut staging = Staging::open(layout, artifact, true)?;
-    if staging.held() == artifact.size {
-        return staging.finish(&checked);
-    }
+    let mut staging = match Staging::resume(layout, artifact)? {
+        Resumed::Done(path) => return Ok(path),
+        Resumed::Partial(staging) => staging,
+    };
     let transfer = |have: u64, reason: String| FetchError::Transfer {
         from: url.to_owned(),
         have,
@@ -87,7 +83,7 @@ pub async fn download(
         staging.keep();
         return Err(transfer(staging.held(), "connection closed early".into()));
     }
-    staging.finish(&checked)
+    staging.finish()
 }
 
 /// An error with its causes: reqwest's own message rarely says why.

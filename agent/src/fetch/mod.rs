@@ -83,11 +83,34 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> FetchError {
 /// An artifact being written to its `.part` file.
 pub(crate) struct Staging {
     path: PathBuf,
+    /// Where the file goes once checked.
+    checked: PathBuf,
     file: File,
     check: ArtifactCheck,
 }
 
+/// Where a transfer stands before it asks for anything.
+pub(crate) enum Resumed {
+    /// The checked artifact is there: nothing to fetch.
+    Done(PathBuf),
+    /// The `.part` file to continue, its bytes re-hashed.
+    Partial(Staging),
+}
+
 impl Staging {
+    /// Picks a transfer up where an earlier one, by either transport, left it.
+    fn resume(layout: &Layout, artifact: &ArtifactInfo) -> Result<Resumed, FetchError> {
+        let checked = layout.checked_download(&artifact.sha256);
+        if checked.exists() {
+            return Ok(Resumed::Done(checked));
+        }
+        let staging = Self::open(layout, artifact, true)?;
+        if staging.held() == artifact.size {
+            return staging.finish().map(Resumed::Done);
+        }
+        Ok(Resumed::Partial(staging))
+    }
+
     /// Opens the `.part` file; with `resume`, re-hashes what it holds and
     /// continues after it, else starts empty.
     fn open(layout: &Layout, artifact: &ArtifactInfo, resume: bool) -> Result<Self, FetchError> {
@@ -117,7 +140,12 @@ impl Staging {
             file.set_len(0)
                 .map_err(io_err(format!("truncating {}", path.display())))?;
         }
-        Ok(Self { path, file, check })
+        Ok(Self {
+            path,
+            checked: layout.checked_download(&artifact.sha256),
+            file,
+            check,
+        })
     }
 
     fn held(&self) -> u64 {
@@ -152,7 +180,7 @@ impl Staging {
     }
 
     /// Checks size and hash; on success renames the file into place.
-    fn finish(self, checked: &Path) -> Result<PathBuf, FetchError> {
+    fn finish(self) -> Result<PathBuf, FetchError> {
         self.file
             .sync_all()
             .map_err(io_err(format!("syncing {}", self.path.display())))?;
@@ -161,8 +189,9 @@ impl Staging {
             let _ = fs::remove_file(&path);
             return Err(e.into());
         }
-        durable::rename(&path, checked).map_err(io_err(format!("renaming {}", path.display())))?;
-        Ok(checked.to_owned())
+        durable::rename(&path, &self.checked)
+            .map_err(io_err(format!("renaming {}", path.display())))?;
+        Ok(self.checked)
     }
 }
 
@@ -240,5 +269,5 @@ pub fn import_file(
         }
         staging.write(&buf[..n])?;
     }
-    staging.finish(&checked)
+    staging.finish()
 }

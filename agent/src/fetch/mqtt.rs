@@ -25,11 +25,11 @@ use ferry_protocol::blocks::Frame;
 use ferry_protocol::manifest::ArtifactInfo;
 use ferry_protocol::messages::{BlockRequest, MESSAGE_SCHEMA, Message};
 use ferry_protocol::topics::{Topic, TopicKind};
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use super::{FetchError, Staging};
+use super::{FetchError, Resumed, Staging};
 use crate::config::TransferConfig;
 use crate::layout::Layout;
 
@@ -115,13 +115,13 @@ impl BlockLink {
             length,
             block_size,
         };
-        let qos = if TopicKind::Fetch.delivery().qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        };
         self.client
-            .try_publish(&self.fetch_topic, qos, false, request.encode())
+            .try_publish(
+                &self.fetch_topic,
+                crate::mqtt::qos(TopicKind::Fetch),
+                false,
+                request.encode(),
+            )
             .is_ok()
     }
 }
@@ -212,11 +212,10 @@ pub async fn fetch(
     settings: &TransferConfig,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<PathBuf, FetchError> {
-    let checked = layout.checked_download(&artifact.sha256);
-    if checked.exists() {
-        return Ok(checked);
-    }
-    let mut staging = Staging::open(layout, artifact, true)?;
+    let mut staging = match Staging::resume(layout, artifact)? {
+        Resumed::Done(path) => return Ok(path),
+        Resumed::Partial(staging) => staging,
+    };
     let mut window = Window::new(staging.held(), artifact.size, settings);
     // Frames left from an earlier transfer are of no use now.
     while link.frames.try_recv().is_ok() {}
@@ -231,7 +230,7 @@ pub async fn fetch(
     let mut give_up_at = Instant::now() + settings.give_up_after;
     loop {
         if window.next == artifact.size {
-            return staging.finish(&checked);
+            return staging.finish();
         }
         let up = link.connection.borrow().up;
         if up {
