@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use ferry_protocol::blocks::{Frame, MAX_REQUESTS_IN_FLIGHT};
 use ferry_protocol::messages::{BlockRequest, Message};
 use ferry_protocol::topics::{Topic, TopicKind};
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::AsyncClient;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -89,35 +89,27 @@ impl BlockServer {
             }
         };
         let artifact = request.artifact;
-        if let Err(reason) = self.check(&device, &request) {
-            tracing::warn!(%device, %artifact, "block request refused: {reason}");
-            self.count("refused");
-            self.send(
-                &device,
-                Frame::Refused {
-                    artifact,
-                    reason: &reason,
-                },
-            )
-            .await;
-            return;
-        }
-        match self.send_range(&device, &request).await {
+        let served = match self.check(&device, &request) {
+            Err(reason) => Err(("refused", reason)),
+            Ok(()) => self
+                .send_range(&device, &request)
+                .await
+                .map_err(|reason| ("failed", reason)),
+        };
+        match served {
             Ok(bytes) => {
                 self.count("served");
                 self.metrics.mqtt_block_bytes.inc_by(bytes);
             }
-            Err(reason) => {
-                tracing::warn!(%device, %artifact, "block request failed: {reason}");
-                self.count("failed");
-                self.send(
-                    &device,
-                    Frame::Refused {
-                        artifact,
-                        reason: &reason,
-                    },
-                )
-                .await;
+            // The device stops at once, with the reason, instead of timing out.
+            Err((result, reason)) => {
+                tracing::warn!(%device, %artifact, "block request {result}: {reason}");
+                self.count(result);
+                let refusal = Frame::Refused {
+                    artifact,
+                    reason: &reason,
+                };
+                self.send(&device, refusal).await;
             }
         }
     }
@@ -191,7 +183,12 @@ impl BlockServer {
     async fn send(&self, device: &ferry_protocol::DeviceId, frame: Frame<'_>) -> bool {
         let topic = Topic::new(device.clone(), TopicKind::Blocks).to_string();
         self.client
-            .publish(topic, QoS::AtMostOnce, false, frame.encode())
+            .publish(
+                topic,
+                super::ingest::qos(TopicKind::Blocks),
+                false,
+                frame.encode(),
+            )
             .await
             .is_ok()
     }

@@ -72,25 +72,30 @@ pub async fn run(
                     backoff = Duration::from_millis(200);
                     tracing::info!("manager connected to the broker");
                     for kind in TopicKind::ALL.into_iter().filter(|k| k.published_by_device()) {
-                        let qos = if kind.delivery().qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                        let _ = client.try_subscribe(kind.all_devices_filter(), qos);
+                        let _ = client.try_subscribe(kind.all_devices_filter(), qos(kind));
                     }
                     republish_all(&client, &store);
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let topic = p.topic.parse::<Topic>();
-                    let kind = topic.as_ref().map_or("invalid", |t| t.kind.segment());
-                    metrics.mqtt_messages.with_label_values(&[kind]).inc();
-                    if let Ok(Topic { device, kind: TopicKind::Fetch }) = topic {
+                    let topic = match p.topic.parse::<Topic>() {
+                        Ok(topic) => topic,
+                        Err(e) => {
+                            metrics.mqtt_messages.with_label_values(&["invalid"]).inc();
+                            tracing::warn!("message not recorded: {e}");
+                            continue;
+                        }
+                    };
+                    metrics.mqtt_messages.with_label_values(&[topic.kind.segment()]).inc();
+                    if topic.kind == TopicKind::Fetch {
                         // Served elsewhere: a transfer must not stall ingestion.
-                        let request = blocks::Incoming { device, payload: p.payload.to_vec() };
+                        let request = blocks::Incoming { device: topic.device, payload: p.payload.to_vec() };
                         if block_requests.try_send(request).is_err() {
                             // The device asks again when its blocks do not come.
                             tracing::warn!("block requests queue full; one dropped");
                         }
                         continue;
                     }
-                    match ingest(&store, &wake, &p.topic, &p.payload) {
+                    match ingest(&store, &wake, &topic, &p.payload) {
                         Ok(Some(record)) => {
                             // Waits only when the recorder is far behind.
                             if recorder.send(record).await.is_err() {
@@ -110,6 +115,15 @@ pub async fn run(
             },
             Some(message) = outgoing.recv() => publish_desired(&client, &message.device, message.payload),
         }
+    }
+}
+
+/// The QoS of a topic kind, from the topic table.
+pub fn qos(kind: TopicKind) -> QoS {
+    if kind.delivery().qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
     }
 }
 
@@ -150,10 +164,9 @@ pub struct Listeners {
 fn ingest(
     store: &Store,
     wake: &Notify,
-    topic: &str,
+    topic: &Topic,
     payload: &[u8],
 ) -> anyhow::Result<Option<Record>> {
-    let topic: Topic = topic.parse()?;
     let device = topic.device.as_str();
     // Decode before storing: malformed or oversized payloads are refused.
     match topic.kind {
