@@ -166,6 +166,9 @@ pub enum SupervisorKind {
     Systemd,
     /// The agent runs the services itself.
     Direct,
+    /// No service processes: fleet simulators only (feature `simulator`).
+    #[cfg(feature = "simulator")]
+    Simulated,
 }
 
 /// The MQTT broker.

@@ -70,6 +70,10 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         SupervisorKind::Auto if systemd_is_running() => {
             Supervisor::Systemd(Systemd::new(&config.unit_dir))
         }
+        #[cfg(feature = "simulator")]
+        SupervisorKind::Simulated => {
+            Supervisor::Simulated(crate::supervisor::simulated::Simulated::new())
+        }
         SupervisorKind::Auto | SupervisorKind::Direct => {
             Supervisor::Direct(Direct::new(layout.clone()).map_err(|error| {
                 SetupError::DataDir {

@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod simulator;
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -75,7 +77,71 @@ pub fn ferry_binary() -> PathBuf {
     )
 }
 
+/// The `ferry` binary optimised, for benchmarks that run the manager as a
+/// process of its own.
+pub fn release_ferry_binary() -> PathBuf {
+    cargo_build(
+        &["build", "--locked", "--release", "-p", "ferry", "--bin", "ferry"],
+        "target/release/ferry",
+    )
+}
+
 impl Manager {
+    /// The process id, when the manager runs as a process of its own.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Process(child) => Some(child.id()),
+            Running::InProcess { .. } => None,
+        }
+    }
+
+    /// Rollout `id` once its state is `state`; panics with the rollout if
+    /// it is not within `limit`.
+    pub async fn wait_rollout(&self, id: i64, state: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let rollout = self.get(&format!("/v1/rollouts/{id}")).await;
+            if rollout["state"] == state {
+                return rollout;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rollout {id} never {state}:\n{rollout:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// How many registered devices are online.
+    pub async fn online_devices(&self) -> usize {
+        let devices = self.get("/v1/devices").await;
+        devices
+            .as_array()
+            .map_or(0, |all| all.iter().filter(|d| d["online"] == true).count())
+    }
+
+    /// Registers `ids` (no tags), a few requests at a time; returns each
+    /// device with its password, in order.
+    pub async fn add_devices(&self, ids: &[String]) -> Vec<(String, String)> {
+        let mut registered = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(16) {
+            let mut requests = tokio::task::JoinSet::new();
+            for (i, id) in chunk.iter().enumerate() {
+                let request = self
+                    .request(reqwest::Method::POST, "/v1/devices")
+                    .json(&json!({ "device_id": id, "tags": [] }));
+                requests.spawn(async move {
+                    let created: Value = request.send().await.unwrap().json().await.unwrap();
+                    (i, created["password"].as_str().unwrap().to_owned())
+                });
+            }
+            let mut passwords = requests.join_all().await;
+            passwords.sort();
+            registered.extend(chunk.iter().cloned().zip(passwords.into_iter().map(|(_, p)| p)));
+        }
+        registered
+    }
+
     /// The value of one sample on `/metrics`, e.g.
     /// `ferry_mqtt_block_bytes_sent_total` or `name{label="x"}`; 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {

@@ -118,18 +118,9 @@ impl Fleet {
 
     /// The rollout, once it is `state` (or panics after three minutes).
     async fn wait_rollout(&self, id: i64, state: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-        loop {
-            let rollout = self.manager().get(&format!("/v1/rollouts/{id}")).await;
-            if rollout["state"] == state {
-                return rollout;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "rollout {id} never {state}:\n{rollout:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.manager()
+            .wait_rollout(id, state, Duration::from_secs(180))
+            .await
     }
 
     async fn stop(mut self) {

@@ -3,11 +3,15 @@
 //! - [`systemd`]: a unit per service, driven with `systemctl`.
 //! - [`direct`]: the agent runs the services itself, for devices without
 //!   systemd (BusyBox init) and for demos.
+//! - `simulated` (feature `simulator`): no process at all, for fleet
+//!   simulators running thousands of agents in one process.
 //!
 //! Both are reached through [`Supervisor`], so the installer and the health
 //! gate do not care which one a device uses.
 
 pub mod direct;
+#[cfg(feature = "simulator")]
+pub mod simulated;
 pub mod systemd;
 
 use std::path::PathBuf;
@@ -68,6 +72,9 @@ pub enum Supervisor {
     Systemd(systemd::Systemd),
     /// Processes run by the agent.
     Direct(direct::Direct),
+    /// No processes: a fleet simulator's devices.
+    #[cfg(feature = "simulator")]
+    Simulated(simulated::Simulated),
 }
 
 impl Supervisor {
@@ -76,6 +83,11 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.apply(spec).await,
             Self::Direct(d) => d.apply(spec).await,
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => {
+                s.apply(spec);
+                Ok(())
+            }
         }
     }
 
@@ -84,6 +96,8 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.restart(service).await,
             Self::Direct(d) => d.restart(service).await,
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => s.restart(service),
         }
     }
 
@@ -92,6 +106,11 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.remove(service).await,
             Self::Direct(d) => d.remove(service).await,
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => {
+                s.remove(service);
+                Ok(())
+            }
         }
     }
 
@@ -100,6 +119,8 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.status(service).await,
             Self::Direct(d) => d.status(service),
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => s.status(service),
         }
     }
 
@@ -112,6 +133,8 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.signal(service, signal).await,
             Self::Direct(d) => d.signal(service, signal),
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => s.signal(service),
         }
     }
 
@@ -121,6 +144,8 @@ impl Supervisor {
         match self {
             Self::Systemd(s) => s.reload(service).await,
             Self::Direct(d) => d.signal(service, Signal::SIGHUP),
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => s.signal(service),
         }
     }
 
@@ -129,8 +154,12 @@ impl Supervisor {
     /// changes show in the next periodic report.
     pub async fn changed(&self) {
         match self {
-            Self::Systemd(_) => std::future::pending().await,
             Self::Direct(d) => d.changed().await,
+            // Under systemd changes show in the next periodic report; a
+            // simulated service changes only when the agent changes it.
+            Self::Systemd(_) => std::future::pending().await,
+            #[cfg(feature = "simulator")]
+            Self::Simulated(_) => std::future::pending().await,
         }
     }
 
@@ -139,6 +168,8 @@ impl Supervisor {
         match self {
             Self::Systemd(_) => "systemd",
             Self::Direct(_) => "direct",
+            #[cfg(feature = "simulator")]
+            Self::Simulated(_) => "simulated",
         }
     }
 }
