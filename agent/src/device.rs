@@ -116,5 +116,8 @@ pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(std::time::Duration::from_secs(30))
+        // Downloads are rare: an idle connection kept for the next one would
+        // cost the device, and a manager serving thousands, a socket each.
+        .pool_max_idle_per_host(0)
         .build()
 }

@@ -81,7 +81,15 @@ pub fn ferry_binary() -> PathBuf {
 /// process of its own.
 pub fn release_ferry_binary() -> PathBuf {
     cargo_build(
-        &["build", "--locked", "--release", "-p", "ferry", "--bin", "ferry"],
+        &[
+            "build",
+            "--locked",
+            "--release",
+            "-p",
+            "ferry",
+            "--bin",
+            "ferry",
+        ],
         "target/release/ferry",
     )
 }
@@ -137,7 +145,12 @@ impl Manager {
             }
             let mut passwords = requests.join_all().await;
             passwords.sort();
-            registered.extend(chunk.iter().cloned().zip(passwords.into_iter().map(|(_, p)| p)));
+            registered.extend(
+                chunk
+                    .iter()
+                    .cloned()
+                    .zip(passwords.into_iter().map(|(_, p)| p)),
+            );
         }
         registered
     }

@@ -34,7 +34,10 @@ async fn a_simulated_fleet_takes_a_rollout_end_to_end() {
     let fleet = SimulatedFleet::start(&dir.path().join("devices"), mqtt, &devices, &trust, 1);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while manager.online_devices().await < DEVICES {
-        assert!(tokio::time::Instant::now() < deadline, "the fleet never came online");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fleet never came online"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 

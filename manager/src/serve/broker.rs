@@ -31,11 +31,20 @@ pub struct ManagerLogin {
     pub password: String,
 }
 
+/// How many messages the broker queues for a client beyond those in flight.
+/// The manager's own client takes every device's messages: when a whole
+/// fleet reports at once (a rollout to 10,000 devices is some 150,000
+/// events in seconds) they wait here while it catches up. A message over
+/// the limit is dropped and counted in `ferry_mqtt_messages_dropped_total`.
+const MAX_QUEUED: usize = 500_000;
+
 /// Starts the broker on `listen`; runs until the returned future is dropped.
+/// Messages dropped for a full queue are counted in `dropped`.
 pub async fn start(
     listen: SocketAddr,
     store: Arc<Store>,
     manager: ManagerLogin,
+    dropped: prometheus::IntCounter,
 ) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let scx = ServerContext::new()
         // The manager shares the machine with its broker: never refuse
@@ -53,11 +62,16 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("retainer: {e}"))?;
 
     let register = scx.extends.hook_mgr().register();
-    let guard = Arc::new(Guard { store, manager });
+    let guard = Arc::new(Guard {
+        store,
+        manager,
+        dropped,
+    });
     for hook in [
         Type::ClientAuthenticate,
         Type::MessagePublishCheckAcl,
         Type::ClientSubscribeCheckAcl,
+        Type::MessageDropped,
     ] {
         register.add(hook, Box::new(GuardHook(guard.clone()))).await;
     }
@@ -70,7 +84,7 @@ pub async fn start(
         // A restarted manager must get its port back while old connections linger in TIME_WAIT.
         .reuseaddr(Some(true))
         .max_inflight(std::num::NonZeroU16::new(128).unwrap_or(std::num::NonZeroU16::MIN))
-        .max_mqueue_len(10_000)
+        .max_mqueue_len(MAX_QUEUED)
         .max_packet_size(1024 * 1024)
         .bind()
         .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?
@@ -84,13 +98,14 @@ pub async fn start(
     })
 }
 
-/// Authentication and ACL in one handler.
+/// Authentication and ACL in one handler, which also counts drops.
 struct Guard {
     store: Arc<Store>,
     manager: ManagerLogin,
+    dropped: prometheus::IntCounter,
 }
 
-/// The handler rmqtt calls; one guard serves all three hooks.
+/// The handler rmqtt calls; one guard serves all four hooks.
 struct GuardHook(Arc<Guard>);
 
 #[async_trait]
@@ -150,6 +165,11 @@ impl Handler for GuardHook {
                         )),
                     )
                 }
+            }
+            Parameter::MessageDropped(to, _, publish, reason) => {
+                self.0.dropped.inc();
+                tracing::debug!(to = ?to.as_ref().map(|id| id.client_id.to_string()), topic = %publish.topic, %reason, "message dropped");
+                (true, acc)
             }
             _ => (true, acc),
         }

@@ -54,7 +54,7 @@ pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
 pub async fn run(
     (client, mut eventloop): (AsyncClient, EventLoop),
     store: Arc<Store>,
-    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    outgoing: mpsc::UnboundedReceiver<Outgoing>,
     listeners: Listeners,
 ) {
     let Listeners {
@@ -64,6 +64,8 @@ pub async fn run(
         block_requests,
     } = listeners;
     let recorder = spawn_recorder(store.clone(), changes, metrics.messages_recorded.clone());
+    tokio::spawn(publish_outgoing(client.clone(), outgoing));
+    let mut marks = InstallingMarks::default();
     let mut backoff = Duration::from_millis(200);
     loop {
         tokio::select! {
@@ -74,7 +76,10 @@ pub async fn run(
                     for kind in TopicKind::ALL.into_iter().filter(|k| k.published_by_device()) {
                         let _ = client.try_subscribe(kind.all_devices_filter(), qos(kind));
                     }
-                    republish_all(&client, &store);
+                    // Beside this loop, which must keep polling for the
+                    // publishes to leave: a fleet's worth does not fit the
+                    // client's queue at once.
+                    tokio::spawn(republish_all(client.clone(), store.clone()));
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let topic = match p.topic.parse::<Topic>() {
@@ -95,7 +100,7 @@ pub async fn run(
                         }
                         continue;
                     }
-                    match ingest(&store, &wake, &topic, &p.payload) {
+                    match ingest(&store, &wake, &mut marks, &topic, &p.payload) {
                         Ok(Some(record)) => {
                             // Waits only when the recorder is far behind.
                             if recorder.send(record).await.is_err() {
@@ -113,8 +118,16 @@ pub async fn run(
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             },
-            Some(message) = outgoing.recv() => publish_desired(&client, &message.device, message.payload),
         }
+    }
+}
+
+/// Publishes desired states as they come, waiting for room in the client's
+/// queue (a rollout can hand over thousands at once), while the ingest loop
+/// polls the connection that sends them.
+async fn publish_outgoing(client: AsyncClient, mut outgoing: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(message) = outgoing.recv().await {
+        publish_desired(&client, &message.device, message.payload).await;
     }
 }
 
@@ -127,23 +140,41 @@ pub fn qos(kind: TopicKind) -> QoS {
     }
 }
 
-fn publish_desired(client: &AsyncClient, device: &str, payload: Vec<u8>) {
+async fn publish_desired(client: &AsyncClient, device: &str, payload: Vec<u8>) {
     let topic = format!("ferry/v1/devices/{device}/desired");
-    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, true, payload) {
+    if let Err(e) = client.publish(topic, QoS::AtLeastOnce, true, payload).await {
         tracing::warn!(device, "desired state not sent: {e}");
     }
 }
 
-fn republish_all(client: &AsyncClient, store: &Store) {
-    match store.devices() {
-        Ok(devices) => {
-            for device in devices {
-                if let Ok(Some(payload)) = store.desired(&device.device_id) {
-                    publish_desired(client, &device.device_id, payload.into_bytes());
-                }
+async fn republish_all(client: AsyncClient, store: Arc<Store>) {
+    match store.all_desired() {
+        Ok(all) => {
+            for (device, payload) in all {
+                publish_desired(&client, &device, payload.into_bytes()).await;
             }
         }
         Err(e) => tracing::error!("cannot read desired states: {e}"),
+    }
+}
+
+/// The devices already marked as installing a release of a rollout or
+/// deployment, so the progress events that follow the first cost no write.
+/// Forgotten wholesale when large: a missing mark only costs one redundant
+/// (and harmless) write.
+#[derive(Default)]
+struct InstallingMarks(std::collections::HashSet<(String, String, String)>);
+
+impl InstallingMarks {
+    const MAX: usize = 100_000;
+
+    /// Whether `(rollout, device, version)` is new; remembers it.
+    fn first(&mut self, rollout: &str, device: &str, version: &str) -> bool {
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0
+            .insert((rollout.to_owned(), device.to_owned(), version.to_owned()))
     }
 }
 
@@ -164,6 +195,7 @@ pub struct Listeners {
 fn ingest(
     store: &Store,
     wake: &Notify,
+    marks: &mut InstallingMarks,
     topic: &Topic,
     payload: &[u8],
 ) -> anyhow::Result<Option<Record>> {
@@ -206,17 +238,21 @@ fn ingest(
         }
         TopicKind::Events => {
             let event = Event::decode(payload)?;
-            if let (Some(id), Some(release)) = (
-                rollout::rollout_id(event.rollout.as_deref()),
-                &event.release,
-            ) {
-                if event.status != StepStatus::Failed {
+            // Progress only says "installing": the first event of a release
+            // moves the device there (the outcome comes in `reported`); the
+            // ones after it change nothing and cost no write.
+            let first = match (&event.rollout, &event.release) {
+                (Some(rollout), Some(release)) if event.status != StepStatus::Failed => {
+                    marks.first(rollout, device, release.version.as_str())
+                }
+                _ => false,
+            };
+            if let (true, Some(release)) = (first, &event.release) {
+                if let Some(id) = rollout::rollout_id(event.rollout.as_deref()) {
                     let release = (release.service.as_str(), release.version.as_str());
                     store.report_rollout_device(id, device, release, None)?;
                 }
-            }
-            if let Some(id) = deployment_id(event.rollout.as_deref()) {
-                if event.status != StepStatus::Failed {
+                if let Some(id) = deployment_id(event.rollout.as_deref()) {
                     store.set_deployment_status(id, device, "installing", None)?;
                 }
             }

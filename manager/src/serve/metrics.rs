@@ -32,6 +32,8 @@ pub struct Metrics {
     pub mqtt_block_bytes: IntCounter,
     /// Device messages written to the store.
     pub messages_recorded: IntCounter,
+    /// Messages the embedded broker dropped because a client's queue was full.
+    pub broker_dropped: IntCounter,
 }
 
 /// A metric that could not be made or written (a programming error, or a
@@ -80,6 +82,10 @@ impl Metrics {
                 "ferry_device_messages_recorded_total",
                 "Device messages written to the store (received ones are recorded in batches).",
             )?,
+            broker_dropped: IntCounter::new(
+                "ferry_mqtt_messages_dropped_total",
+                "Messages the embedded broker dropped because a client's queue was full.",
+            )?,
         })
     }
 
@@ -91,6 +97,7 @@ impl Metrics {
         registry.register(Box::new(self.mqtt_block_requests.clone()))?;
         registry.register(Box::new(self.mqtt_block_bytes.clone()))?;
         registry.register(Box::new(self.messages_recorded.clone()))?;
+        registry.register(Box::new(self.broker_dropped.clone()))?;
         fleet(&registry, store)?;
         let mut out = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut out)?;

@@ -84,6 +84,7 @@ pub async fn serve(
         tracing::info!(file = %token_path.display(), "created the operator token");
     }
 
+    let metrics = metrics::Metrics::new()?;
     // The broker: embedded, or external.
     let (login, broker_task) = match &config.broker {
         Some(url) => (parse_external(url)?, None),
@@ -94,7 +95,13 @@ pub async fn serve(
                 username: "ferry-manager".into(),
                 password: hex::encode(secret),
             };
-            let task = broker::start(config.mqtt_listen, store.clone(), manager.clone()).await?;
+            let task = broker::start(
+                config.mqtt_listen,
+                store.clone(),
+                manager.clone(),
+                metrics.broker_dropped.clone(),
+            )
+            .await?;
             let host = if config.mqtt_listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {
@@ -115,7 +122,6 @@ pub async fn serve(
     let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
     let wake = Arc::new(tokio::sync::Notify::new());
     let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
-    let metrics = metrics::Metrics::new()?;
     let mqtt = ingest::client(&login);
     let (block_tx, block_rx) = mpsc::channel(1024);
     let block_server = blocks::BlockServer {

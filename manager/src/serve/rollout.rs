@@ -14,6 +14,7 @@
 //! manager resumes where it was. It steps when a device result arrives and
 //! once a second (for timeouts and devices joining the selector).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
 use super::ingest::Outgoing;
-use super::store::{DeviceRow, DeviceStep, RolloutRow, Store, StoreError};
+use super::store::{DeviceStep, DeviceTags, RolloutRow, Store, StoreError};
 
 /// Which devices a rollout is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +39,7 @@ pub enum Selector {
 
 impl Selector {
     /// The fleet's devices this selector picks, in id order.
-    pub fn pick(&self, fleet: &[DeviceRow]) -> Vec<String> {
+    pub fn pick(&self, fleet: &[DeviceTags]) -> Vec<String> {
         fleet
             .iter()
             .filter(|d| match self {
@@ -254,14 +255,18 @@ impl Engine {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Steps every open rollout when woken, and every second.
+    /// Steps every open rollout when woken, and every second. Results that
+    /// arrive together are taken in one step: after a wake the engine waits
+    /// `COALESCE` first, so a fleet reporting at once costs a few steps a
+    /// second (each reads the whole rollout), not one per device.
     pub async fn run(self) {
+        const COALESCE: Duration = Duration::from_millis(100);
         loop {
             if let Err(e) = self.step_all() {
                 tracing::warn!("rollouts: {e}");
             }
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => tokio::time::sleep(COALESCE).await,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
@@ -279,13 +284,18 @@ impl Engine {
 
     fn step(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
         // Devices that joined the selector take their place at the end.
-        let fleet = self.store.devices()?;
+        let fleet = self.store.device_tags()?;
+        let known: HashSet<&str> = rollout
+            .devices
+            .iter()
+            .map(|d| d.device_id.as_str())
+            .collect();
         let joined: Vec<String> = rollout
             .plan
             .selector
             .pick(&fleet)
             .into_iter()
-            .filter(|id| !rollout.devices.iter().any(|d| &d.device_id == id))
+            .filter(|id| !known.contains(id.as_str()))
             .collect();
         if !joined.is_empty() {
             tracing::info!(rollout = rollout.id, ?joined, "devices joined the rollout");

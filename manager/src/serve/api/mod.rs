@@ -477,11 +477,10 @@ fn select(
             ));
         }
     };
-    let fleet = store.devices()?;
-    if let Some(missing) = devices
-        .iter()
-        .find(|id| !fleet.iter().any(|d| &&d.device_id == id))
-    {
+    let fleet = store.device_tags()?;
+    let known: std::collections::HashSet<&str> =
+        fleet.iter().map(|d| d.device_id.as_str()).collect();
+    if let Some(missing) = devices.iter().find(|id| !known.contains(id.as_str())) {
         return Err(bad(
             StatusCode::NOT_FOUND,
             format!("no device {missing}; add it with `ferry device add`"),

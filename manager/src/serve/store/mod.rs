@@ -56,6 +56,15 @@ pub struct DeviceRow {
     pub health: Option<serde_json::Value>,
 }
 
+/// A device's id and tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTags {
+    /// Its id.
+    pub device_id: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+}
+
 /// A device message to record (see [`Store::record_many`]).
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -399,6 +408,31 @@ impl Store {
             .releases()?
             .into_iter()
             .find(|r| r.service == service && r.version == version))
+    }
+
+    /// Every device's desired state payload, in device order.
+    pub fn all_desired(&self) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT device_id, payload FROM desired ORDER BY device_id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// The ids and tags of every device, in id order: what a selector picks
+    /// from, without the reports.
+    pub fn device_tags(&self) -> Result<Vec<DeviceTags>> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached("SELECT id, tags FROM devices ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device_id, tags) = row?;
+            out.push(DeviceTags {
+                device_id,
+                tags: serde_json::from_str(&tags)?,
+            });
+        }
+        Ok(out)
     }
 
     /// The device's desired state payload, if any.

@@ -1,0 +1,301 @@
+//! A rollout to a simulated fleet of 1,000 and 10,000 devices on one
+//! manager.
+//!
+//! The manager is `ferry serve` (release build) as a process of its own,
+//! with the embedded broker and SQLite, so its memory is its own. The fleet
+//! is the fleet simulator (`ferry_e2e::simulator`): the real agent library
+//! once per device in this process, each with its own MQTT connection and
+//! data directory, running no service process. The devices' data
+//! directories are on a tmpfs when there is one (`/dev/shm`): 10,000 devices
+//! sharing one disk's fsyncs would measure that disk, not Ferry, where each
+//! real device has a flash of its own.
+//!
+//! For each size: how long registration and connecting took; the manager's
+//! RSS with the devices registered but offline, then all connected (the
+//! difference per device), and its peak; broker connections held (the
+//! established sockets on the manager's MQTT port); then a rollout of a
+//! 1 MiB release (incompressible, so 1 MiB crosses the wire to every device)
+//! to the whole fleet in one wave, timed from the API call to the rollout
+//! completed with every device reporting the new version. Everything shares
+//! the machine's two cores: the simulator's work (10,000 downloads, hashes
+//! and unpacks) competes with the manager's. Asserts nothing about speed.
+//!
+//! The simulator runs in processes of at most 5,000 devices: each device
+//! holds a broker connection and its data directory's lock, and a
+//! connection and files while it installs, and a process here may hold
+//! 20,000 descriptors (the same limit is why the rollout lets at most 2,000
+//! devices install at once: the manager holds a connection and a file for
+//! each download beside the fleet's broker connections; its systemd unit
+//! raises the limit to 65,536).
+//!
+//! `cargo bench -p ferry-e2e --bench fleet_rollout`; `FERRY_FLEET_SIZES=1000`
+//! picks the sizes.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_e2e::simulator::SimulatedFleet;
+use ferry_e2e::{Manager, cpu_secs, free_port, large_release, memory_kib, release_ferry_binary};
+use ferry_protocol::SecretKey;
+use serde_json::json;
+
+const DEFAULT_SIZES: [usize; 2] = [1_000, 10_000];
+const ARTIFACT_BYTES: usize = 1 << 20;
+const DEVICES_PER_PROCESS: usize = 5_000;
+const MAX_IN_FLIGHT: u32 = 2_000;
+
+/// Simulator processes, each running a share of the fleet until its stdin closes.
+struct Simulators(Vec<Child>);
+
+impl Simulators {
+    fn start(root: &Path, mqtt: SocketAddr, devices: &[(String, String)], trust: &Path) -> Self {
+        let me = std::env::current_exe().unwrap();
+        let children = devices
+            .chunks(DEVICES_PER_PROCESS)
+            .enumerate()
+            .map(|(i, share)| {
+                let list = root.join(format!("simulator-{i}.txt"));
+                let text: String = share.iter().map(|(d, p)| format!("{d} {p}\n")).collect();
+                std::fs::write(&list, text).unwrap();
+                Command::new(&me)
+                    .arg("simulate")
+                    .arg(root)
+                    .arg(mqtt.to_string())
+                    .arg(trust)
+                    .arg(&list)
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        Self(children)
+    }
+
+    /// Total RSS (MiB) and CPU seconds of the simulator processes.
+    fn usage(&self) -> (f64, f64) {
+        self.0.iter().fold((0.0, 0.0), |(rss, cpu), child| {
+            let stat = PathBuf::from(format!("/proc/{}/stat", child.id()));
+            (rss + mib(memory_kib(child.id()).0), cpu + cpu_secs(&stat))
+        })
+    }
+
+    fn stop(self) {
+        for mut child in self.0 {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A simulator process: `simulate ROOT MQTT TRUST LIST`, where LIST has a
+/// line `DEVICE PASSWORD` per device; runs until stdin closes.
+fn simulate(args: &[String]) {
+    let [root, mqtt, trust, list] = args else {
+        panic!("usage: simulate ROOT MQTT TRUST LIST");
+    };
+    let devices: Vec<(String, String)> = std::fs::read_to_string(list)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(d, p)| (d.to_owned(), p.to_owned()))
+        .collect();
+    let fleet = SimulatedFleet::start(
+        Path::new(root),
+        mqtt.parse().unwrap(),
+        &devices,
+        Path::new(trust),
+        2,
+    );
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    if fleet.failed() > 0 {
+        eprintln!("{} simulated agents failed to start", fleet.failed());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(fleet.stop());
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Sockets in state ESTABLISHED whose local port is `port` (the server's
+/// ends of connections to it).
+fn established_on(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            local_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust: &Path) {
+    let (mqtt, http) = (addr(free_port()), addr(free_port()));
+    let manager =
+        Manager::start_process(ferry, &root.join(format!("manager-{size}")), mqtt, http).await;
+    let pid = manager.pid().unwrap();
+
+    let started = Instant::now();
+    let ids: Vec<String> = (0..size).map(|i| format!("sim-{i:05}")).collect();
+    let devices = manager.add_devices(&ids).await;
+    let registering = started.elapsed();
+    let (offline_rss, _) = memory_kib(pid);
+
+    let started = Instant::now();
+    let devices_dir = root.join(format!("devices-{size}"));
+    std::fs::create_dir_all(&devices_dir).unwrap();
+    let fleet = Simulators::start(&devices_dir, mqtt, &devices, trust);
+    loop {
+        let online = manager.online_devices().await;
+        if online == size {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "only {online} of {size} devices came online"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let connecting = started.elapsed();
+    // Let the first health reports and retained messages settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (online_rss, _) = memory_kib(pid);
+    let connections = established_on(mqtt.port());
+    let (sim_rss, sim_cpu0) = fleet.usage();
+
+    let v1 = large_release(
+        root,
+        key,
+        &format!("1.0.{size}"),
+        size as u64,
+        &root.join("unused.out"),
+        ARTIFACT_BYTES,
+    );
+    let artifact_bytes = std::fs::metadata(&v1.artifact).unwrap().len();
+    manager.publish(&v1).await;
+    let started = Instant::now();
+    let created = manager
+        .post(
+            "/v1/rollouts",
+            json!({
+                "service": "api",
+                "version": v1.manifest.version.to_string(),
+                "all": true,
+                "max_in_flight": MAX_IN_FLIGHT,
+            }),
+        )
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let manager_cpu0 = cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat")));
+    // Asked once a second: the answer lists every device, and asking is
+    // load on the manager too.
+    let done = loop {
+        let rollout = manager.get(&format!("/v1/rollouts/{id}")).await;
+        if rollout["state"] != "running" {
+            break rollout;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "rollout never ended"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let rollout = started.elapsed();
+    let (_, peak_rss) = memory_kib(pid);
+    let sim_cpu = fleet.usage().1 - sim_cpu0;
+    let manager_cpu = cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))) - manager_cpu0;
+    let installed = done["counts"]["installed"].as_u64().unwrap_or(0);
+    assert!(
+        done["state"] == "completed" && installed == size as u64,
+        "rollout {}: {:#}",
+        done["state"],
+        done["counts"]
+    );
+    let per_device_kib = online_rss.saturating_sub(offline_rss) as f64 / size as f64;
+    println!(
+        "{size:>6} devices | register {:>5.1} s | all online {:>5.1} s | broker connections {connections:>6} | \
+         manager RSS offline {:>6.1} MiB, online {:>6.1} MiB ({per_device_kib:>5.1} KiB/device), peak {:>6.1} MiB, CPU in rollout {manager_cpu:>5.1} s | \
+         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min) | simulator RSS {:>6.1} MiB, CPU in rollout {:>6.1} s",
+        registering.as_secs_f64(),
+        connecting.as_secs_f64(),
+        mib(offline_rss),
+        mib(online_rss),
+        mib(peak_rss),
+        artifact_bytes as f64 / (1 << 20) as f64,
+        rollout.as_secs_f64(),
+        size as f64 / rollout.as_secs_f64() * 60.0,
+        sim_rss,
+        sim_cpu,
+    );
+    fleet.stop();
+    manager.stop().await;
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "simulate") {
+        return simulate(&args[1..]);
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let sizes: Vec<usize> = match std::env::var("FERRY_FLEET_SIZES") {
+        Ok(text) => text
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("FERRY_FLEET_SIZES: sizes like 1000,10000")
+            })
+            .collect(),
+        Err(_) => DEFAULT_SIZES.to_vec(),
+    };
+    // Each device holds a broker connection and a lock file: well beyond
+    // the usual soft limit of 1,024 descriptors, for the manager and the
+    // simulators (which inherit it). The hard limit is as far as it goes.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        println!("open files per process: {hard}");
+    }
+    let ferry = release_ferry_binary();
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let key = SecretKey::from_seed(&[11; 32]);
+    let trust = dir.path().join("ops.pub");
+    std::fs::write(&trust, key.public_key().to_text()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "rollout of a {} KiB incompressible payload, one wave, at most {MAX_IN_FLIGHT} devices installing at once; devices' data on {}",
+        ARTIFACT_BYTES >> 10,
+        if shm.is_dir() { "tmpfs" } else { "the disk" }
+    );
+    runtime.block_on(async {
+        for size in sizes {
+            measure(dir.path(), size, &ferry, &key, &trust).await;
+        }
+    });
+}
