@@ -220,6 +220,7 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
     let (_, peak_rss) = memory_kib(pid);
     let sim_cpu = fleet.usage().1 - sim_cpu0;
     let manager_cpu = cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))) - manager_cpu0;
+    let dropped = manager.metric("ferry_mqtt_messages_dropped_total").await;
     let installed = done["counts"]["installed"].as_u64().unwrap_or(0);
     assert!(
         done["state"] == "completed" && installed == size as u64,
@@ -231,7 +232,7 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
     println!(
         "{size:>6} devices | register {:>5.1} s | all online {:>5.1} s | broker connections {connections:>6} | \
          manager RSS offline {:>6.1} MiB, online {:>6.1} MiB ({per_device_kib:>5.1} KiB/device), peak {:>6.1} MiB, CPU in rollout {manager_cpu:>5.1} s | \
-         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min) | simulator RSS {:>6.1} MiB, CPU in rollout {:>6.1} s",
+         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min) | simulator RSS {:>6.1} MiB, CPU in rollout {:>6.1} s | messages dropped by the broker {dropped}",
         registering.as_secs_f64(),
         connecting.as_secs_f64(),
         mib(offline_rss),

@@ -258,71 +258,48 @@ impl Engine {
     /// Steps every open rollout when woken, and every second. Results that
     /// arrive together are taken in one step: after a wake the engine waits
     /// `COALESCE` first, so a fleet reporting at once costs a few steps a
-    /// second (each reads the whole rollout), not one per device.
+    /// second (each reads the whole rollout), not one per device. Joining
+    /// devices and timeouts, which need the fleet and the clock rather than
+    /// a result, are looked at once a second however often it is woken.
     pub async fn run(self) {
         const COALESCE: Duration = Duration::from_millis(100);
+        const FULL_EVERY: Duration = Duration::from_secs(1);
+        let mut last_full: Option<tokio::time::Instant> = None;
         loop {
-            if let Err(e) = self.step_all() {
+            let full = last_full.is_none_or(|at| at.elapsed() >= FULL_EVERY);
+            if full {
+                last_full = Some(tokio::time::Instant::now());
+            }
+            if let Err(e) = self.step_all(full) {
                 tracing::warn!("rollouts: {e}");
             }
             tokio::select! {
                 () = self.wake.notified() => tokio::time::sleep(COALESCE).await,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(FULL_EVERY) => {}
             }
         }
     }
 
-    /// One step of every open rollout.
-    pub fn step_all(&self) -> Result<(), StoreError> {
+    /// One step of every open rollout; `full` also takes in devices that
+    /// joined the selector and times out devices without an outcome.
+    pub fn step_all(&self, full: bool) -> Result<(), StoreError> {
         for rollout in self.store.open_rollouts()? {
-            if let Err(e) = self.step(&rollout) {
-                tracing::warn!(rollout = rollout.id, "rollout step: {e}");
+            let id = rollout.id;
+            if let Err(e) = self.step(rollout, full) {
+                tracing::warn!(rollout = id, "rollout step: {e}");
             }
         }
         Ok(())
     }
 
-    fn step(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
-        // Devices that joined the selector take their place at the end.
-        let fleet = self.store.device_tags()?;
-        let known: HashSet<&str> = rollout
-            .devices
-            .iter()
-            .map(|d| d.device_id.as_str())
-            .collect();
-        let joined: Vec<String> = rollout
-            .plan
-            .selector
-            .pick(&fleet)
-            .into_iter()
-            .filter(|id| !known.contains(id.as_str()))
-            .collect();
-        if !joined.is_empty() {
-            tracing::info!(rollout = rollout.id, ?joined, "devices joined the rollout");
-            self.store.add_rollout_devices(rollout.id, &joined)?;
-        }
-
-        // Devices sent the release too long ago without an outcome.
-        let timeout = Duration::from_secs(rollout.plan.device_timeout_secs);
-        let cutoff = Timestamp::from(SystemTime::now() - timeout).to_string();
-        for device in &rollout.devices {
-            if device.status.in_flight()
-                && device
-                    .sent_at
-                    .as_deref()
-                    .is_some_and(|sent| sent < cutoff.as_str())
-            {
-                self.store.set_rollout_device(
-                    rollout.id,
-                    &device.device_id,
-                    DeviceStep::TimedOut,
-                    Some(&format!("no outcome within {}s", timeout.as_secs())),
-                )?;
+    fn step(&self, rollout: RolloutRow, full: bool) -> Result<(), StoreError> {
+        let rollout = if full && self.join_and_time_out(&rollout)? {
+            match self.store.rollout(rollout.id)? {
+                Some(changed) => changed,
+                None => return Ok(()),
             }
-        }
-
-        let Some(rollout) = self.store.rollout(rollout.id)? else {
-            return Ok(());
+        } else {
+            rollout
         };
         let devices = &rollout.devices;
         let failures = devices.iter().filter(|d| d.status.is_failure()).count();
@@ -375,6 +352,48 @@ impl Engine {
             self.send(rollout.id, device, DeviceStep::Sent, &envelope, &url)?;
         }
         Ok(())
+    }
+
+    /// Adds the devices that joined the selector (at the end) and times out
+    /// devices sent the release too long ago; whether anything changed.
+    fn join_and_time_out(&self, rollout: &RolloutRow) -> Result<bool, StoreError> {
+        let fleet = self.store.device_tags()?;
+        let known: HashSet<&str> = rollout
+            .devices
+            .iter()
+            .map(|d| d.device_id.as_str())
+            .collect();
+        let joined: Vec<String> = rollout
+            .plan
+            .selector
+            .pick(&fleet)
+            .into_iter()
+            .filter(|id| !known.contains(id.as_str()))
+            .collect();
+        let mut changed = false;
+        if !joined.is_empty() {
+            tracing::info!(rollout = rollout.id, ?joined, "devices joined the rollout");
+            self.store.add_rollout_devices(rollout.id, &joined)?;
+            changed = true;
+        }
+        let timeout = Duration::from_secs(rollout.plan.device_timeout_secs);
+        let cutoff = Timestamp::from(SystemTime::now() - timeout).to_string();
+        for device in &rollout.devices {
+            if device.status.in_flight()
+                && device
+                    .sent_at
+                    .as_deref()
+                    .is_some_and(|sent| sent < cutoff.as_str())
+            {
+                changed |= self.store.set_rollout_device(
+                    rollout.id,
+                    &device.device_id,
+                    DeviceStep::TimedOut,
+                    Some(&format!("no outcome within {}s", timeout.as_secs())),
+                )?;
+            }
+        }
+        Ok(changed)
     }
 
     /// Stops a rollout: nothing more is sent, and with a revert release the
