@@ -172,15 +172,28 @@ fn main() {
     mender_idle();
 }
 
-/// Mender's client daemon, idle for the same minute: pointed at a server
-/// that refuses connections, it retries on its own schedule, as a device
-/// waiting for its server does.
+/// Mender's client daemons, idle for the same minute: Debian's amd64
+/// package natively, and its armhf package under qemu-arm (from the root
+/// `scripts/bench` unpacks, as the ARMv7 agent runs under qemu-arm).
 fn mender_idle() {
-    let Ok(path) = which("mender") else {
-        println!("Mender: not installed (scripts/bench installs it); skipped");
-        return;
-    };
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    match which("mender") {
+        Ok(path) => mender_daemon_idle("mender 3.4 daemon (amd64)", &path, None),
+        Err(()) => println!("Mender amd64: not installed (scripts/bench installs it); skipped"),
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/mender-armhf/root");
+    let armhf = root.join("usr/bin/mender");
+    if armhf.is_file() {
+        mender_daemon_idle("mender 3.4 daemon (armhf)", &armhf, Some(&root));
+    } else {
+        println!("Mender armhf: not unpacked (scripts/bench unpacks it); skipped");
+    }
+}
+
+/// One Mender daemon pointed at a server that refuses connections: it
+/// retries on its own schedule, as a device waiting for its server does.
+/// With `qemu_root`, the (ARM) binary runs under qemu-arm with that root.
+fn mender_daemon_idle(label: &str, path: &Path, qemu_root: Option<&Path>) {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -193,7 +206,15 @@ fn mender_idle() {
     .unwrap();
     let fallback = dir.path().join("fallback.conf");
     std::fs::write(&fallback, "{}").unwrap();
-    let mut daemon = Command::new(&path)
+    let mut command = match qemu_root {
+        Some(root) => {
+            let mut qemu = Command::new("qemu-arm");
+            qemu.arg("-L").arg(root).arg(path);
+            qemu
+        }
+        None => Command::new(path),
+    };
+    let mut daemon = command
         .arg("--config")
         .arg(&config)
         .arg("--fallback-config")
@@ -212,11 +233,16 @@ fn mender_idle() {
     std::thread::sleep(IDLE);
     let idle_cpu = cpu_secs(&stat) - cpu_before;
     let (rss, peak) = memory_kib(daemon.id());
+    let running = matches!(daemon.try_wait(), Ok(None));
     let _ = daemon.kill();
     let _ = daemon.wait();
+    if !running || rss == 0 {
+        println!("{label}: exited before the minute was up; not measured");
+        return;
+    }
     println!(
         "{:<28} idle RSS {:>6} KiB (peak {:>6} KiB), CPU {:.2} s in {} s | binary {} bytes ({:.2} MiB, as packaged)",
-        "mender 3.4 daemon (amd64)",
+        label,
         rss,
         peak,
         idle_cpu,

@@ -262,7 +262,7 @@ impl Engine {
     /// devices and timeouts, which need the fleet and the clock rather than
     /// a result, are looked at once a second however often it is woken.
     pub async fn run(self) {
-        const COALESCE: Duration = Duration::from_millis(250);
+        const COALESCE: Duration = Duration::from_millis(100);
         const FULL_EVERY: Duration = Duration::from_secs(1);
         let mut last_full: Option<tokio::time::Instant> = None;
         loop {
