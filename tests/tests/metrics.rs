@@ -68,7 +68,7 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
     let out = dir.path().join("service.out");
     let v1 = release(dir.path(), &key, "1.0.0", 1, &out);
     manager.publish(&v1).await;
-    manager
+    let rollout = manager
         .post(
             "/v1/rollouts",
             json!({ "service": "api", "version": "1.0.0", "tag": "lab" }),
@@ -84,6 +84,11 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
             })
             .await;
     }
+    // The engine completes the rollout on its next step after the last result.
+    let id = rollout["id"].as_i64().unwrap();
+    manager
+        .wait_rollout(id, "completed", std::time::Duration::from_secs(30))
+        .await;
     // The scrape without the token is refused.
     let anonymous = reqwest::get(manager.url("/metrics")).await.unwrap();
     assert_eq!(anonymous.status(), 401);

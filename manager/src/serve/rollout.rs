@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use ferry_protocol::{Envelope, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 use super::ingest::Outgoing;
 use super::store::{DeviceStep, DeviceTags, RolloutRow, Store, StoreError};
@@ -255,28 +256,37 @@ impl Engine {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Steps every open rollout when woken, and every second. Results that
-    /// arrive together are taken in one step: after a wake the engine waits
-    /// `COALESCE` first, so a fleet reporting at once costs a few steps a
-    /// second (each reads the whole rollout), not one per device. Joining
-    /// devices and timeouts, which need the fleet and the clock rather than
-    /// a result, are looked at once a second however often it is woken.
+    /// Steps every open rollout when woken, and every second. A wake is
+    /// acted on at once, but woken steps come at most every `COALESCE`:
+    /// results arriving together wait for the next one, so a fleet
+    /// reporting at once costs a few steps a second (each reads the whole
+    /// rollout), not one per device. Joining devices and timeouts, which
+    /// need the fleet and the clock rather than a result, are looked at once
+    /// a second however often it is woken.
     pub async fn run(self) {
         const COALESCE: Duration = Duration::from_millis(100);
         const FULL_EVERY: Duration = Duration::from_secs(1);
-        let mut last_full: Option<tokio::time::Instant> = None;
+        let mut last_full: Option<Instant> = None;
+        let mut last_woken: Option<Instant> = None;
+        let mut woken = false;
         loop {
+            if woken {
+                if let Some(at) = last_woken {
+                    tokio::time::sleep_until(at + COALESCE).await;
+                }
+                last_woken = Some(Instant::now());
+            }
             let full = last_full.is_none_or(|at| at.elapsed() >= FULL_EVERY);
             if full {
-                last_full = Some(tokio::time::Instant::now());
+                last_full = Some(Instant::now());
             }
             if let Err(e) = self.step_all(full) {
                 tracing::warn!("rollouts: {e}");
             }
-            tokio::select! {
-                () = self.wake.notified() => tokio::time::sleep(COALESCE).await,
-                () = tokio::time::sleep(FULL_EVERY) => {}
-            }
+            woken = tokio::select! {
+                () = self.wake.notified() => true,
+                () = tokio::time::sleep(FULL_EVERY) => false,
+            };
         }
     }
 
