@@ -10,6 +10,7 @@
 //! url = "mqtt://manager.local:1883"   # mqtts:// for TLS
 //! username = "gw-0042"
 //! password = "..."
+//! manager_url = "http://manager.local:8080"  # the only origin the password is sent to
 //! [trust]
 //! keys = ["/etc/ferry/ops.pub"]       # public key files
 //! threshold = 1
@@ -183,6 +184,29 @@ pub struct BrokerConfig {
     /// Password.
     #[serde(default)]
     pub password: Option<String>,
+    /// The manager's HTTP(S) origin, e.g. `http://manager.local:8080`: the
+    /// only place the credentials above are sent with a download. An
+    /// artifact URL anywhere else (the desired state that names it is not
+    /// signed) is fetched without them. Unset: no download carries them.
+    #[serde(default)]
+    pub manager_url: Option<String>,
+}
+
+impl BrokerConfig {
+    /// The origin (scheme, host, port) of `manager_url`.
+    pub fn manager_origin(&self) -> Result<Option<reqwest::Url>, String> {
+        let Some(text) = &self.manager_url else {
+            return Ok(None);
+        };
+        let url =
+            reqwest::Url::parse(text).map_err(|e| format!("broker.manager_url {text:?}: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!(
+                "broker.manager_url {text:?}: expected http://HOST[:PORT] or https://HOST[:PORT]"
+            ));
+        }
+        Ok(Some(url))
+    }
 }
 
 /// Which release keys to trust.
@@ -275,6 +299,9 @@ pub enum ConfigError {
     /// Keys and threshold that could never accept a release.
     #[error("trust policy: {0}")]
     Policy(#[from] ferry_protocol::trust::PolicyError),
+    /// A setting that parsed but cannot be used.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Config {
@@ -295,6 +322,9 @@ impl Config {
         let config: Self =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))?;
         config.transfer.check()?;
+        if let Some(broker) = &config.broker {
+            broker.manager_origin()?;
+        }
         if config.transfer.transport == Transport::Mqtt && config.broker.is_none() {
             return Err("transfer.transport = \"mqtt\" needs a [broker]".into());
         }

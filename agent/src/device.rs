@@ -83,15 +83,23 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
             })?)
         }
     };
-    let credentials = config.broker.as_ref().and_then(|b| {
-        b.password.as_ref().map(|password| Credentials {
-            username: b
-                .username
-                .clone()
-                .unwrap_or_else(|| config.device_id.to_string()),
-            password: password.clone(),
-        })
-    });
+    let credentials = match &config.broker {
+        Some(b) => match (
+            &b.password,
+            b.manager_origin().map_err(ConfigError::Invalid)?,
+        ) {
+            (Some(password), Some(origin)) => Some(Credentials {
+                username: b
+                    .username
+                    .clone()
+                    .unwrap_or_else(|| config.device_id.to_string()),
+                password: password.clone(),
+                origin,
+            }),
+            _ => None,
+        },
+        None => None,
+    };
     Installer::new(InstallerParts {
         layout,
         policy: config.trust_policy()?,

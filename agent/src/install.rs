@@ -483,7 +483,8 @@ impl Installer {
 
     /// Fetches from the manager over the configured transport, reporting
     /// progress every 5%: HTTP with a few resumed retries, or MQTT blocks
-    /// (`auto` turns to MQTT when the HTTP endpoint cannot be reached, or
+    /// (`auto` turns to MQTT when the HTTP endpoint cannot be reached or
+    /// will not serve this device without credentials it does not get, or
     /// the desired state gives no URL). Both resume the same `.part`.
     async fn download(
         &mut self,
@@ -498,6 +499,13 @@ impl Installer {
                     if transport == Transport::Auto && self.blocks.is_some() =>
                 {
                     tracing::warn!(error = %e, "artifact store unreachable; fetching over MQTT");
+                }
+                Err(e @ FetchError::Status { status, .. })
+                    if transport == Transport::Auto
+                        && self.blocks.is_some()
+                        && status == reqwest::StatusCode::UNAUTHORIZED =>
+                {
+                    tracing::warn!(error = %e, "artifact store wants credentials this device sends only to broker.manager_url; fetching over MQTT");
                 }
                 other => return other,
             }

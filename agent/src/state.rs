@@ -9,7 +9,7 @@ use std::io;
 use std::path::Path;
 
 use ferry_protocol::messages::{DeploymentResult, InstalledService, ReleaseRef};
-use ferry_protocol::trust::InstalledSequences;
+use ferry_protocol::trust::{InstalledRelease, InstalledReleases};
 use ferry_protocol::{Manifest, ServiceName, Sha256Digest, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -112,9 +112,12 @@ impl State {
     }
 }
 
-impl InstalledSequences for State {
-    fn installed_sequence(&self, service: &ServiceName) -> Option<u64> {
-        self.services.get(service).map(|i| i.manifest.sequence)
+impl InstalledReleases for State {
+    fn installed(&self, service: &ServiceName) -> Option<InstalledRelease> {
+        self.services.get(service).map(|i| InstalledRelease {
+            sequence: i.manifest.sequence,
+            manifest: i.manifest.digest(),
+        })
     }
 }
 

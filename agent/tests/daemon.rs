@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine as _;
 use ferry_protocol::messages::{
     Connectivity, Desired, DesiredRelease, Event, Health, MESSAGE_SCHEMA, Message, Reported,
     ServiceState, Status, Step, StepStatus,
@@ -280,6 +281,72 @@ async fn desired_state_over_mqtt_is_installed_and_reported() {
             s.state == Connectivity::Offline
         })
         .await;
+}
+
+#[tokio::test]
+async fn the_device_password_goes_only_to_the_manager_origin() {
+    let rig = Rig::new();
+    let broker = Mosquitto::start(rig.tmp.path(), "");
+    // Two HTTP servers that record what they are sent: the manager (the
+    // agent's configured origin) and one elsewhere, on another port of the
+    // same host, that a desired state names (it is not signed).
+    let manager = ArtifactServer::start().await;
+    let elsewhere = ArtifactServer::start().await;
+    manager.redirect_to(&elsewhere.base);
+    let mut watcher = Watcher::connect(&broker).await;
+    let broker_table = format!(
+        "[broker]\nurl = \"{}\"\nusername = \"{DEVICE}\"\npassword = \"s3cret\"\nmanager_url = \"{}\"\n",
+        broker.url(),
+        manager.base
+    );
+    let _agent = Agent::start_with(&rig, "origin", None, None, &broker_table);
+    watcher
+        .wait_for::<Status>("status", "the agent online", |s| {
+            s.state == Connectivity::Online
+        })
+        .await;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{DEVICE}:s3cret"))
+    );
+
+    // Elsewhere: fetched without credentials (the artifact is checked by its
+    // signed hash either way, so a mirror still works).
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let url1 = elsewhere.add(std::fs::read(&v1.artifact).unwrap());
+    watcher.set_desired(&[(&v1, &url1)]).await;
+    watcher
+        .wait_for::<Reported>("reported", "v1 from elsewhere", |r| runs(r, "1.0.0"))
+        .await;
+    assert_eq!(elsewhere.authorizations(), [None]);
+
+    // The manager's origin gets them.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    let url2 = manager.add(std::fs::read(&v2.artifact).unwrap());
+    watcher.set_desired(&[(&v2, &url2)]).await;
+    watcher
+        .wait_for::<Reported>("reported", "v2 from the manager", |r| runs(r, "2.0.0"))
+        .await;
+    assert_eq!(manager.authorizations(), [Some(expected.clone())]);
+
+    // A redirect from the manager to elsewhere: the credentials stay behind.
+    let v3 = rig.release("3.0.0", 3, Build::SERVE, |_| {});
+    let bytes = std::fs::read(&v3.artifact).unwrap();
+    let url3 = elsewhere.add(bytes.clone());
+    let moved = format!(
+        "{}/moved/{}",
+        manager.base,
+        url3.rsplit('/').next().unwrap()
+    );
+    watcher.set_desired(&[(&v3, &moved)]).await;
+    watcher
+        .wait_for::<Reported>("reported", "v3 through a redirect", |r| runs(r, "3.0.0"))
+        .await;
+    assert_eq!(
+        manager.authorizations(),
+        [Some(expected.clone()), Some(expected)]
+    );
+    assert_eq!(elsewhere.authorizations(), [None, None]);
 }
 
 #[tokio::test]

@@ -282,6 +282,8 @@ async fn hostile_inputs_are_refused_and_change_nothing() {
     let stranger = SecretKey::from_seed(&[7; 32]);
     let unknown_key = Envelope::sign(v2.manifest.to_json(), &[&stranger]).unwrap();
     let replay = rig.release("0.9.0", 4, Build::SERVE, |_| {});
+    // Another release under the installed sequence 5 (signed by the trusted key).
+    let same_sequence = rig.release("1.0.1", 5, Build::SERVE, |_| {});
     let good_bytes = fs::read(&v2.artifact).unwrap();
     let mut flipped = good_bytes.clone();
     let middle = flipped.len() / 2;
@@ -317,6 +319,14 @@ async fn hostile_inputs_are_refused_and_change_nothing() {
             Outcome::Rejected,
             Step::Verify,
             "below the installed 5",
+        ),
+        (
+            "another release under the installed sequence",
+            same_sequence.envelope.clone(),
+            same_sequence.artifact.clone(),
+            Outcome::Rejected,
+            Step::Verify,
+            "sequence 5 of service api is installed here with other contents",
         ),
         (
             "artifact hash mismatch",

@@ -114,7 +114,8 @@ pub async fn run(config: DemoConfig) -> Result<()> {
             .post("/v1/devices", &json!({ "device_id": id, "tags": [tag] }))
             .await?;
         let password = created["password"].as_str().unwrap_or_default().to_owned();
-        agents.push(start_agent(&dir, id, &password, config.mqtt_listen).await?);
+        agents
+            .push(start_agent(&dir, id, &password, config.mqtt_listen, config.http_listen).await?);
     }
 
     let mut services = vec![Sample::C];
@@ -226,13 +227,16 @@ async fn start_agent(
     id: &str,
     password: &str,
     mqtt: std::net::SocketAddr,
+    http: std::net::SocketAddr,
 ) -> Result<DemoAgent> {
     let data_dir = dir.join(format!("agent-{id}"));
     let text = format!(
         "device_id = \"{id}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"2s\"\n\
-         [broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
+         [broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\nmanager_url = \"http://{}\"\n\
+         [trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),
         loopback(mqtt),
+        loopback(http),
         dir.join("ops.pub").display()
     );
     std::fs::write(dir.join(format!("agent-{id}.toml")), &text)?;

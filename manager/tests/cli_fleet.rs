@@ -52,39 +52,50 @@ fn start_serve(d: &std::path::Path) -> (Serve, u16) {
 
 /// Packages, signs (with ops.key) and publishes `api` VERSION.
 fn publish(d: &std::path::Path, version: &str, sequence: &str) -> String {
-    std::fs::create_dir_all(d.join("svc/bin")).unwrap();
-    std::fs::write(d.join("svc/bin/api"), b"\x7fELF placeholder").unwrap();
-    std::fs::set_permissions(
-        d.join("svc/bin/api"),
-        std::fs::Permissions::from_mode(0o755),
+    sign(d, "api", version, sequence, "ops.key", b"placeholder");
+    ok(
+        d,
+        &["publish", "env.json", &format!("out/api-{version}.tar.gz")],
     )
-    .unwrap();
+}
+
+/// Packages SERVICE VERSION (a program holding `content`) and signs it with
+/// `key` into env.json; returns the envelope's text.
+fn sign(
+    d: &std::path::Path,
+    service: &str,
+    version: &str,
+    sequence: &str,
+    key: &str,
+    content: &[u8],
+) -> String {
+    let program = d.join(format!("svc/bin/{service}"));
+    std::fs::create_dir_all(d.join("svc/bin")).unwrap();
+    let _ = std::fs::remove_dir_all(d.join("svc"));
+    std::fs::create_dir_all(d.join("svc/bin")).unwrap();
+    std::fs::write(&program, [&b"\x7fELF "[..], content].concat()).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let entrypoint = format!("bin/{service}");
     ok(
         d,
         &[
             "package",
             "svc",
             "--service",
-            "api",
+            service,
             "--version",
             version,
             "--entrypoint",
-            "bin/api",
+            &entrypoint,
             "--sequence",
             sequence,
             "-o",
             "out",
         ],
     );
-    let manifest = format!("out/api-{version}.manifest.json");
-    ok(
-        d,
-        &["sign", &manifest, "--key", "ops.key", "-o", "env.json"],
-    );
-    ok(
-        d,
-        &["publish", "env.json", &format!("out/api-{version}.tar.gz")],
-    )
+    let manifest = format!("out/{service}-{version}.manifest.json");
+    ok(d, &["sign", &manifest, "--key", key, "-o", "env.json"]);
+    std::fs::read_to_string(d.join("env.json")).unwrap()
 }
 
 #[test]
@@ -289,4 +300,170 @@ fn rollouts_through_the_cli() {
         list.starts_with(&format!("rollout {id} api 2.0.0: aborted")),
         "{list}"
     );
+}
+
+/// The manager's database, opened beside the running manager: what an
+/// attacker who took the manager (or its disk) can change.
+fn tamper(d: &std::path::Path, sql: &str, params: &[&dyn rusqlite::ToSql]) {
+    let db = rusqlite::Connection::open(d.join("data/ferry.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = db.execute(sql, params).unwrap();
+    assert_eq!(changed, 1, "{sql}");
+}
+
+#[test]
+fn a_revert_signs_only_what_the_operators_keys_signed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (_serve, _http) = start_serve(d);
+    ok(d, &["device", "add", "gw-1"]);
+    ok(d, &["keygen", "--out", "ops"]);
+    ok(d, &["keygen", "--out", "evil"]);
+    publish(d, "1.0.0", "1");
+    let genuine = std::fs::read_to_string(d.join("env.json")).unwrap();
+    publish(d, "2.0.0", "2");
+
+    // A version and a sequence each name one release for good: the same
+    // envelope again is harmless, other bytes under either are refused.
+    std::fs::write(d.join("env.json"), &genuine).unwrap();
+    ok(d, &["publish", "env.json", "out/api-1.0.0.tar.gz"]);
+    sign(d, "api", "1.0.0", "1", "ops.key", b"other bytes");
+    let line = fails(d, &["publish", "env.json", "out/api-1.0.0.tar.gz"]);
+    assert!(
+        line.contains("api 1.0.0 is already published with other contents"),
+        "{line}"
+    );
+    sign(d, "api", "1.5.0", "2", "ops.key", b"other bytes");
+    let line = fails(d, &["publish", "env.json", "out/api-1.5.0.tar.gz"]);
+    assert!(
+        line.contains("sequence 2 of api is already release 2.0.0"),
+        "{line}"
+    );
+
+    let start = |d: &std::path::Path| {
+        common::ferry(
+            d,
+            &[
+                "rollout",
+                "start",
+                "api",
+                "2.0.0",
+                "--all",
+                "--revert-on-abort",
+                "--key",
+                "ops.key",
+                "--revert-to",
+                "1.0.0",
+                "--json",
+            ],
+        )
+    };
+    let releases = |d: &std::path::Path| -> Vec<String> {
+        let listed: serde_json::Value = serde_json::from_str(&ok(d, &["releases", "--json"]))
+            .unwrap_or_else(|_| serde_json::json!([]));
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["version"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let before = releases(d);
+
+    // The manager hands back other bytes as api 1.0.0: the CLI refuses to
+    // sign them and publishes nothing.
+    let refused = |d: &std::path::Path, swapped: &str, why: &str| {
+        tamper(
+            d,
+            "UPDATE releases SET envelope = ?1 WHERE service = 'api' AND version = '1.0.0'",
+            &[&swapped],
+        );
+        let run = start(d);
+        assert_eq!(run.code, 1, "{}", run.stdout);
+        assert!(run.stderr.contains(why), "{}", run.stderr);
+        assert_eq!(releases(d), before, "something was published");
+    };
+    // An attacker's code, signed by a key no operator trusts.
+    let forged = sign(d, "api", "1.0.0", "1", "evil.key", b"attacker code");
+    refused(
+        d,
+        &forged,
+        "the manager's copy of api 1.0.0 is not signed by your trusted keys",
+    );
+    // Another release the operator did sign: the wrong service.
+    let other = sign(d, "shell", "1.0.0", "1", "ops.key", b"a debug shell");
+    refused(
+        d,
+        &other,
+        "the manager answered with shell 1.0.0 when asked for api 1.0.0",
+    );
+
+    // The manager's word on the rolled-out release's sequence is not taken
+    // either: the revert follows the signed sequence (2), not the row's 1000
+    // (the manager, believing its row, then refuses the rollout itself).
+    tamper(
+        d,
+        "UPDATE releases SET envelope = ?1 WHERE service = 'api' AND version = '1.0.0'",
+        &[&genuine],
+    );
+    tamper(
+        d,
+        "UPDATE releases SET sequence = 1000 WHERE service = 'api' AND version = '2.0.0'",
+        &[],
+    );
+    let run = start(d);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("above 1000 (it has 3)"),
+        "{}",
+        run.stderr
+    );
+    let published: serde_json::Value =
+        serde_json::from_str(&ok(d, &["release", "api", "1.0.0+revert.3", "--json"])).unwrap();
+    assert_eq!(published["sequence"], 3);
+
+    // Started again once the row is right, the published revert is reused
+    // (signing it anew would be another envelope under a taken version).
+    tamper(
+        d,
+        "UPDATE releases SET sequence = 2 WHERE service = 'api' AND version = '2.0.0'",
+        &[],
+    );
+    let run = start(d);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let started: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(started["revert_to"], "1.0.0+revert.3");
+
+    // The revert is the genuine 1.0.0 signed again, with an expiry of its own.
+    ok(
+        d,
+        &[
+            "release",
+            "api",
+            "1.0.0+revert.3",
+            "--envelope",
+            "revert.json",
+        ],
+    );
+    let verified = ok(d, &["verify", "revert.json", "--pub", "ops.pub", "--json"]);
+    let verified: serde_json::Value = serde_json::from_str(&verified).unwrap();
+    let genuine = ferry_protocol::Envelope::from_json(genuine.as_bytes())
+        .unwrap()
+        .unverified_manifest()
+        .unwrap();
+    assert_eq!(verified["sequence"], 3);
+    assert_eq!(
+        verified["artifact_sha256"],
+        genuine.artifact.sha256.to_string()
+    );
+    let expires: ferry_protocol::Timestamp = verified["expires"].as_str().unwrap().parse().unwrap();
+    let days = expires
+        .system_time()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    assert!((29..=30).contains(&days), "expires in {days} days");
+    let shown = ok(d, &["release", "api", "1.0.0+revert.3"]);
+    assert!(shown.contains("expires: 20"), "{shown}");
 }

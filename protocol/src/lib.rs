@@ -18,6 +18,7 @@
 //! - [`schema`] (feature `schema`): JSON Schema for the published payloads.
 #![deny(missing_docs)]
 
+pub mod acl;
 pub mod blocks;
 pub mod decode;
 pub mod digest;

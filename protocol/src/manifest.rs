@@ -308,6 +308,13 @@ impl Manifest {
         out
     }
 
+    /// The manifest's identity: the SHA-256 of its canonical JSON
+    /// ([`Manifest::to_json`]). Two manifests with the same digest say the
+    /// same thing, however their signed bytes were laid out.
+    pub fn digest(&self) -> Sha256Digest {
+        Sha256Digest::of(&self.to_json())
+    }
+
     /// The directory a device unpacks this release into: `<version>-<sha8>`.
     pub fn release_dir_name(&self) -> String {
         format!("{}-{}", self.version, self.artifact.sha256.short())

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use crate::decode::DecodeError;
+use crate::digest::Sha256Digest;
 use crate::envelope::{Envelope, signed_message};
 use crate::keys::{KeyId, PublicKey};
 use crate::manifest::Manifest;
@@ -87,6 +88,17 @@ pub enum VerifyError {
         /// The sequence installed on the device.
         installed: u64,
     },
+    /// The installed sequence again, but not the installed release: two
+    /// different releases can never share a sequence.
+    #[error(
+        "sequence {sequence} of service {service} is installed here with other contents: a different release under the same sequence is refused (publish it under a new sequence)"
+    )]
+    SequenceReused {
+        /// The service.
+        service: ServiceName,
+        /// The sequence both releases claim.
+        sequence: u64,
+    },
     /// Built for another kind of device.
     #[error("release is built for {release}, not for {device}")]
     WrongTarget {
@@ -104,30 +116,40 @@ fn join(ids: &[KeyId]) -> String {
         .join(", ")
 }
 
-/// The sequence each service has installed, for the anti-rollback check.
-pub trait InstalledSequences {
-    /// The installed sequence of `service`, if it is installed.
-    fn installed_sequence(&self, service: &ServiceName) -> Option<u64>;
+/// What a device has installed of one service, for the anti-rollback check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstalledRelease {
+    /// Its sequence: nothing below it is accepted again.
+    pub sequence: u64,
+    /// Its manifest's [`Manifest::digest`]: the only release accepted at
+    /// that same sequence (a harmless re-send).
+    pub manifest: Sha256Digest,
+}
+
+/// What each service has installed, for the anti-rollback check.
+pub trait InstalledReleases {
+    /// The installed release of `service`, if it is installed.
+    fn installed(&self, service: &ServiceName) -> Option<InstalledRelease>;
 }
 
 /// For checks where nothing is installed (a fresh device, an offline check).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NothingInstalled;
 
-impl InstalledSequences for NothingInstalled {
-    fn installed_sequence(&self, _: &ServiceName) -> Option<u64> {
+impl InstalledReleases for NothingInstalled {
+    fn installed(&self, _: &ServiceName) -> Option<InstalledRelease> {
         None
     }
 }
 
-impl InstalledSequences for BTreeMap<ServiceName, u64> {
-    fn installed_sequence(&self, service: &ServiceName) -> Option<u64> {
+impl InstalledReleases for BTreeMap<ServiceName, InstalledRelease> {
+    fn installed(&self, service: &ServiceName) -> Option<InstalledRelease> {
         self.get(service).copied()
     }
 }
 
-impl InstalledSequences for HashMap<ServiceName, u64> {
-    fn installed_sequence(&self, service: &ServiceName) -> Option<u64> {
+impl InstalledReleases for HashMap<ServiceName, InstalledRelease> {
+    fn installed(&self, service: &ServiceName) -> Option<InstalledRelease> {
         self.get(service).copied()
     }
 }
@@ -139,7 +161,7 @@ pub struct Checks<'a> {
     /// The device's target; `None` skips the check (operators checking offline).
     pub target: Option<&'a Target>,
     /// What is installed, for anti-rollback.
-    pub installed: &'a dyn InstalledSequences,
+    pub installed: &'a dyn InstalledReleases,
 }
 
 /// A manifest that passed every check of a [`TrustPolicy`].
@@ -194,14 +216,56 @@ impl TrustPolicy {
     }
 
     /// Verifies signatures, threshold, manifest format, target, expiry and
-    /// sequence, in that order. A signature by a trusted key that does not
-    /// verify refuses the release even when others would meet the threshold:
-    /// it means someone altered the envelope.
+    /// sequence, in that order. The sequence must be above the installed
+    /// one, or equal with the very manifest installed. This is what a device
+    /// runs before it installs anything.
     pub fn verify(
         &self,
         envelope: &Envelope,
         checks: &Checks<'_>,
     ) -> Result<VerifiedRelease, VerifyError> {
+        let release = self.verify_signatures(envelope)?;
+        let manifest = &release.manifest;
+        if let Some(device) = checks.target {
+            if manifest.target != *device {
+                return Err(VerifyError::WrongTarget {
+                    release: manifest.target.clone(),
+                    device: device.clone(),
+                });
+            }
+        }
+        if let Some(expires) = manifest.expires {
+            if checks.now >= expires.system_time() {
+                return Err(VerifyError::Expired { expires });
+            }
+        }
+        if let Some(installed) = checks.installed.installed(&manifest.service) {
+            if manifest.sequence < installed.sequence {
+                return Err(VerifyError::Rollback {
+                    service: manifest.service.clone(),
+                    sequence: manifest.sequence,
+                    installed: installed.sequence,
+                });
+            }
+            if manifest.sequence == installed.sequence && manifest.digest() != installed.manifest {
+                return Err(VerifyError::SequenceReused {
+                    service: manifest.service.clone(),
+                    sequence: manifest.sequence,
+                });
+            }
+        }
+        Ok(release)
+    }
+
+    /// Only who signed: signatures, threshold and manifest format, none of
+    /// the device's checks. For an operator who takes an old release as the
+    /// base of a new one (a revert, whose own expiry replaces the old one's);
+    /// devices always go through [`TrustPolicy::verify`].
+    ///
+    /// A signature by a trusted key that does not verify refuses the release
+    /// even when others would meet the threshold: it means someone altered
+    /// the envelope.
+    pub fn verify_signatures(&self, envelope: &Envelope) -> Result<VerifiedRelease, VerifyError> {
         let message = signed_message(envelope.manifest_bytes());
         let mut valid = BTreeSet::new();
         let mut unknown = BTreeSet::new();
@@ -231,31 +295,8 @@ impl TrustPolicy {
                 required: self.threshold,
             });
         }
-
         // Only now is the manifest worth parsing: it is what trusted keys signed.
         let manifest = Manifest::from_json(envelope.manifest_bytes())?;
-        if let Some(device) = checks.target {
-            if manifest.target != *device {
-                return Err(VerifyError::WrongTarget {
-                    release: manifest.target,
-                    device: device.clone(),
-                });
-            }
-        }
-        if let Some(expires) = manifest.expires {
-            if checks.now >= expires.system_time() {
-                return Err(VerifyError::Expired { expires });
-            }
-        }
-        if let Some(installed) = checks.installed.installed_sequence(&manifest.service) {
-            if manifest.sequence < installed {
-                return Err(VerifyError::Rollback {
-                    service: manifest.service,
-                    sequence: manifest.sequence,
-                    installed,
-                });
-            }
-        }
         Ok(VerifiedRelease {
             manifest,
             signed_by: valid.into_iter().collect(),

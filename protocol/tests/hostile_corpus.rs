@@ -24,7 +24,7 @@ use ferry_protocol::envelope::SIGNATURE_DOMAIN;
 use ferry_protocol::messages::{Desired, Event, Health, Message, Reported, Status};
 use ferry_protocol::names::ARMV7_TARGET;
 use ferry_protocol::topics::Topic;
-use ferry_protocol::trust::InstalledSequences;
+use ferry_protocol::trust::{InstalledRelease, InstalledReleases};
 use ferry_protocol::{Checks, SecretKey, ServiceName, Target, Timestamp, TrustPolicy};
 use serde_json::{Value, json};
 
@@ -34,9 +34,12 @@ fn corpus() -> PathBuf {
 
 struct ApiAtTen;
 
-impl InstalledSequences for ApiAtTen {
-    fn installed_sequence(&self, service: &ServiceName) -> Option<u64> {
-        (service.as_str() == "api").then_some(10)
+impl InstalledReleases for ApiAtTen {
+    fn installed(&self, service: &ServiceName) -> Option<InstalledRelease> {
+        (service.as_str() == "api").then_some(InstalledRelease {
+            sequence: 10,
+            manifest: ferry_protocol::Sha256Digest::of(b"api 10"),
+        })
     }
 }
 
@@ -343,6 +346,14 @@ fn generate() -> Corpus {
             "built for aarch64",
         ),
         ("rollback", &["sequence"][..], json!(5), "sequence"),
+        // The installed sequence with other contents: another release can
+        // never take the place of the one installed under its sequence.
+        (
+            "sequence_reused",
+            &["sequence"][..],
+            json!(10),
+            "different release under the same sequence",
+        ),
         (
             "probe_unknown",
             &["health", "probe"][..],

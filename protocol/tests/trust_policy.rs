@@ -9,7 +9,7 @@ use ferry_protocol::manifest::{
     UnpackLimits,
 };
 use ferry_protocol::names::ARMV7_TARGET;
-use ferry_protocol::trust::NothingInstalled;
+use ferry_protocol::trust::{InstalledRelease, NothingInstalled};
 use ferry_protocol::{
     Checks, Envelope, Manifest, PublicKey, RelPath, SecretKey, ServiceName, Sha256Digest, Target,
     Timestamp, TrustPolicy, VerifyError,
@@ -143,8 +143,12 @@ fn replay_of_a_lower_sequence_is_refused() {
     let envelope = signed(&manifest(), &[&a]); // sequence 10
     let api = ServiceName::new("api").unwrap();
     let other = ServiceName::new("other").unwrap();
+    let installed = |sequence, m: &Manifest| InstalledRelease {
+        sequence,
+        manifest: m.digest(),
+    };
 
-    let at = |installed: BTreeMap<ServiceName, u64>| {
+    let at = |installed: BTreeMap<ServiceName, InstalledRelease>| {
         trust.verify(
             &envelope,
             &Checks {
@@ -154,7 +158,7 @@ fn replay_of_a_lower_sequence_is_refused() {
             },
         )
     };
-    match at(BTreeMap::from([(api.clone(), 11)])) {
+    match at(BTreeMap::from([(api.clone(), installed(11, &manifest()))])) {
         Err(VerifyError::Rollback {
             service,
             sequence: 10,
@@ -162,10 +166,38 @@ fn replay_of_a_lower_sequence_is_refused() {
         }) => assert_eq!(service, api),
         other => panic!("expected Rollback, got {other:?}"),
     }
-    // The same sequence again is a re-install, not a rollback; other
-    // services' sequences do not matter.
-    assert!(at(BTreeMap::from([(api.clone(), 10)])).is_ok());
-    assert!(at(BTreeMap::from([(api, 9), (other, 99)])).is_ok());
+    // The very release installed, sent again, is a re-install, not a
+    // rollback; other services' sequences do not matter.
+    assert!(at(BTreeMap::from([(api.clone(), installed(10, &manifest()))])).is_ok());
+    assert!(
+        at(BTreeMap::from([
+            (api.clone(), installed(9, &manifest())),
+            (other, installed(99, &manifest()))
+        ]))
+        .is_ok()
+    );
+    // Another release under the installed sequence is refused, however
+    // small the difference.
+    let mut elsewhere = manifest();
+    elsewhere.artifact.size += 1;
+    match at(BTreeMap::from([(api.clone(), installed(10, &elsewhere))])) {
+        Err(VerifyError::SequenceReused {
+            service,
+            sequence: 10,
+        }) => assert_eq!(service, api),
+        other => panic!("expected SequenceReused, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_manifest_digest_ignores_layout_but_not_content() {
+    let m = manifest();
+    let compact = serde_json::to_vec(&m).unwrap();
+    let reread = Manifest::from_json(&compact).unwrap();
+    assert_eq!(reread.digest(), m.digest());
+    let mut changed = m.clone();
+    changed.version = semver::Version::new(9, 9, 9);
+    assert_ne!(changed.digest(), m.digest());
 }
 
 #[test]

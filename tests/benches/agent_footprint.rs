@@ -88,7 +88,14 @@ async fn measure(case: Case) {
     let mqtt = addr(free_port());
     let manager = Manager::start(&root.join("manager"), mqtt, addr(free_port())).await;
     let password = manager.add_device("bench-1", &[]).await;
-    let agent = ProcessAgent::start(&case.agent, root, "bench-1", &password, mqtt, &trust);
+    let agent = ProcessAgent::start(
+        &case.agent,
+        root,
+        "bench-1",
+        &password,
+        manager.endpoints(),
+        &trust,
+    );
     manager
         .wait_device("bench-1", "online", |d| d["online"] == true)
         .await;

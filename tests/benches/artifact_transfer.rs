@@ -102,7 +102,7 @@ async fn run_once(
         root,
         device,
         password,
-        site.mqtt,
+        site.endpoints(),
         trust,
         &format!("[transfer]\n{}\n", case.transfer),
     );

@@ -38,7 +38,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_e2e::simulator::SimulatedFleet;
-use ferry_e2e::{Manager, cpu_secs, free_port, large_release, memory_kib, release_ferry_binary};
+use ferry_e2e::{
+    Endpoints, Manager, cpu_secs, free_port, large_release, memory_kib, release_ferry_binary,
+};
 use ferry_protocol::SecretKey;
 use serde_json::json;
 
@@ -51,7 +53,8 @@ const MAX_IN_FLIGHT: u32 = 2_000;
 struct Simulators(Vec<Child>);
 
 impl Simulators {
-    fn start(root: &Path, mqtt: SocketAddr, devices: &[(String, String)], trust: &Path) -> Self {
+    fn start(root: &Path, at: Endpoints, devices: &[(String, String)], trust: &Path) -> Self {
+        let http = at.http.map_or_else(|| "-".to_owned(), |h| h.to_string());
         let me = std::env::current_exe().unwrap();
         let children = devices
             .chunks(DEVICES_PER_PROCESS)
@@ -63,7 +66,8 @@ impl Simulators {
                 Command::new(&me)
                     .arg("simulate")
                     .arg(root)
-                    .arg(mqtt.to_string())
+                    .arg(at.mqtt.to_string())
+                    .arg(&http)
                     .arg(trust)
                     .arg(&list)
                     .stdin(Stdio::piped())
@@ -90,11 +94,12 @@ impl Simulators {
     }
 }
 
-/// A simulator process: `simulate ROOT MQTT TRUST LIST`, where LIST has a
-/// line `DEVICE PASSWORD` per device; runs until stdin closes.
+/// A simulator process: `simulate ROOT MQTT HTTP TRUST LIST`, where LIST
+/// has a line `DEVICE PASSWORD` per device and HTTP is the manager's (or
+/// `-`); runs until stdin closes.
 fn simulate(args: &[String]) {
-    let [root, mqtt, trust, list] = args else {
-        panic!("usage: simulate ROOT MQTT TRUST LIST");
+    let [root, mqtt, http, trust, list] = args else {
+        panic!("usage: simulate ROOT MQTT HTTP TRUST LIST");
     };
     let devices: Vec<(String, String)> = std::fs::read_to_string(list)
         .unwrap()
@@ -102,13 +107,11 @@ fn simulate(args: &[String]) {
         .filter_map(|l| l.split_once(' '))
         .map(|(d, p)| (d.to_owned(), p.to_owned()))
         .collect();
-    let fleet = SimulatedFleet::start(
-        Path::new(root),
-        mqtt.parse().unwrap(),
-        &devices,
-        Path::new(trust),
-        2,
-    );
+    let at = Endpoints {
+        mqtt: mqtt.parse().unwrap(),
+        http: http.parse().ok(),
+    };
+    let fleet = SimulatedFleet::start(Path::new(root), at, &devices, Path::new(trust), 2);
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
     if fleet.failed() > 0 {
         eprintln!("{} simulated agents failed to start", fleet.failed());
@@ -160,7 +163,7 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
     let started = Instant::now();
     let devices_dir = root.join(format!("devices-{size}"));
     std::fs::create_dir_all(&devices_dir).unwrap();
-    let fleet = Simulators::start(&devices_dir, mqtt, &devices, trust);
+    let fleet = Simulators::start(&devices_dir, manager.endpoints(), &devices, trust);
     loop {
         let online = manager.online_devices().await;
         if online == size {

@@ -275,7 +275,7 @@ async fn ferry_apply(releases: &[Payload], agent: &Path, trust: &Path, root: &Pa
         root,
         "bench",
         site.password("bench"),
-        site.mqtt,
+        site.endpoints(),
         trust,
     );
     site.manager

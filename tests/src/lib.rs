@@ -95,6 +95,14 @@ pub fn release_ferry_binary() -> PathBuf {
 }
 
 impl Manager {
+    /// Where its devices connect, on its embedded broker.
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            mqtt: self.mqtt,
+            http: Some(self.http),
+        }
+    }
+
     /// The process id, when the manager runs as a process of its own.
     pub fn pid(&self) -> Option<u32> {
         match &self.running {
@@ -444,26 +452,89 @@ pub struct Agent {
     task: Option<JoinHandle<()>>,
 }
 
-/// An agent configuration for tests: direct supervisor, 1 s health reports.
-fn agent_config(
+/// Where an agent finds its manager: the broker, and the manager's HTTP
+/// address when there is one (the only origin the agent sends its password
+/// to; without it, artifacts come over MQTT). `mqtt` alone, or
+/// `(mqtt, http)`, converts into one.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub mqtt: SocketAddr,
+    pub http: Option<SocketAddr>,
+}
+
+impl From<SocketAddr> for Endpoints {
+    fn from(mqtt: SocketAddr) -> Self {
+        Self { mqtt, http: None }
+    }
+}
+
+impl From<(SocketAddr, SocketAddr)> for Endpoints {
+    fn from((mqtt, http): (SocketAddr, SocketAddr)) -> Self {
+        Self {
+            mqtt,
+            http: Some(http),
+        }
+    }
+}
+
+impl Endpoints {
+    /// The agent's `[broker]` table for this device.
+    pub fn broker_table(&self, password: &str) -> String {
+        let manager_url = self
+            .http
+            .map(|http| format!("manager_url = \"http://{http}\"\n"))
+            .unwrap_or_default();
+        format!(
+            "[broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\n{manager_url}",
+            self.mqtt
+        )
+    }
+}
+
+/// An agent configuration for tests, on `supervisor` with health reports
+/// every `health_interval` (the agent's default when `None`).
+pub fn agent_config(
     data_dir: &Path,
     device: &str,
     password: &str,
-    mqtt: SocketAddr,
+    at: Endpoints,
     trust: &Path,
+    supervisor: &str,
+    health_interval: Option<&str>,
 ) -> String {
+    let health = health_interval
+        .map(|h| format!("health_interval = \"{h}\"\n"))
+        .unwrap_or_default();
     format!(
-        "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"1s\"\n\
-         [broker]\nurl = \"mqtt://{mqtt}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
+        "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"{supervisor}\"\n{health}\
+         {}[trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),
+        at.broker_table(password),
         trust.display()
     )
 }
 
+/// The agents the tests start: direct supervisor, 1 s health reports.
+fn direct_agent_config(
+    data_dir: &Path,
+    device: &str,
+    password: &str,
+    at: Endpoints,
+    trust: &Path,
+) -> String {
+    agent_config(data_dir, device, password, at, trust, "direct", Some("1s"))
+}
+
 impl Agent {
     /// Starts an agent for `device` against the manager's broker.
-    pub fn start(dir: &Path, device: &str, password: &str, mqtt: SocketAddr, trust: &Path) -> Self {
-        Self::start_with(dir, device, password, mqtt, trust, "")
+    pub fn start(
+        dir: &Path,
+        device: &str,
+        password: &str,
+        at: impl Into<Endpoints>,
+        trust: &Path,
+    ) -> Self {
+        Self::start_with(dir, device, password, at, trust, "")
     }
 
     /// Starts an agent whose configuration ends with `extra` (TOML tables,
@@ -472,12 +543,12 @@ impl Agent {
         dir: &Path,
         device: &str,
         password: &str,
-        mqtt: SocketAddr,
+        at: impl Into<Endpoints>,
         trust: &Path,
         extra: &str,
     ) -> Self {
         let data_dir = dir.join(format!("agent-{device}"));
-        let text = agent_config(&data_dir, device, password, mqtt, trust) + extra;
+        let text = direct_agent_config(&data_dir, device, password, at.into(), trust) + extra;
         let config = ferry_agent::config::Config::parse(&text).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -572,10 +643,10 @@ impl ProcessAgent {
         dir: &Path,
         device: &str,
         password: &str,
-        mqtt: SocketAddr,
+        at: impl Into<Endpoints>,
         trust: &Path,
     ) -> Self {
-        Self::start_with(binary, dir, device, password, mqtt, trust, "")
+        Self::start_with(binary, dir, device, password, at, trust, "")
     }
 
     /// Starts an agent process whose configuration ends with `extra`; a
@@ -586,7 +657,7 @@ impl ProcessAgent {
         dir: &Path,
         device: &str,
         password: &str,
-        mqtt: SocketAddr,
+        at: impl Into<Endpoints>,
         trust: &Path,
         extra: &str,
     ) -> Self {
@@ -594,7 +665,7 @@ impl ProcessAgent {
         let config = dir.join(format!("{device}.toml"));
         std::fs::write(
             &config,
-            agent_config(&data_dir, device, password, mqtt, trust) + extra,
+            direct_agent_config(&data_dir, device, password, at.into(), trust) + extra,
         )
         .unwrap();
         let log = dir.join(format!("{device}.log"));
@@ -1046,6 +1117,14 @@ impl Site {
                     mosquitto: Some(broker),
                 }
             }
+        }
+    }
+
+    /// Where its devices connect: the broker, and the manager's HTTP origin.
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints {
+            mqtt: self.mqtt,
+            http: Some(self.manager.http),
         }
     }
 

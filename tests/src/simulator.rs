@@ -8,12 +8,13 @@
 //! in one process. The agents share a multi-thread runtime of their own,
 //! apart from the caller's, so the simulator's work shows as one load.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ferry_agent::config::Config;
+
+use crate::{Endpoints, agent_config};
 use tokio::sync::watch;
 
 /// Runs the agents until stopped or dropped.
@@ -37,29 +38,25 @@ pub fn simulated_config(
     data_dir: &Path,
     device: &str,
     password: &str,
-    mqtt: SocketAddr,
+    at: Endpoints,
     trust: &Path,
 ) -> Config {
-    let text = format!(
-        "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"simulated\"\n\
-         [broker]\nurl = \"mqtt://{mqtt}\"\npassword = \"{password}\"\n[trust]\nkeys = [\"{}\"]\n",
-        data_dir.display(),
-        trust.display()
-    );
+    let text = agent_config(data_dir, device, password, at, trust, "simulated", None);
     Config::parse(&text).unwrap()
 }
 
 impl SimulatedFleet {
-    /// Starts one agent per `(device, password)` against the broker at
-    /// `mqtt`, trusting the key at `trust`, with data directories under
+    /// Starts one agent per `(device, password)` against the manager at
+    /// `at`, trusting the key at `trust`, with data directories under
     /// `root`, on a runtime of `workers` threads.
     pub fn start(
         root: &Path,
-        mqtt: SocketAddr,
+        at: impl Into<Endpoints>,
         devices: &[(String, String)],
         trust: &Path,
         workers: usize,
     ) -> Self {
+        let at = at.into();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name(SIMULATOR_THREAD)
@@ -70,7 +67,7 @@ impl SimulatedFleet {
         let failed = Arc::new(AtomicUsize::new(0));
         let mut agents = Vec::with_capacity(devices.len());
         for (device, password) in devices {
-            let config = simulated_config(&root.join(device), device, password, mqtt, trust);
+            let config = simulated_config(&root.join(device), device, password, at, trust);
             let (mut stopped, failed) = (stopped.clone(), failed.clone());
             agents.push(runtime.spawn(async move {
                 let shutdown = async move {

@@ -168,7 +168,14 @@ async fn armv7_agent_runs_upgrades_and_rolls_back_go_and_c_services() {
     let mqtt = addr(free_port());
     let manager = Manager::start(&root.join("manager"), mqtt, addr(free_port())).await;
     let password = manager.add_device("arm-1", &["arm"]).await;
-    let agent = ProcessAgent::start(&agent_binary, root, "arm-1", &password, mqtt, &trust);
+    let agent = ProcessAgent::start(
+        &agent_binary,
+        root,
+        "arm-1",
+        &password,
+        manager.endpoints(),
+        &trust,
+    );
     let device = Device {
         manager: &manager,
         agent: &agent,

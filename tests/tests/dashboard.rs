@@ -109,7 +109,13 @@ async fn the_dashboard_shows_the_fleet_live_and_aborts_a_rollout() {
     let mut agents = Vec::new();
     for id in ["web-1", "web-2"] {
         let password = manager.add_device(id, &["lab"]).await;
-        agents.push(Agent::start(dir.path(), id, &password, mqtt, &trust));
+        agents.push(Agent::start(
+            dir.path(),
+            id,
+            &password,
+            manager.endpoints(),
+            &trust,
+        ));
     }
     // Registered, never connects: a rollout that includes it stays running.
     manager.add_device("web-3", &["lab"]).await;

@@ -38,8 +38,8 @@ async fn publish_and_deploy_by_id_and_by_tag_then_survive_a_manager_restart() {
     let manager = Manager::start(&data, mqtt, http).await;
     let pw1 = manager.add_device("gw-1", &["lab"]).await;
     let pw2 = manager.add_device("gw-2", &["lab"]).await;
-    let a1 = Agent::start(fleet.dir.path(), "gw-1", &pw1, mqtt, &fleet.trust);
-    let a2 = Agent::start(fleet.dir.path(), "gw-2", &pw2, mqtt, &fleet.trust);
+    let a1 = Agent::start(fleet.dir.path(), "gw-1", &pw1, (mqtt, http), &fleet.trust);
+    let a2 = Agent::start(fleet.dir.path(), "gw-2", &pw2, (mqtt, http), &fleet.trust);
     manager
         .wait_device("gw-1", "online", |d| d["online"] == true)
         .await;
@@ -396,8 +396,8 @@ async fn mosquitto_as_the_external_broker() {
         )),
     )
     .await;
-    let a1 = Agent::start(fleet.dir.path(), "gw-1", &pw1, mqtt, &fleet.trust);
-    let a2 = Agent::start(fleet.dir.path(), "gw-2", &pw2, mqtt, &fleet.trust);
+    let a1 = Agent::start(fleet.dir.path(), "gw-1", &pw1, (mqtt, http), &fleet.trust);
+    let a2 = Agent::start(fleet.dir.path(), "gw-2", &pw2, (mqtt, http), &fleet.trust);
     let out = fleet.dir.path().join("service.out");
     let v1 = release(fleet.dir.path(), &fleet.key, "1.0.0", 1, &out);
     manager.publish(&v1).await;
@@ -446,7 +446,13 @@ async fn a_device_that_drops_off_is_marked_offline_by_its_last_will() {
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
     let manager = Manager::start(&fleet.dir.path().join("manager"), mqtt, http).await;
     let password = manager.add_device("gw-1", &[]).await;
-    let agent = Agent::start(fleet.dir.path(), "gw-1", &password, mqtt, &fleet.trust);
+    let agent = Agent::start(
+        fleet.dir.path(),
+        "gw-1",
+        &password,
+        (mqtt, http),
+        &fleet.trust,
+    );
     manager
         .wait_device("gw-1", "online", |d| d["online"] == true)
         .await;

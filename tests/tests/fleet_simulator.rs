@@ -31,7 +31,13 @@ async fn a_simulated_fleet_takes_a_rollout_end_to_end() {
     let devices = manager.add_devices(&ids).await;
     assert_eq!(devices.len(), DEVICES);
 
-    let fleet = SimulatedFleet::start(&dir.path().join("devices"), mqtt, &devices, &trust, 1);
+    let fleet = SimulatedFleet::start(
+        &dir.path().join("devices"),
+        manager.endpoints(),
+        &devices,
+        &trust,
+        1,
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while manager.online_devices().await < DEVICES {
         assert!(

@@ -62,7 +62,13 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
     let mut agents = Vec::new();
     for id in ["m-1", "m-2"] {
         let password = manager.add_device(id, &["lab"]).await;
-        agents.push(Agent::start(dir.path(), id, &password, mqtt, &trust));
+        agents.push(Agent::start(
+            dir.path(),
+            id,
+            &password,
+            manager.endpoints(),
+            &trust,
+        ));
     }
     manager.add_device("m-3", &[]).await; // registered, never connects
     let out = dir.path().join("service.out");

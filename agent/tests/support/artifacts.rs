@@ -22,6 +22,10 @@ struct Files {
     cut_after: HashMap<String, std::collections::VecDeque<usize>>,
     /// The Range header of every request, "" when none.
     ranges: Vec<String>,
+    /// The Authorization header of every request, if any.
+    authorizations: Vec<Option<String>>,
+    /// Where `/moved/{sha}` redirects to: another server's base URL.
+    redirect_to: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -39,6 +43,7 @@ impl ArtifactServer {
         };
         let app = axum::Router::new()
             .route("/artifacts/{sha}", axum::routing::get(serve))
+            .route("/moved/{sha}", axum::routing::get(moved))
             .with_state(server.files.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         server
@@ -84,6 +89,40 @@ impl ArtifactServer {
     pub fn ranges(&self) -> Vec<String> {
         self.files.lock().unwrap().ranges.clone()
     }
+
+    /// The Authorization header each request carried, in order.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.files.lock().unwrap().authorizations.clone()
+    }
+
+    /// Makes `/moved/{sha}` here answer 302 to `base/artifacts/{sha}`.
+    pub fn redirect_to(&self, base: &str) {
+        self.files.lock().unwrap().redirect_to = Some(base.to_owned());
+    }
+}
+
+async fn moved(
+    State(files): State<Arc<Mutex<Files>>>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut files = files.lock().unwrap();
+    files.authorizations.push(authorization(&headers));
+    match &files.redirect_to {
+        Some(base) => (
+            StatusCode::FOUND,
+            [(header::LOCATION, format!("{base}/artifacts/{sha}"))],
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn authorization(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 async fn serve(
@@ -99,6 +138,7 @@ async fn serve(
     let (bytes, cut, throttle) = {
         let mut files = files.lock().unwrap();
         files.ranges.push(range.clone());
+        files.authorizations.push(authorization(&headers));
         let Some(bytes) = files.by_sha.get(&sha).cloned() else {
             return StatusCode::NOT_FOUND.into_response();
         };

@@ -42,7 +42,7 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
                 .post("/v1/devices", &json!({ "device_id": id, "tags": tags }))
                 .await?;
             let text = format!(
-                "device {id} added\nusername: {}\npassword: {}\n(put them in the device's agent.toml [broker]; the password is not shown again)",
+                "device {id} added\nusername: {}\npassword: {}\n(put them in the device's agent.toml [broker], with manager_url = this manager's HTTP URL; the password is not shown again)",
                 created["username"].as_str().unwrap_or_default(),
                 created["password"].as_str().unwrap_or_default()
             );

@@ -11,6 +11,7 @@ mod keys;
 mod package;
 mod publish;
 mod release_args;
+mod releases;
 mod rollout;
 mod serve;
 mod sign;
@@ -72,6 +73,10 @@ enum Command {
     Devices,
     /// Upload a signed release and its artifact to the manager.
     Publish(publish::Args),
+    /// List the published releases (of one service).
+    Releases(releases::ListArgs),
+    /// Show one published release: what its manifest says, who signed it.
+    Release(releases::ShowArgs),
     /// Deploy a published release to devices.
     Deploy(fleet::DeployArgs),
     /// Staged rollouts: canary, waves, failure threshold (start, status, list, pause, resume, abort).
@@ -162,6 +167,8 @@ pub fn main() -> ExitCode {
                     Command::Device(args) => fleet::device(&manager, args).await,
                     Command::Devices => fleet::devices(&manager).await,
                     Command::Publish(args) => publish::run(&manager, args, json).await,
+                    Command::Releases(args) => releases::list(&manager, args).await,
+                    Command::Release(args) => releases::show(&manager, args).await,
                     Command::Deploy(args) => fleet::deploy(&manager, args).await,
                     Command::Rollout(args) => rollout::run(&manager, args, json).await,
                     Command::Health(args) => fleet::history(&manager, "health", args, json).await,

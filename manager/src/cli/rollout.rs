@@ -1,9 +1,9 @@
 //! `ferry rollout start|status|list|pause|resume|abort`: staged rollouts.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use ferry_protocol::Envelope;
+use ferry_protocol::{Envelope, Manifest, Timestamp, TrustPolicy};
 use serde_json::{Value, json};
 
 use super::fleet::Targets;
@@ -74,6 +74,18 @@ pub(crate) struct StartArgs {
     /// The version to go back to [default: the one most selected devices run now].
     #[arg(long, value_name = "VERSION", requires = "revert_on_abort")]
     revert_to: Option<String>,
+    /// Trusted public key: the manager's copies of the rolled-out and the old
+    /// release must be signed by these before the old one is signed again
+    /// (repeat for several) [default: the public halves of the --key files].
+    #[arg(long = "pub", value_name = "NAME.pub", requires = "revert_on_abort")]
+    pubs: Vec<std::path::PathBuf>,
+    /// How many distinct trusted keys must have signed those copies
+    /// [default: as many as --key files given].
+    #[arg(long, value_name = "N", requires = "revert_on_abort")]
+    threshold: Option<usize>,
+    /// How long devices accept the revert release after it is signed.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "30d", requires = "revert_on_abort")]
+    revert_expires: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -142,18 +154,26 @@ async fn start(manager: &Manager, args: StartArgs) -> Result<Outcome> {
 
 /// Makes the revert release for `ferry rollout start --revert-on-abort`:
 /// the previous version's manifest with the next sequence after the
-/// rolled-out release (devices never go down in sequence) and a version
-/// that says what it is, signed here with the operator's keys (the manager
-/// never holds one) and published. Returns its version.
+/// rolled-out release (devices never go down in sequence), a version that
+/// says what it is and an expiry of its own, signed here with the
+/// operator's keys (the manager never holds one) and published. Returns its
+/// version.
+///
+/// The manager is not trusted here either: both releases it hands back are
+/// verified against the operator's public keys, and must be the service and
+/// versions asked for, before anything is signed. What gets signed is the
+/// verified manifest, so its artifact is the one trusted keys signed.
 async fn publish_revert(manager: &Manager, args: &StartArgs) -> Result<String> {
     let service = &args.service;
-    let new = manager
-        .get(&format!("/v1/releases/{service}/{}", args.version))
+    let keys = args
+        .keys
+        .iter()
+        .map(|path| keys::load_secret(path))
+        .collect::<Result<Vec<_>>>()?;
+    let policy = revert_policy(args, &keys)?;
+    let new = trusted_release(manager, &policy, service, &args.version)
         .await
-        .with_context(|| format!("no release {service} {} to roll out", args.version))?;
-    let new_sequence = new["sequence"]
-        .as_u64()
-        .context("the manager's release has no sequence")?;
+        .with_context(|| format!("cannot use {service} {} for a rollout", args.version))?;
     let back_to = match &args.revert_to {
         Some(version) => version.clone(),
         None => most_installed(manager, args).await?,
@@ -163,28 +183,38 @@ async fn publish_revert(manager: &Manager, args: &StartArgs) -> Result<String> {
             "the selected devices already run {service} {back_to}: nothing to revert to (name one with --revert-to)"
         );
     }
-    let old = manager
-        .get(&format!("/v1/releases/{service}/{back_to}"))
+    let mut manifest = trusted_release(manager, &policy, service, &back_to)
         .await
-        .with_context(|| format!("cannot find {service} {back_to} to revert to"))?;
-    let envelope = Envelope::from_json(old["envelope"].to_string().as_bytes())
-        .context("the manager's copy of the old release does not read")?;
-    let mut manifest = envelope
-        .unverified_manifest()
-        .context("the old release's manifest does not read")?;
-    let sequence = new_sequence + 1;
+        .with_context(|| format!("cannot revert to {service} {back_to}"))?;
+    let sequence = new
+        .sequence
+        .checked_add(1)
+        .context("the rolled-out release has the highest sequence there is")?;
     let mut version = manifest.version.clone();
     version.build = semver::BuildMetadata::new(&format!("revert.{sequence}"))
         .context("cannot name the revert release")?;
     manifest.version = version;
     manifest.sequence = sequence;
-    // A revert is signed now; an old expiry must not stop it.
-    manifest.expires = None;
-    let keys = args
-        .keys
-        .iter()
-        .map(|path| keys::load_secret(path))
-        .collect::<Result<Vec<_>>>()?;
+    // The old release's expiry was for the old release; the revert gets one
+    // of its own, counted from now.
+    let now = Timestamp::from(SystemTime::now()).unix_secs();
+    manifest.expires = Some(Timestamp::from_unix_secs(
+        now.saturating_add(args.revert_expires.as_secs()),
+    ));
+    let name = manifest.version.to_string();
+    // A rollout started again (say the manager refused the first request)
+    // finds its revert published: the same release, signed by trusted keys
+    // and not expiring within a day, is used as it is.
+    if let Ok(published) = trusted_release(manager, &policy, service, &name).await {
+        let mut unexpired = published.clone();
+        unexpired.expires = manifest.expires;
+        let fresh = published
+            .expires
+            .is_some_and(|e| e.system_time() > SystemTime::now() + Duration::from_secs(86_400));
+        if unexpired == manifest && fresh {
+            return Ok(name);
+        }
+    }
     let refs: Vec<_> = keys.iter().collect();
     let signed =
         Envelope::sign(manifest.to_json(), &refs).context("cannot sign the revert release")?;
@@ -192,7 +222,51 @@ async fn publish_revert(manager: &Manager, args: &StartArgs) -> Result<String> {
         .post_bytes("/v1/releases", signed.to_json())
         .await
         .context("cannot publish the revert release")?;
-    Ok(manifest.version.to_string())
+    Ok(name)
+}
+
+/// The keys the manager's copies of releases must be signed by: `--pub`, or
+/// the public halves of the signing keys; `--threshold`, or as many as keys
+/// sign the revert (a fleet's threshold is what the operator signs with).
+fn revert_policy(args: &StartArgs, keys: &[ferry_protocol::SecretKey]) -> Result<TrustPolicy> {
+    let trusted = if args.pubs.is_empty() {
+        keys.iter().map(|k| k.public_key()).collect()
+    } else {
+        args.pubs
+            .iter()
+            .map(|path| keys::load_public(path))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let threshold = args.threshold.unwrap_or(keys.len());
+    TrustPolicy::new(trusted, threshold).context("invalid trust settings for checking releases")
+}
+
+/// The manager's copy of SERVICE VERSION, verified against `policy`: its
+/// signed manifest, which must name that very service and version.
+async fn trusted_release(
+    manager: &Manager,
+    policy: &TrustPolicy,
+    service: &str,
+    version: &str,
+) -> Result<Manifest> {
+    let row = manager
+        .get(&format!("/v1/releases/{service}/{version}"))
+        .await
+        .with_context(|| format!("no release {service} {version} on the manager"))?;
+    let envelope = Envelope::from_json(row["envelope"].to_string().as_bytes())
+        .context("the manager's copy does not read as a signed envelope")?;
+    let verified = policy.verify_signatures(&envelope).with_context(|| {
+        format!("the manager's copy of {service} {version} is not signed by your trusted keys")
+    })?;
+    let manifest = verified.manifest;
+    if manifest.service.as_str() != service || manifest.version.to_string() != version {
+        bail!(
+            "the manager answered with {} {} when asked for {service} {version}",
+            manifest.service,
+            manifest.version
+        );
+    }
+    Ok(manifest)
 }
 
 /// The version of the service most of the rollout's devices run now.

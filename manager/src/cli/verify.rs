@@ -108,6 +108,7 @@ fn error_kind(error: &VerifyError) -> &'static str {
         VerifyError::BelowThreshold { .. } => "below_threshold",
         VerifyError::Expired { .. } => "expired",
         VerifyError::Rollback { .. } => "rollback",
+        VerifyError::SequenceReused { .. } => "sequence_reused",
         VerifyError::WrongTarget { .. } => "wrong_target",
     }
 }

@@ -7,18 +7,20 @@
 //!   and may subscribe only to its own `desired` and `blocks` topics. The check is a hook on every
 //!   publish and subscribe, keyed on the authenticated user name, so one
 //!   device can never read another's desired state.
+//! - A device's last will may only be its own `status` saying `offline`
+//!   (checked at CONNECT: rmqtt does not put wills through the publish ACL).
 //! - The manager's own client is a superuser with a password made at start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ferry_protocol::topics::Topic;
+use ferry_protocol::acl;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{AuthResult, PublishAclResult, SubscribeAclResult};
+use rmqtt::types::{AuthResult, LastWill, PublishAclResult, SubscribeAclResult};
 
 use super::store::{Store, password_hash};
 
@@ -119,16 +121,21 @@ impl Handler for GuardHook {
                     .map(|p| String::from_utf8_lossy(p).into_owned())
                     .unwrap_or_default();
                 let client_id = info.client_id().to_string();
-                let result = self.0.authenticate(&user, &password, &client_id);
+                let mut result = self.0.authenticate(&user, &password, &client_id);
+                // A will is a publish the broker makes later for the device,
+                // and rmqtt does not put it through the publish ACL: check it
+                // here, before the session exists.
+                if let (AuthResult::Allow(false, _), Some(will)) = (&result, info.last_will()) {
+                    if let Err(refused) = check_will(&user, &will) {
+                        tracing::warn!(device = %user, "{refused}");
+                        result = AuthResult::NotAuthorized;
+                    }
+                }
                 (false, Some(HookResult::AuthResult(result)))
             }
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 let user = user_of(session);
-                let allowed = match publish.topic.parse::<Topic>() {
-                    Ok(topic) => topic.device.as_str() == user && topic.kind.published_by_device(),
-                    Err(_) => false,
-                };
-                if allowed {
+                if acl::may_publish(&user, &publish.topic) {
                     (true, acc)
                 } else {
                     tracing::warn!(device = %user, topic = %publish.topic, "publish refused");
@@ -143,11 +150,7 @@ impl Handler for GuardHook {
             }
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
                 let user = user_of(session);
-                let allowed = match subscribe.topic_filter.parse::<Topic>() {
-                    Ok(topic) => topic.device.as_str() == user && topic.kind.subscribed_by_device(),
-                    Err(_) => false,
-                };
-                if allowed {
+                if acl::may_subscribe(&user, &subscribe.topic_filter) {
                     (
                         false,
                         Some(HookResult::SubscribeAclResult(
@@ -174,6 +177,16 @@ impl Handler for GuardHook {
             _ => (true, acc),
         }
     }
+}
+
+/// The protocol's rule for a device's last will, on rmqtt's will of either
+/// MQTT version.
+fn check_will(user: &str, will: &LastWill<'_>) -> Result<(), acl::WillError> {
+    let (topic, message, qos) = match will {
+        LastWill::V3(w) => (&w.topic, &w.message, w.qos.value()),
+        LastWill::V5(w) => (&w.topic, &w.message, w.qos.value()),
+    };
+    acl::check_last_will(user, topic, message, qos, will.retain())
 }
 
 /// The authenticated user name of a session ("" if none).

@@ -42,7 +42,7 @@ mod rollouts;
 
 use super::ingest::Outgoing;
 use super::rollout::Selector;
-use super::store::{Store, StoreError, password_hash};
+use super::store::{Published, Store, StoreError, password_hash};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -439,16 +439,20 @@ async fn publish_release(
         }
         Some(_) => {}
     }
-    state.store.add_release(
+    let status = match state.store.add_release(
         manifest.service.as_str(),
         &manifest.version.to_string(),
         manifest.sequence,
         &manifest.artifact.sha256,
         manifest.artifact.size,
         &String::from_utf8_lossy(&envelope.to_json()),
-    )?;
+    )? {
+        Published::Added => StatusCode::CREATED,
+        Published::AlreadyThere => StatusCode::OK,
+        Published::Conflict(reason) => return Err(bad(StatusCode::CONFLICT, reason)),
+    };
     Ok((
-        StatusCode::CREATED,
+        status,
         Json(json!({
             "service": manifest.service,
             "version": manifest.version.to_string(),

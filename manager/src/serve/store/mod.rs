@@ -39,6 +39,17 @@ pub struct Store {
     db: Mutex<Connection>,
 }
 
+/// What publishing a release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// It is stored now.
+    Added,
+    /// The very same envelope was stored already.
+    AlreadyThere,
+    /// Another release has its version or its sequence; why, in a sentence.
+    Conflict(String),
+}
+
 /// A registered device.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceRow {
@@ -362,7 +373,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores a published release.
+    /// Stores a published release. A service's version and its sequence each
+    /// name one release for good: publishing the same envelope again changes
+    /// nothing, and different bytes under a taken version or sequence are
+    /// refused (otherwise whoever holds the operator token could swap what
+    /// an old version means, say for a revert to sign).
     pub fn add_release(
         &self,
         service: &str,
@@ -371,14 +386,46 @@ impl Store {
         sha256: &Sha256Digest,
         size: u64,
         envelope: &str,
-    ) -> Result<()> {
-        self.db().execute(
+    ) -> Result<Published> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let taken: Option<(String, i64, String)> = tx
+            .query_row(
+                "SELECT version, sequence, envelope FROM releases
+                 WHERE service = ?1 AND (version = ?2 OR sequence = ?3) LIMIT 1",
+                params![service, version, sequence as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((old_version, old_sequence, old_envelope)) = taken {
+            if old_envelope == envelope {
+                return Ok(Published::AlreadyThere);
+            }
+            return Ok(Published::Conflict(if old_version == version {
+                format!(
+                    "{service} {version} is already published with other contents; publish the new release under a new version and sequence"
+                )
+            } else {
+                format!(
+                    "sequence {old_sequence} of {service} is already release {old_version}; give {version} a sequence of its own"
+                )
+            }));
+        }
+        tx.execute(
             "INSERT INTO releases (service, version, sequence, sha256, size, envelope, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (service, version) DO UPDATE SET sequence = ?3, sha256 = ?4, size = ?5, envelope = ?6",
-            params![service, version, sequence as i64, sha256.to_string(), size as i64, envelope, now()],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                service,
+                version,
+                sequence as i64,
+                sha256.to_string(),
+                size as i64,
+                envelope,
+                now()
+            ],
         )?;
-        Ok(())
+        tx.commit()?;
+        Ok(Published::Added)
     }
 
     /// Every release, newest sequence first per service.
