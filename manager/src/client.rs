@@ -114,6 +114,11 @@ impl Manager {
             .await
     }
 
+    /// DELETE `path`.
+    pub async fn delete(&self, path: &str) -> Result<Value> {
+        self.send(self.request(reqwest::Method::DELETE, path)).await
+    }
+
     /// PUT `body` as JSON to `path`.
     pub async fn put_json(&self, path: &str, body: &Value) -> Result<Value> {
         self.send(self.request(reqwest::Method::PUT, path).json(body))

@@ -90,6 +90,8 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         broker: None,
         public_url: None,
         offline_after: Duration::from_secs(30),
+        http_limits: Default::default(),
+        device_limits: Default::default(),
     };
     let manager_task = tokio::spawn(serve(serve_config, async {
         let _ = manager_stopped.await;

@@ -192,6 +192,21 @@ fn device_publish_deploy_and_views_through_the_cli() {
     let run = ferry_env(elsewhere.path(), &[], &["devices"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("no manager URL"), "{}", run.stderr);
+
+    // Removing a device: gone from the views; a second time is an error.
+    let removed = ok(d, &["device", "remove", "gw-1"]);
+    assert_eq!(
+        removed.trim(),
+        "device gw-1 removed: its credentials no longer work"
+    );
+    assert_eq!(
+        fails(d, &["device", "gw-1"]),
+        "ferry: error: no device gw-1"
+    );
+    assert_eq!(
+        fails(d, &["device", "remove", "gw-1"]),
+        "ferry: error: no device gw-1"
+    );
 }
 
 #[test]

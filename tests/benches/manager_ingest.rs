@@ -17,55 +17,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use ferry_e2e::{BrokerKind, Site};
-use ferry_protocol::messages::{
-    CpuHealth, DiskHealth, Health, MESSAGE_SCHEMA, MemoryHealth, Message, ServiceHealth,
-    ServiceState,
-};
-use ferry_protocol::{ServiceName, Timestamp};
+use ferry_e2e::{BrokerKind, Site, health_payload};
 use rumqttc::{AsyncClient, QoS};
 
 const DEVICES: usize = 500;
 const RATES: [u64; 5] = [5_000, 10_000, 20_000, 30_000, 40_000];
 const STEP: Duration = Duration::from_secs(6);
-
-fn health_payload() -> Vec<u8> {
-    Health {
-        schema: MESSAGE_SCHEMA,
-        time: Timestamp::from(SystemTime::now()),
-        agent_version: "0.1.0".into(),
-        uptime_secs: 123_456,
-        cpu: CpuHealth {
-            usage_percent: 12.5,
-            load1: 0.42,
-            load5: 0.38,
-            load15: 0.31,
-        },
-        memory: MemoryHealth {
-            total_bytes: 512 << 20,
-            available_bytes: 300 << 20,
-        },
-        disk: DiskHealth {
-            path: "/var/lib/ferry".into(),
-            total_bytes: 4 << 30,
-            free_bytes: 3 << 30,
-        },
-        temperature_celsius: Some(51.5),
-        services: vec![ServiceHealth {
-            service: ServiceName::new("gateway").unwrap(),
-            version: Some("1.4.2".into()),
-            state: ServiceState::Active,
-            pid: Some(4242),
-            restarts: 0,
-            rss_bytes: Some(6 << 20),
-            cpu_percent: Some(3.5),
-        }],
-        last_deployment: None,
-    }
-    .encode()
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -182,7 +141,17 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<String> = (0..DEVICES).map(|i| format!("sim-{i}")).collect();
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let site = Site::start(dir.path(), BrokerKind::Embedded, &refs, None).await;
+        // Each simulated device sends far more than an agent would: lift the
+        // per-device budgets, or they would be what is measured.
+        let site = Site::start_configured(dir.path(), BrokerKind::Embedded, &refs, |config| {
+            config.device_limits = ferry::serve::limits::DeviceLimits {
+                messages_per_sec: 1e9,
+                message_burst: 1e9,
+                bytes_per_sec: 1e12,
+                byte_burst: 1e12,
+            };
+        })
+        .await;
         let mut clients = Vec::new();
         for (id, password) in site.passwords.clone() {
             let mqtt = site.mqtt;

@@ -199,6 +199,8 @@ impl Manager {
             broker,
             public_url: None,
             offline_after: Duration::from_secs(90),
+            http_limits: Default::default(),
+            device_limits: Default::default(),
         })
         .await
     }
@@ -1057,15 +1059,35 @@ impl Site {
         devices: &[&str],
         public_url: Option<String>,
     ) -> Self {
+        Self::start_configured(root, kind, devices, |config| {
+            config.public_url = public_url.clone();
+        })
+        .await
+    }
+
+    /// [`Site::start`], with the manager's configuration changed by
+    /// `configure` (limits, say) before it starts.
+    pub async fn start_configured(
+        root: &Path,
+        kind: BrokerKind,
+        devices: &[&str],
+        configure: impl Fn(&mut ServeConfig),
+    ) -> Self {
         let data = root.join("manager");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = |mqtt_port: u16, broker: Option<String>| ServeConfig {
-            mqtt_listen: SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
-            http_listen: http,
-            data_dir: data.clone(),
-            broker,
-            public_url: public_url.clone(),
-            offline_after: Duration::from_secs(90),
+        let config = |mqtt_port: u16, broker: Option<String>| {
+            let mut config = ServeConfig {
+                mqtt_listen: SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+                http_listen: http,
+                data_dir: data.clone(),
+                broker,
+                public_url: None,
+                offline_after: Duration::from_secs(90),
+                http_limits: Default::default(),
+                device_limits: Default::default(),
+            };
+            configure(&mut config);
+            config
         };
         let mut passwords = Vec::new();
         match kind {
@@ -1174,4 +1196,48 @@ pub async fn device_session(
         .unwrap_or_else(|_| panic!("{device} could not connect"))
         .unwrap();
     (client, task)
+}
+
+/// A realistic health report (about 450 bytes, one service), as an agent
+/// publishes it.
+pub fn health_payload() -> Vec<u8> {
+    use ferry_protocol::messages::{
+        CpuHealth, DiskHealth, Health, MESSAGE_SCHEMA, MemoryHealth, Message, ServiceHealth,
+        ServiceState,
+    };
+    use ferry_protocol::{ServiceName, Timestamp};
+
+    Health {
+        schema: MESSAGE_SCHEMA,
+        time: Timestamp::from(std::time::SystemTime::now()),
+        agent_version: "0.1.0".into(),
+        uptime_secs: 123_456,
+        cpu: CpuHealth {
+            usage_percent: 12.5,
+            load1: 0.42,
+            load5: 0.38,
+            load15: 0.31,
+        },
+        memory: MemoryHealth {
+            total_bytes: 512 << 20,
+            available_bytes: 300 << 20,
+        },
+        disk: DiskHealth {
+            path: "/var/lib/ferry".into(),
+            total_bytes: 4 << 30,
+            free_bytes: 3 << 30,
+        },
+        temperature_celsius: Some(51.5),
+        services: vec![ServiceHealth {
+            service: ServiceName::new("gateway").unwrap(),
+            version: Some("1.4.2".into()),
+            state: ServiceState::Active,
+            pid: Some(4242),
+            restarts: 0,
+            rss_bytes: Some(6 << 20),
+            cpu_percent: Some(3.5),
+        }],
+        last_deployment: None,
+    }
+    .encode()
 }

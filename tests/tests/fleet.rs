@@ -475,6 +475,8 @@ async fn a_device_that_falls_silent_is_marked_offline() {
         broker: None,
         public_url: None,
         offline_after: Duration::from_secs(3),
+        http_limits: Default::default(),
+        device_limits: Default::default(),
     })
     .await;
     let password = manager.add_device("gw-1", &[]).await;

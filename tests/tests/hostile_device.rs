@@ -206,3 +206,239 @@ async fn mosquitto_with_the_documented_acl_keeps_wills_off_other_devices_topics(
     wills_on_another_device(&site.manager, port, pw1, pw2).await;
     own_will_fires(&site.manager, port, pw1).await;
 }
+
+/// A device's session: its event loop runs on a task, and the handle tells
+/// when the broker ended the connection.
+struct Session {
+    client: AsyncClient,
+    ended: tokio::sync::oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    async fn open(port: u16, device: &str, password: &str) -> Self {
+        let mut options = MqttOptions::new(device, "127.0.0.1", port);
+        options.set_credentials(device, password);
+        options.set_keep_alive(Duration::from_secs(60));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(options, 1024);
+        let (up_tx, up) = tokio::sync::oneshot::channel();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut up_tx = Some(up_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if let Some(tx) = up_tx.take() {
+                            let _ = tx.send(ack.code == ConnectReturnCode::Success);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = ended_tx.send(e.to_string());
+                        return;
+                    }
+                }
+            }
+        });
+        let accepted = tokio::time::timeout(Duration::from_secs(5), up).await;
+        assert!(
+            matches!(accepted, Ok(Ok(true))),
+            "{device} could not connect"
+        );
+        Self {
+            client,
+            ended,
+            task,
+        }
+    }
+
+    /// Waits (5 s at most) for the broker to end the session.
+    async fn ended_by_the_broker(self) -> bool {
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.ended).await;
+        self.task.abort();
+        matches!(ended, Ok(Ok(_)))
+    }
+}
+
+/// Whether the broker accepts these credentials now.
+async fn accepted(port: u16, device: &str, password: &str) -> bool {
+    let will = LastWill::new(
+        format!("ferry/v1/devices/{device}/status"),
+        OFFLINE,
+        QoS::AtLeastOnce,
+        true,
+    );
+    connect_and_vanish(port, device, password, will).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_given_a_new_password_or_removed_is_cut_off_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(dir.path(), BrokerKind::Embedded, &["gw-1", "gw-2"], None).await;
+    let port = site.mqtt.port();
+    let (old1, old2) = (site.password("gw-1"), site.password("gw-2"));
+
+    // gw-1's password leaked: the operator adds gw-1 again. The session
+    // holding the old password ends now, and the old password is refused.
+    let leaked = Session::open(port, "gw-1", old1).await;
+    let new1 = site.manager.add_device("gw-1", &[]).await;
+    assert!(
+        leaked.ended_by_the_broker().await,
+        "the old password's session is still connected"
+    );
+    assert!(
+        !accepted(port, "gw-1", old1).await,
+        "the old password works"
+    );
+    assert!(accepted(port, "gw-1", &new1).await, "the new one does not");
+
+    // gw-2 is removed: its session ends, and neither the broker nor the
+    // artifact store takes its credentials.
+    let gone = Session::open(port, "gw-2", old2).await;
+    let status = |method: reqwest::Method| async {
+        let response = site.manager.request(method, "/v1/devices/gw-2").send();
+        response.await.unwrap().status()
+    };
+    assert_eq!(status(reqwest::Method::DELETE).await, 200);
+    assert!(gone.ended_by_the_broker().await, "gw-2 is still connected");
+    assert!(!accepted(port, "gw-2", old2).await);
+    assert_eq!(status(reqwest::Method::GET).await, 404);
+    let download = reqwest::Client::new()
+        .get(
+            site.manager
+                .url(&format!("/v1/artifacts/{}", "ab".repeat(32))),
+        )
+        .basic_auth("gw-2", Some(old2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 401);
+    assert_eq!(status(reqwest::Method::DELETE).await, 404);
+}
+/// gw-1 floods the manager with messages and gw-3 with bytes, from their
+/// own topics; the manager keeps each to its budget, counts and reports the
+/// excess, and gw-2 is heard as before.
+async fn a_flood_is_cut_to_the_budget(kind: BrokerKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start_configured(dir.path(), kind, &["gw-1", "gw-2", "gw-3"], |config| {
+        config.device_limits = ferry::serve::limits::DeviceLimits {
+            messages_per_sec: 5.0,
+            message_burst: 100.0,
+            bytes_per_sec: 64.0 * 1024.0,
+            byte_burst: 256.0 * 1024.0,
+        };
+    })
+    .await;
+    let port = site.mqtt.port();
+    let manager = &site.manager;
+    let publish_all = |session: &Session, topic: &str, payload: Vec<u8>, times: usize| {
+        let (client, topic) = (session.client.clone(), topic.to_owned());
+        async move {
+            for _ in 0..times {
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let health = ferry_e2e::health_payload();
+    let messages = Session::open(port, "gw-1", site.password("gw-1")).await;
+    publish_all(
+        &messages,
+        "ferry/v1/devices/gw-1/health",
+        health.clone(),
+        600,
+    )
+    .await;
+    // 60 KiB events: few messages, many bytes.
+    let big = json!({
+        "schema": 1, "time": "2026-01-01T00:00:00Z", "step": "download",
+        "status": "failed", "reason": "x".repeat(60 * 1024),
+    })
+    .to_string()
+    .into_bytes();
+    let bytes = Session::open(port, "gw-3", site.password("gw-3")).await;
+    publish_all(&bytes, "ferry/v1/devices/gw-3/events", big, 40).await;
+
+    // The manager tells the operator, on each device, in its own event.
+    for device in ["gw-1", "gw-3"] {
+        let events = loop_until(manager, &format!("/v1/events?device={device}"), |rows| {
+            rows.iter().any(|r| r["message"]["step"] == "throttle")
+        })
+        .await;
+        let notice = events
+            .iter()
+            .find(|r| r["message"]["step"] == "throttle")
+            .unwrap();
+        assert_eq!(notice["message"]["source"], "manager");
+        let reason = notice["message"]["reason"].as_str().unwrap();
+        assert!(reason.contains("over its budget"), "{reason}");
+    }
+    // Let the floods settle, then count what got through.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let throttled = manager
+        .metric("ferry_device_messages_throttled_total")
+        .await;
+    let count = |rows: serde_json::Value, step: Option<&str>| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| step.is_none_or(|s| r["message"]["step"] == s))
+            .count()
+    };
+    let health_recorded = count(manager.get("/v1/health?device=gw-1&limit=1000").await, None);
+    let big_recorded = count(
+        manager.get("/v1/events?device=gw-3&limit=1000").await,
+        Some("download"),
+    );
+    println!(
+        "{kind:?}: 600 health reports and 40 60-KiB events sent; {health_recorded} and {big_recorded} recorded, {throttled} throttled"
+    );
+    assert!(
+        (100..150).contains(&health_recorded),
+        "{health_recorded} of 600 recorded against a burst of 100"
+    );
+    assert!(
+        (1..10).contains(&big_recorded),
+        "{big_recorded} of 40 large events recorded against 256 KiB"
+    );
+    assert!(throttled >= 480.0, "only {throttled} throttled");
+    // gw-2 is heard as before.
+    let other = Session::open(port, "gw-2", site.password("gw-2")).await;
+    publish_all(&other, "ferry/v1/devices/gw-2/health", health, 1).await;
+    loop_until(manager, "/v1/health?device=gw-2", |rows| !rows.is_empty()).await;
+    let _ = (messages, bytes, other);
+}
+
+/// Asks `path` until `done` holds for its rows (20 s at most).
+async fn loop_until(
+    manager: &Manager,
+    path: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = manager.get(path).await;
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        if done(&rows) {
+            return rows;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never got there: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_held_to_its_budget_on_the_embedded_broker() {
+    a_flood_is_cut_to_the_budget(BrokerKind::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_held_to_its_budget_through_mosquitto() {
+    a_flood_is_cut_to_the_budget(BrokerKind::Mosquitto).await;
+}

@@ -278,3 +278,100 @@ async fn malformed_desired_states_are_refused_with_a_reason_and_the_agent_goes_o
     assert!(!agent.data_dir.join("services").join("x").exists());
     agent.stop().await;
 }
+
+/// Reads a raw connection until the server closes it (or 30 s pass);
+/// what was read, and whether the server closed it.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (usize, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut total = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (total, true),
+            Ok(Ok(n)) => total += n,
+            Err(_) => return (total, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::start_configured(ferry::serve::ServeConfig {
+        mqtt_listen: addr(free_port()),
+        http_listen: addr(free_port()),
+        data_dir: dir.path().join("m"),
+        broker: None,
+        public_url: None,
+        offline_after: Duration::from_secs(90),
+        http_limits: ferry::serve::http::HttpLimits {
+            max_connections: 8,
+            header_read: Duration::from_secs(1),
+            idle: Duration::from_secs(2),
+        },
+        device_limits: Default::default(),
+    })
+    .await;
+    let password = manager.add_device("gw-1", &[]).await;
+
+    // Slowloris: 50 requests whose headers never end.
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: ferry\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    // The broker is not starved meanwhile: a device connects.
+    let _device = connect(manager.mqtt.port(), "gw-1", &password).await;
+    // The manager hangs up on every one of them (eight at a time).
+    for (i, stream) in slow.iter_mut().enumerate() {
+        let (_, closed) = read_until_closed(stream).await;
+        assert!(closed, "half-sent request {i} is still open");
+    }
+
+    // An idle keep-alive connection is closed too.
+    let mut idle = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: ferry\r\n\r\n")
+        .await
+        .unwrap();
+    let (answered, closed) = read_until_closed(&mut idle).await;
+    assert!(answered > 0 && closed, "an idle connection stayed open");
+
+    // A client that stops reading a large download is cut off mid-way.
+    let artifact = ferry_e2e::incompressible(32 << 20);
+    let sha = ferry_protocol::Sha256Digest::of(&artifact);
+    let uploaded = manager
+        .request(reqwest::Method::PUT, &format!("/v1/artifacts/{sha}"))
+        .body(artifact.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(uploaded.status().is_success(), "{}", uploaded.status());
+    let mut stalled = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "GET /v1/artifacts/{sha} HTTP/1.1\r\nHost: ferry\r\nAuthorization: Bearer {}\r\n\r\n",
+                manager.token
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (read, closed) = read_until_closed(&mut stalled).await;
+    assert!(closed, "the stalled download is still open");
+    assert!(
+        read < artifact.len(),
+        "the whole artifact came through: {read} bytes"
+    );
+
+    // And the manager answers as ever.
+    assert_eq!(manager.get("/v1/devices").await[0]["device_id"], "gw-1");
+    manager.stop().await;
+}

@@ -482,3 +482,99 @@ async fn artifacts_go_only_to_assigned_devices_on_their_own_topic_embedded_broke
 async fn artifacts_go_only_to_assigned_devices_on_their_own_topic_mosquitto() {
     artifacts_go_only_where_assigned(BrokerKind::Mosquitto).await;
 }
+
+/// A device that asks for a whole artifact many times over and then stops
+/// reading its socket: the manager publishes only what the broker can hold
+/// for it unread (a bounded number of bytes), not every byte asked for, and
+/// another device is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_reading_gets_no_more_than_a_bounded_backlog() {
+    let site = Blocked::new(BrokerKind::Embedded, &["gw-slow", "gw-ok"]).await;
+    let root = site.dir.path();
+    let big = large_release(root, &site.key, "1.0.0", 1, &root.join("big.out"), LARGE);
+    site.deploy(&big, &["gw-slow", "gw-ok"]).await;
+
+    // The hostile device: subscribes, sends its requests, then never polls
+    // its connection again, so nothing is read from its socket.
+    let mut options = rumqttc::MqttOptions::new("gw-slow", "127.0.0.1", site.mqtt.port());
+    options.set_credentials("gw-slow", site.password("gw-slow"));
+    options.set_keep_alive(Duration::from_secs(120));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    client
+        .subscribe("ferry/v1/devices/gw-slow/blocks", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let asked = 8u64;
+    let each = 13 * 1024 * 1024;
+    for i in 0..asked {
+        let request = BlockRequest {
+            schema: MESSAGE_SCHEMA,
+            artifact: big.manifest.artifact.sha256,
+            offset: i * 1024 * 1024,
+            length: each,
+            block_size: 64 * 1024,
+        };
+        client
+            .publish(
+                "ferry/v1/devices/gw-slow/fetch",
+                QoS::AtMostOnce,
+                false,
+                request.encode(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut sent = 0;
+    while sent < asked {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(_)))) => sent += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("gw-slow could not send its requests: {other:?}"),
+        }
+    }
+
+    // Meanwhile a device that reads is served in full.
+    let mut ok = RawDevice::connect(site.mqtt, "gw-ok", site.password("gw-ok")).await;
+    assert!(ok.subscribe("ferry/v1/devices/gw-ok/blocks").await);
+    let small = BlockRequest {
+        schema: MESSAGE_SCHEMA,
+        artifact: big.manifest.artifact.sha256,
+        offset: 0,
+        length: 1024 * 1024,
+        block_size: 64 * 1024,
+    };
+    ok.client
+        .publish(
+            "ferry/v1/devices/gw-ok/fetch",
+            QoS::AtLeastOnce,
+            false,
+            small.encode(),
+        )
+        .await
+        .unwrap();
+    let frames = ok.frames_for(Duration::from_secs(5)).await;
+    assert_eq!(
+        frames.len(),
+        16,
+        "gw-ok got {} of its 16 blocks",
+        frames.len()
+    );
+
+    // What went to gw-slow: the broker's backlog for it (2 MiB), what the
+    // sockets between hold, and a block per request in flight; never the
+    // 104 MiB it asked for.
+    let total = sent_settles(&site.manager).await;
+    let to_slow = total - 1024.0 * 1024.0;
+    let requested = (asked * each) as f64;
+    println!(
+        "gw-slow asked for {:.0} MiB and was sent {:.1} MiB",
+        requested / 1048576.0,
+        to_slow / 1048576.0
+    );
+    assert!(
+        to_slow < 24.0 * 1024.0 * 1024.0,
+        "{to_slow} bytes sent to a device that reads nothing"
+    );
+    drop(eventloop);
+    site.site.manager.stop().await;
+}

@@ -18,13 +18,20 @@ pub(crate) struct DeviceArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum DeviceAction {
-    /// Register a device and print its MQTT and HTTP credentials.
+    /// Register a device and print its MQTT and HTTP credentials (again for
+    /// a known device: a new password, and the old one's session ends).
     Add {
         /// The device id (letters, digits, '.', '_', '-').
         id: String,
         /// A tag to deploy by; repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
+    },
+    /// Forget a device: its credentials stop working and its session ends
+    /// at once (on the embedded broker).
+    Remove {
+        /// The device id.
+        id: String,
     },
     /// Replace a device's tags.
     Tags {
@@ -49,6 +56,13 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
             Ok(Outcome::ok(
                 text,
                 json!({ "device_id": created["device_id"], "username": created["username"], "password": created["password"] }),
+            ))
+        }
+        (Some(DeviceAction::Remove { id }), _) => {
+            let removed = manager.delete(&format!("/v1/devices/{id}")).await?;
+            Ok(Outcome::ok(
+                format!("device {id} removed: its credentials no longer work"),
+                removed,
             ))
         }
         (Some(DeviceAction::Tags { id, tags }), _) => {

@@ -8,6 +8,8 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::Outcome;
+use crate::serve::http::HttpLimits;
+use crate::serve::limits::DeviceLimits;
 use crate::serve::{ServeConfig, serve};
 
 /// Flags override the config file, which overrides the defaults.
@@ -36,6 +38,15 @@ pub(crate) struct Args {
     /// Mark a device offline after this much silence, e.g. 90s [default: 90s].
     #[arg(long, value_name = "DURATION")]
     offline_after: Option<String>,
+    /// HTTP connections served at once; more wait to be accepted [default: 1024].
+    #[arg(long, value_name = "N")]
+    http_max_connections: Option<usize>,
+    /// Messages a device may publish per second (bursts of 10 s worth) [default: 20].
+    #[arg(long, value_name = "N")]
+    device_messages_per_sec: Option<f64>,
+    /// Bytes a device may publish per second (bursts of 8 s worth, at least 1 MiB) [default: 131072].
+    #[arg(long, value_name = "BYTES")]
+    device_bytes_per_sec: Option<f64>,
 }
 
 impl Args {
@@ -49,6 +60,11 @@ impl Args {
             broker: self.broker.or(file.broker),
             public_url: self.public_url.or(file.public_url),
             offline_after: self.offline_after.or(file.offline_after),
+            http_max_connections: self.http_max_connections.or(file.http_max_connections),
+            device_messages_per_sec: self
+                .device_messages_per_sec
+                .or(file.device_messages_per_sec),
+            device_bytes_per_sec: self.device_bytes_per_sec.or(file.device_bytes_per_sec),
         }
     }
 }
@@ -70,6 +86,8 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
         }
         None => Duration::from_secs(90),
     };
+    let default_limits = HttpLimits::default();
+    let device_limits = device_limits(&args)?;
     let config = ServeConfig {
         mqtt_listen: args
             .mqtt_listen
@@ -81,6 +99,13 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
         broker: args.broker,
         public_url: args.public_url,
         offline_after: offline_after.max(Duration::from_secs(3)),
+        http_limits: HttpLimits {
+            max_connections: args
+                .http_max_connections
+                .unwrap_or(default_limits.max_connections),
+            ..default_limits
+        },
+        device_limits,
     };
     serve(config, shutdown()).await?;
     Ok(Outcome::ok("manager stopped".into(), json!({ "ok": true })))
@@ -99,4 +124,21 @@ async fn shutdown() {
     } else {
         std::future::pending::<()>().await;
     }
+}
+
+/// A device's budget from the flags: bursts of 10 s of messages and 8 s of
+/// bytes (never under 1 MiB, the largest message a device may send).
+fn device_limits(args: &Args) -> Result<DeviceLimits> {
+    let d = DeviceLimits::default();
+    let messages = args.device_messages_per_sec.unwrap_or(d.messages_per_sec);
+    let bytes = args.device_bytes_per_sec.unwrap_or(d.bytes_per_sec);
+    if !(messages > 0.0 && bytes > 0.0 && messages.is_finite() && bytes.is_finite()) {
+        anyhow::bail!("device budgets must be positive numbers");
+    }
+    Ok(DeviceLimits {
+        messages_per_sec: messages,
+        message_burst: messages * 10.0,
+        bytes_per_sec: bytes,
+        byte_burst: (bytes * 8.0).max(d.byte_burst),
+    })
 }

@@ -16,12 +16,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ferry_protocol::acl;
+use ferry_protocol::topics::Topic;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{AuthResult, LastWill, PublishAclResult, SubscribeAclResult};
+use rmqtt::types::{AuthResult, Id, LastWill, PublishAclResult, SubscribeAclResult};
 
+use super::blocks::Backlog;
+use super::limits::Policing;
 use super::store::{Store, password_hash};
 
 /// Credentials of the manager's own MQTT client.
@@ -40,6 +43,22 @@ pub struct ManagerLogin {
 /// the limit is dropped and counted in `ferry_mqtt_messages_dropped_total`.
 const MAX_QUEUED: usize = 500_000;
 
+/// The broker's live sessions, for ending one at once (a device removed
+/// or given a new password).
+#[derive(Clone)]
+pub struct Sessions(ServerContext);
+
+impl Sessions {
+    /// Disconnects `device`'s session, if it has one.
+    pub async fn end(&self, device: &str) {
+        let id = Id::from(self.0.node.id(), device.into());
+        let mut entry = self.0.extends.shared().await.entry(id);
+        if let Err(e) = entry.kick(true, true, true).await {
+            tracing::warn!(device, "cannot end the session: {e}");
+        }
+    }
+}
+
 /// Starts the broker on `listen`; runs until the returned future is dropped.
 /// Messages dropped for a full queue are counted in `dropped`.
 pub async fn start(
@@ -47,7 +66,9 @@ pub async fn start(
     store: Arc<Store>,
     manager: ManagerLogin,
     dropped: prometheus::IntCounter,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    policing: Policing,
+    backlog: Arc<Backlog>,
+) -> anyhow::Result<(Sessions, impl std::future::Future<Output = ()>)> {
     let scx = ServerContext::new()
         // The manager shares the machine with its broker: never refuse
         // devices because the CPU is busy.
@@ -68,12 +89,16 @@ pub async fn start(
         store,
         manager,
         dropped,
+        policing,
+        backlog,
     });
     for hook in [
         Type::ClientAuthenticate,
         Type::MessagePublishCheckAcl,
         Type::ClientSubscribeCheckAcl,
         Type::MessageDropped,
+        Type::MessageDelivered,
+        Type::SessionTerminated,
     ] {
         register.add(hook, Box::new(GuardHook(guard.clone()))).await;
     }
@@ -92,19 +117,23 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?
         .tcp()
         .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?;
+    let sessions = Sessions(scx.clone());
     let server = MqttServer::new(scx).listener(listener).build();
-    Ok(async move {
+    Ok((sessions, async move {
         if let Err(e) = server.run().await {
             tracing::error!("MQTT broker stopped: {e}");
         }
-    })
+    }))
 }
 
-/// Authentication and ACL in one handler, which also counts drops.
+/// Authentication, ACL and device budgets in one handler, which also
+/// counts drops.
 struct Guard {
     store: Arc<Store>,
     manager: ManagerLogin,
     dropped: prometheus::IntCounter,
+    policing: Policing,
+    backlog: Arc<Backlog>,
 }
 
 /// The handler rmqtt calls; one guard serves all four hooks.
@@ -136,6 +165,20 @@ impl Handler for GuardHook {
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 let user = user_of(session);
                 if acl::may_publish(&user, &publish.topic) {
+                    // Over its budget, a device's message goes no further
+                    // (not into the manager's queue, nor its database).
+                    let kind = publish.topic.parse::<Topic>().map(|t| t.kind);
+                    if let Ok(kind) = kind {
+                        if !self.0.policing.admit(&user, kind, publish.payload.len()) {
+                            return (
+                                false,
+                                Some(HookResult::PublishAclResult(PublishAclResult::rejected(
+                                    false,
+                                    Some("over this device's message budget".into()),
+                                ))),
+                            );
+                        }
+                    }
                     (true, acc)
                 } else {
                     tracing::warn!(device = %user, topic = %publish.topic, "publish refused");
@@ -169,7 +212,28 @@ impl Handler for GuardHook {
                     )
                 }
             }
+            // What a device has read of its blocks, for the block server's
+            // bound on what it may be sent unread. rmqtt calls this just
+            // before writing the message to the device's socket.
+            Parameter::MessageDelivered(_, _, publish) => {
+                if let Some(device) = blocks_for(&publish.topic) {
+                    self.0
+                        .backlog
+                        .delivered(device.as_str(), publish.payload.len());
+                }
+                (true, acc)
+            }
+            Parameter::SessionTerminated(session, _) => {
+                self.0.backlog.forget(&user_of(session));
+                (true, acc)
+            }
             Parameter::MessageDropped(to, _, publish, reason) => {
+                if let Some(device) = blocks_for(&publish.topic) {
+                    // Not held any more either.
+                    self.0
+                        .backlog
+                        .delivered(device.as_str(), publish.payload.len());
+                }
                 self.0.dropped.inc();
                 tracing::debug!(to = ?to.as_ref().map(|id| id.client_id.to_string()), topic = %publish.topic, %reason, "message dropped");
                 (true, acc)
@@ -187,6 +251,15 @@ fn check_will(user: &str, will: &LastWill<'_>) -> Result<(), acl::WillError> {
         LastWill::V5(w) => (&w.topic, &w.message, w.qos.value()),
     };
     acl::check_last_will(user, topic, message, qos, will.retain())
+}
+
+/// The device whose `blocks` topic this is, if it is one.
+fn blocks_for(topic: &str) -> Option<ferry_protocol::DeviceId> {
+    topic
+        .parse::<Topic>()
+        .ok()
+        .filter(|t| t.kind == ferry_protocol::topics::TopicKind::Blocks)
+        .map(|t| t.device)
 }
 
 /// The authenticated user name of a session ("" if none).

@@ -59,11 +59,11 @@ pub async fn run(
 ) {
     let Listeners {
         wake,
-        changes,
         metrics,
         block_requests,
+        recorder,
+        policing,
     } = listeners;
-    let recorder = spawn_recorder(store.clone(), changes, metrics.messages_recorded.clone());
     tokio::spawn(publish_outgoing(client.clone(), outgoing));
     let mut marks = InstallingMarks::default();
     let mut backoff = Duration::from_millis(200);
@@ -91,6 +91,11 @@ pub async fn run(
                         }
                     };
                     metrics.mqtt_messages.with_label_values(&[topic.kind.segment()]).inc();
+                    if let Some(policing) = &policing {
+                        if !policing.admit(topic.device.as_str(), topic.kind, p.payload.len()) {
+                            continue;
+                        }
+                    }
                     if topic.kind == TopicKind::Fetch {
                         // Served elsewhere: a transfer must not stall ingestion.
                         let request = blocks::Incoming { device: topic.device, payload: p.payload.to_vec() };
@@ -182,12 +187,14 @@ impl InstallingMarks {
 pub struct Listeners {
     /// The rollout engine, woken when a rollout device's step changes.
     pub wake: Arc<Notify>,
-    /// Bumped on every batch of recorded messages (the dashboard's live updates).
-    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Counts messages by kind.
     pub metrics: super::metrics::Metrics,
     /// The block server's queue of artifact requests.
     pub block_requests: mpsc::Sender<blocks::Incoming>,
+    /// Writes what is to be recorded ([`spawn_recorder`]).
+    pub recorder: mpsc::Sender<Record>,
+    /// Device budgets, when no embedded broker enforced them already.
+    pub policing: Option<super::limits::Policing>,
 }
 
 /// Checks one device message and acts on what it says about deployments;
@@ -279,7 +286,7 @@ fn ingest(
 /// batch is whatever queued while the last one was written, so under load
 /// one transaction records many messages, and ingestion never waits on
 /// SQLite. Bumps `changes` once per batch.
-fn spawn_recorder(
+pub fn spawn_recorder(
     store: Arc<Store>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     recorded: prometheus::IntCounter,

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub messages_recorded: IntCounter,
     /// Messages the embedded broker dropped because a client's queue was full.
     pub broker_dropped: IntCounter,
+    /// Device messages dropped for being over the device's budget.
+    pub device_throttled: IntCounter,
 }
 
 /// A metric that could not be made or written (a programming error, or a
@@ -70,7 +72,7 @@ impl Metrics {
             mqtt_block_requests: IntCounterVec::new(
                 Opts::new(
                     "ferry_mqtt_block_requests_total",
-                    "Artifact block requests from devices, by result (served, refused, failed, malformed, throttled).",
+                    "Artifact block requests from devices, by result (served, refused, failed, malformed, throttled, stalled).",
                 ),
                 &["result"],
             )?,
@@ -86,6 +88,10 @@ impl Metrics {
                 "ferry_mqtt_messages_dropped_total",
                 "Messages the embedded broker dropped because a client's queue was full.",
             )?,
+            device_throttled: IntCounter::new(
+                "ferry_device_messages_throttled_total",
+                "Device messages dropped for being over the device's message or byte budget.",
+            )?,
         })
     }
 
@@ -98,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(self.mqtt_block_bytes.clone()))?;
         registry.register(Box::new(self.messages_recorded.clone()))?;
         registry.register(Box::new(self.broker_dropped.clone()))?;
+        registry.register(Box::new(self.device_throttled.clone()))?;
         fleet(&registry, store)?;
         let mut out = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut out)?;

@@ -10,7 +10,9 @@ pub mod api;
 pub mod blocks;
 pub mod broker;
 pub mod desired;
+pub mod http;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod rollout;
 pub mod store;
@@ -42,6 +44,10 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
     /// Devices silent this long are marked offline.
     pub offline_after: Duration,
+    /// What one HTTP client may hold.
+    pub http_limits: http::HttpLimits,
+    /// What one device may publish.
+    pub device_limits: limits::DeviceLimits,
 }
 
 /// The operator token file in a data directory.
@@ -85,9 +91,20 @@ pub async fn serve(
     }
 
     let metrics = metrics::Metrics::new()?;
+    let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
+    let recorder = ingest::spawn_recorder(
+        store.clone(),
+        changes.clone(),
+        metrics.messages_recorded.clone(),
+    );
+    let policing = limits::Policing {
+        limiter: Arc::new(limits::DeviceLimiter::new(config.device_limits)),
+        throttled: metrics.device_throttled.clone(),
+        events: recorder.clone(),
+    };
     // The broker: embedded, or external.
-    let (login, broker_task) = match &config.broker {
-        Some(url) => (parse_external(url)?, None),
+    let (login, broker_task, sessions) = match &config.broker {
+        Some(url) => (parse_external(url)?, None, None),
         None => {
             let mut secret = [0u8; 24];
             getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -95,11 +112,14 @@ pub async fn serve(
                 username: "ferry-manager".into(),
                 password: hex::encode(secret),
             };
-            let task = broker::start(
+            let backlog = Arc::new(blocks::Backlog::default());
+            let (sessions, task) = broker::start(
                 config.mqtt_listen,
                 store.clone(),
                 manager.clone(),
                 metrics.broker_dropped.clone(),
+                policing.clone(),
+                backlog.clone(),
             )
             .await?;
             let host = if config.mqtt_listen.ip().is_unspecified() {
@@ -113,23 +133,24 @@ pub async fn serve(
                 username: Some(manager.username),
                 password: Some(manager.password),
             };
-            (login, Some(task))
+            (login, Some(task), Some((sessions, backlog)))
         }
     };
+    let (sessions, backlog) = sessions.unzip();
     if let Some(task) = broker_task {
         tokio::spawn(task);
     }
     let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
     let wake = Arc::new(tokio::sync::Notify::new());
-    let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
     let mqtt = ingest::client(&login);
     let (block_tx, block_rx) = mpsc::channel(1024);
-    let block_server = blocks::BlockServer {
-        store: store.clone(),
-        artifacts: artifacts.clone(),
-        client: mqtt.0.clone(),
-        metrics: metrics.clone(),
-    };
+    let block_server = blocks::BlockServer::new(
+        store.clone(),
+        artifacts.clone(),
+        mqtt.0.clone(),
+        metrics.clone(),
+        backlog,
+    );
     tokio::spawn(block_server.run(block_rx));
     tokio::spawn(ingest::run(
         mqtt,
@@ -137,9 +158,12 @@ pub async fn serve(
         outgoing_rx,
         ingest::Listeners {
             wake: wake.clone(),
-            changes: changes.clone(),
             metrics: metrics.clone(),
             block_requests: block_tx,
+            recorder,
+            // The embedded broker drops what is over budget before it gets
+            // here; an external one does not know the budgets.
+            policing: config.broker.is_some().then_some(policing),
         },
     ));
 
@@ -186,6 +210,7 @@ pub async fn serve(
         public_url: public_url_shared,
         rollouts: engine,
         metrics,
+        sessions,
     };
     remember_local_manager(&public_url, &token_path);
     tracing::info!(
@@ -198,10 +223,7 @@ pub async fn serve(
         token = %token_path.display(),
         "ferry manager running"
     );
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("HTTP server")?;
+    http::serve(listener, api::router(state), config.http_limits, shutdown).await;
     Ok(())
 }
 

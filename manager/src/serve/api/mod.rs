@@ -4,8 +4,9 @@
 //! |---|---|---|
 //! | `GET /healthz` | anyone | liveness |
 //! | `GET /openapi.json` | anyone | this table, as OpenAPI 3 |
-//! | `POST /v1/devices` | operator | register a device; returns its credentials |
+//! | `POST /v1/devices` | operator | register a device (again: a new password, the old session ended); returns its credentials |
 //! | `GET /v1/devices`, `GET /v1/devices/{id}` | operator | fleet view |
+//! | `DELETE /v1/devices/{id}` | operator | forget a device; its session ends at once |
 //! | `PUT /v1/devices/{id}/tags` | operator | replace a device's tags |
 //! | `PUT /v1/artifacts/{sha256}` | operator | upload an artifact; refused unless the bytes hash to `sha256` |
 //! | `GET /v1/artifacts/{sha256}` | device (only an artifact in its desired state) or operator | download, with Range |
@@ -61,6 +62,8 @@ pub struct AppState {
     pub rollouts: super::rollout::Engine,
     /// The manager's own counters, and the `/metrics` renderer.
     pub metrics: super::metrics::Metrics,
+    /// The embedded broker's sessions (none with an external broker).
+    pub sessions: Option<super::broker::Sessions>,
 }
 
 /// An error as the API answers it: a status and a sentence.
@@ -90,7 +93,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
         .route("/v1/devices", get(list_devices).post(add_device))
-        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}", get(show_device).delete(remove_device))
         .route("/v1/devices/{id}/tags", put(set_tags))
         .route(
             "/v1/artifacts/{sha}",
@@ -249,10 +252,42 @@ async fn add_device(
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let password = hex::encode(secret);
     state.store.add_device(&id, &password, &new.tags)?;
+    // Adding a device again gives it a new password: whoever holds the old
+    // one is cut off now, not at their next reconnect.
+    end_session(&state, id.as_str()).await;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "device_id": id, "username": id, "password": password, "tags": new.tags })),
     ))
+}
+
+/// `DELETE /v1/devices/{id}`: forgets the device and ends its session; its
+/// retained desired state is cleared from the broker.
+async fn remove_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    operator(&state, &headers)?;
+    if !state.store.remove_device(&id)? {
+        return Err(bad(StatusCode::NOT_FOUND, format!("no device {id}")));
+    }
+    end_session(&state, &id).await;
+    // An empty retained message clears the broker's copy.
+    let _ = state.outgoing.send(Outgoing {
+        device: id.clone(),
+        payload: Vec::new(),
+    });
+    state.rollouts.changed();
+    Ok(Json(json!({ "device_id": id, "removed": true })))
+}
+
+/// Ends a device's broker session (the embedded broker's; an external
+/// broker's own credentials must be changed there).
+async fn end_session(state: &AppState, device: &str) {
+    if let Some(sessions) = &state.sessions {
+        sessions.end(device).await;
+    }
 }
 
 async fn list_devices(

@@ -205,6 +205,22 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a device: its credentials, state, desired state and history
+    /// (rollouts keep their record of it). False when there was none.
+    pub fn remove_device(&self, id: &str) -> Result<bool> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let removed = tx.execute("DELETE FROM devices WHERE id = ?1", params![id])?;
+        for table in ["device_state", "desired", "history"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE device_id = ?1"),
+                params![id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(removed > 0)
+    }
+
     /// Replaces a device's tags; false when there is no such device.
     pub fn set_tags(&self, id: &str, tags: &[String]) -> Result<bool> {
         let changed = self.db().execute(
