@@ -3,18 +3,38 @@
 //! A file is replaced by writing a temporary file, syncing it, renaming it
 //! over the old one and syncing the directory, so after a crash it holds the
 //! old contents or the new, never a part. Links are swapped the same way.
+//!
+//! Temporary names are predictable, and some directories (the inbox) may be
+//! writable by others: a temporary file is always created new
+//! (`O_CREAT|O_EXCL`, which never follows a link), after removing whatever
+//! had its name, so a link planted there cannot redirect the write. Files
+//! are read without following a final link, and only up to a size.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::unix::fs::symlink;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, symlink};
 use std::path::Path;
+
+/// The largest JSON file the agent reads back (its state, its journal).
+const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Replaces `path` with `bytes` atomically and durably.
 pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = parent(path)?;
     let temp = temp_name(path);
     let result = (|| {
-        let mut file = File::create(&temp)?;
+        // A leftover, or a planted link: the link itself goes, not its target.
+        match fs::remove_file(&temp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc_nofollow())
+            .mode(0o644)
+            .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, path)?;
@@ -68,9 +88,43 @@ pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     nix::unistd::syncfs(&file).map_err(io::Error::from)
 }
 
+/// Opens `path` for reading without following a final symbolic link, and
+/// only if it is a regular file (not a device, a pipe or a directory).
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_nofollow() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Reads a regular file of at most `limit` bytes (see [`open_regular`]).
+pub fn read_limited(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {limit} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn libc_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
 /// Reads a JSON file written by [`write_json`]; `None` when it does not exist.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
-    match fs::read(path) {
+    match read_limited(path, MAX_JSON_BYTES) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,

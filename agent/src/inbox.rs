@@ -6,6 +6,12 @@
 //! progress is left alone (copy the artifact first; or copy under another
 //! name and rename). Names starting with `.` are ignored. After the install
 //! the pair is removed and `NAME.result.json` says how it ended.
+//!
+//! Whoever can write to the inbox is not trusted with more than dropping
+//! files: both must be regular files (a link is not followed, so a link to
+//! `/dev/zero` or to a file elsewhere is ignored), the envelope is read
+//! only up to its size limit, and the result is written through a file
+//! created new, never through a link someone planted.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -45,16 +51,16 @@ pub fn scan(inbox: &Path) -> Vec<Dropped> {
                 return None;
             }
             let envelope_path = entry.path();
-            let bytes = fs::read(&envelope_path).ok()?;
-            if bytes.len() > MAX_ENVELOPE_BYTES {
-                return None;
-            }
+            let bytes =
+                crate::durable::read_limited(&envelope_path, MAX_ENVELOPE_BYTES as u64).ok()?;
             // An envelope still being copied does not parse yet.
             let envelope = Envelope::from_json(&bytes).ok()?;
             let declared = envelope.unverified_manifest().ok()?.artifact.size;
             let artifact = inbox.join(format!("{name}.tar.gz"));
-            // An artifact still being copied is short.
-            (fs::metadata(&artifact).ok()?.len() == declared).then_some(Dropped {
+            // A regular file, not a link (its metadata, not its target's);
+            // one still being copied is short.
+            let metadata = fs::symlink_metadata(&artifact).ok()?;
+            (metadata.is_file() && metadata.len() == declared).then_some(Dropped {
                 name,
                 envelope,
                 envelope_path,

@@ -365,7 +365,20 @@ impl Installer {
         let dir_name = manifest.release_dir_name();
         let releases = self.layout.releases(service);
         let dest = releases.join(&dir_name);
-        let already_unpacked = dest.is_dir();
+        // A release directory is reused only when `current` or `previous`
+        // points at it (it was checked when it was installed). One that
+        // nothing points at (left by an attempt a crash cut short, or put
+        // there by hand) cannot be told apart from one changed since: it is
+        // removed and unpacked again from checked bytes.
+        let already_unpacked = dest.is_dir() && self.referenced(service, &dir_name);
+        if !already_unpacked && fs::symlink_metadata(&dest).is_ok() {
+            if let Err(e) = fs::remove_dir_all(&dest).or_else(|_| fs::remove_file(&dest)) {
+                return Err(StepError::new(
+                    Step::Unpack,
+                    format!("cannot clear {}: {e}", dest.display()),
+                ));
+            }
+        }
 
         // Disk.
         self.reporter.started(&release, rollout, Step::DiskCheck);
@@ -619,7 +632,9 @@ impl Installer {
         let limits = self.unpack_limits(manifest);
         let (source, artifact) = (source.to_owned(), manifest.artifact.clone());
         self.fill_release_dir(manifest, dest, move |staging| {
-            let file = fs::File::open(&source).map_err(|e| {
+            // A local file may sit where others can write: a regular file
+            // only, a link not followed.
+            let file = crate::durable::open_regular(&source).map_err(|e| {
                 StepError::new(Step::Download, format!("opening {}: {e}", source.display()))
             })?;
             let mut checked = fetch::CheckedReader::new(file, &artifact);

@@ -350,6 +350,56 @@ async fn the_device_password_goes_only_to_the_manager_origin() {
 }
 
 #[tokio::test]
+async fn what_others_drop_into_the_inbox_cannot_read_or_write_beyond_it() {
+    let rig = Rig::new();
+    let inbox = rig.tmp.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let agent = Agent::start(&rig, "hostile-inbox", None, Some(&inbox));
+    // An envelope that is a link to an endless file, and one to a FIFO that
+    // no one writes: neither is read (the agent would hang or run out of
+    // memory), nor is a release whose artifact is a link.
+    std::os::unix::fs::symlink("/dev/zero", inbox.join("zero.envelope.json")).unwrap();
+    nix::unistd::mkfifo(
+        &inbox.join("fifo.envelope.json"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let elsewhere = rig.tmp.path().join("elsewhere.tar.gz");
+    std::fs::copy(&v1.artifact, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, inbox.join("linked.tar.gz")).unwrap();
+    std::fs::write(inbox.join("linked.envelope.json"), v1.envelope.to_json()).unwrap();
+    // A link planted where the result's temporary file will be written.
+    let victim = rig.tmp.path().join("victim");
+    std::fs::write(&victim, "keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, inbox.join("api.result.json.tmp")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !inbox.join("linked.result.json").exists(),
+        "a linked artifact was taken"
+    );
+    assert!(!agent.data.join("services").exists(), "something installed");
+
+    // A real release still goes through, and the planted link is replaced,
+    // not written through.
+    std::fs::copy(&v1.artifact, inbox.join("api.tar.gz")).unwrap();
+    std::fs::write(inbox.join("api.envelope.json"), v1.envelope.to_json()).unwrap();
+    let result = inbox.join("api.result.json");
+    support::eventually_for("the inbox result", Duration::from_secs(30), || {
+        result.exists()
+    })
+    .await;
+    let outcome: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    assert_eq!(outcome["outcome"], "installed", "{outcome}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert!(
+        std::fs::symlink_metadata(&result).unwrap().is_file(),
+        "the result is a link"
+    );
+}
+
+#[tokio::test]
 async fn releases_dropped_into_the_inbox_are_installed_once_complete() {
     let rig = Rig::new();
     let inbox = rig.tmp.path().join("inbox");

@@ -159,6 +159,67 @@ async fn a_first_release_that_crashes_leaves_no_service_behind() {
 }
 
 #[tokio::test]
+async fn a_services_output_is_kept_under_its_cap_on_flash() {
+    let mut rig = Rig::new();
+    let chatty = rig.release("1.0.0", 1, Build::CHATTY, |_| {});
+    assert_eq!(rig.install(&chatty).await.outcome, Outcome::Installed);
+    let logs = rig.data().join("logs");
+    let (log, old) = (logs.join("api.log"), logs.join("api.log.1"));
+    // The service prints 3 MiB before it records its start; the last line
+    // reaches the log.
+    let last = "049151 192.0.2.1 GET /index.html 200";
+    eventually("the last line logged", || {
+        fs::read_to_string(&log).is_ok_and(|text| text.contains(last))
+    })
+    .await;
+    let cap = ferry_agent::supervisor::service_log::LOG_BYTES;
+    let sizes: Vec<(String, u64)> = fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, e.metadata().unwrap().len())
+        })
+        .collect();
+    assert!(
+        sizes.iter().all(|(_, len)| *len <= cap),
+        "a log over {cap} bytes: {sizes:?}"
+    );
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert!(old.exists(), "{sizes:?}");
+}
+
+#[tokio::test]
+async fn a_release_directory_nothing_points_at_is_never_reused() {
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    // Someone (or a crash, or a flipped bit) left a directory where v2 will
+    // unpack, holding other code: v1's program under v2's name.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    let planted = rig
+        .data()
+        .join("services/api/releases")
+        .join(v2.manifest.release_dir_name());
+    fs::create_dir_all(planted.join("bin")).unwrap();
+    let v1_program = rig.data().join("services/api/current/bin/api");
+    fs::copy(&v1_program, planted.join("bin/api")).unwrap();
+    fs::write(planted.join("planted"), "x").unwrap();
+
+    assert_eq!(rig.install(&v2).await.outcome, Outcome::Installed);
+    let pid = rig.running_pid().await.unwrap();
+    eventually("v2 to record its start", || {
+        rig.records()
+            .contains(&("start".into(), "2.0.0".into(), pid))
+    })
+    .await;
+    assert!(
+        !planted.join("planted").exists(),
+        "the planted tree was used"
+    );
+}
+
+#[tokio::test]
 async fn probes_gate_the_release() {
     let mut rig = Rig::new();
     let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});

@@ -225,6 +225,56 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
     }
     assert!(queried >= 15, "{queried}");
 
+    // m-3 reports 500 services nobody published and a version of api
+    // nobody published: no series for any of them, and its api counts as
+    // `unpublished` (a device cannot grow the manager's series).
+    let password = manager.add_device("m-3", &[]).await;
+    let services: Vec<serde_json::Value> = (0..500)
+        .map(|i| {
+            json!({"service": format!("made-up-{i}"), "version": "6.6.6",
+                   "sequence": 1, "artifact_sha256": "ab".repeat(32),
+                   "installed_at": "2026-01-01T00:00:00Z"})
+        })
+        .chain([
+            json!({"service": "api", "version": "9.9.9-evil", "sequence": 99,
+                       "artifact_sha256": "ab".repeat(32), "installed_at": "2026-01-01T00:00:00Z"}),
+        ])
+        .collect();
+    let report = json!({"schema": 1, "time": "2026-01-01T00:00:00Z", "agent_version": "x",
+                        "services": services});
+    let (client, _task) = ferry_e2e::device_session(mqtt, "m-3", &password, |_| {}).await;
+    client
+        .publish(
+            "ferry/v1/devices/m-3/reported",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            report.to_string(),
+        )
+        .await
+        .unwrap();
+    manager
+        .wait_device("m-3", "its made-up report", |d| {
+            d["reported"]["agent_version"] == "x"
+        })
+        .await;
+    let text = scrape(&manager).await;
+    assert!(
+        !text.contains("made-up-"),
+        "a made-up service became a label"
+    );
+    assert!(
+        !text.contains("9.9.9-evil"),
+        "a made-up version became a label"
+    );
+    assert!(
+        sample(
+            &text,
+            "ferry_service_devices{service=\"api\",version=\"unpublished\"}"
+        )
+        .is_some(),
+        "{text}"
+    );
+
     for agent in agents {
         agent.stop().await;
     }

@@ -80,6 +80,25 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> FetchError {
     move |error| FetchError::Io { what, error }
 }
 
+/// The checked artifact an earlier attempt left, if it is still exactly the
+/// bytes the manifest names: hashed again in full before it is reused (a
+/// flash cell that flipped, or a hand that changed it, is caught here, not
+/// after the unpack). A file that no longer matches is removed.
+fn still_good(layout: &Layout, artifact: &ArtifactInfo) -> Option<PathBuf> {
+    let checked = layout.checked_download(&artifact.sha256);
+    let file = durable::open_regular(&checked).ok()?;
+    let mut reader = CheckedReader::new(file, artifact);
+    let mut sink = io::sink();
+    let intact = io::copy(&mut reader, &mut sink).is_ok() && reader.finish().is_ok();
+    if intact {
+        Some(checked)
+    } else {
+        tracing::warn!(path = %checked.display(), "a kept artifact no longer matches its digest; fetching it again");
+        let _ = fs::remove_file(&checked);
+        None
+    }
+}
+
 /// An artifact being written to its `.part` file.
 pub(crate) struct Staging {
     path: PathBuf,
@@ -100,8 +119,7 @@ pub(crate) enum Resumed {
 impl Staging {
     /// Picks a transfer up where an earlier one, by either transport, left it.
     fn resume(layout: &Layout, artifact: &ArtifactInfo) -> Result<Resumed, FetchError> {
-        let checked = layout.checked_download(&artifact.sha256);
-        if checked.exists() {
+        if let Some(checked) = still_good(layout, artifact) {
             return Ok(Resumed::Done(checked));
         }
         let staging = Self::open(layout, artifact, true)?;
@@ -253,11 +271,11 @@ pub fn import_file(
     artifact: &ArtifactInfo,
     layout: &Layout,
 ) -> Result<PathBuf, FetchError> {
-    let checked = layout.checked_download(&artifact.sha256);
-    if checked.exists() {
+    if let Some(checked) = still_good(layout, artifact) {
         return Ok(checked);
     }
-    let mut input = File::open(source).map_err(io_err(format!("opening {}", source.display())))?;
+    let mut input =
+        durable::open_regular(source).map_err(io_err(format!("opening {}", source.display())))?;
     let mut staging = Staging::open(layout, artifact, false)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -270,4 +288,43 @@ pub fn import_file(
         staging.write(&buf[..n])?;
     }
     staging.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_protocol::Sha256Digest;
+    use ferry_protocol::manifest::ArtifactFormat;
+
+    use super::*;
+
+    #[test]
+    fn a_kept_artifact_is_hashed_again_before_it_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        fs::create_dir_all(layout.downloads()).unwrap();
+        let bytes = b"the artifact's bytes".to_vec();
+        let artifact = ArtifactInfo {
+            sha256: Sha256Digest::of(&bytes),
+            size: bytes.len() as u64,
+            format: ArtifactFormat::TarGz,
+        };
+        let kept = layout.checked_download(&artifact.sha256);
+        fs::write(&kept, &bytes).unwrap();
+        assert_eq!(still_good(&layout, &artifact), Some(kept.clone()));
+        // One bit flipped since it was checked: dropped, not used.
+        let mut flipped = bytes.clone();
+        flipped[3] ^= 1;
+        fs::write(&kept, &flipped).unwrap();
+        assert_eq!(still_good(&layout, &artifact), None);
+        assert!(!kept.exists());
+        assert!(matches!(
+            Staging::resume(&layout, &artifact),
+            Ok(Resumed::Partial(_))
+        ));
+        // A link in its place is not followed.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, &bytes).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &kept).unwrap();
+        assert_eq!(still_good(&layout, &artifact), None);
+    }
 }

@@ -10,9 +10,12 @@
 //! dies and restarts, it finds the processes it left behind and stops them
 //! before starting its own, so a service never runs twice. The start time
 //! tells a leftover process from an unrelated one that reused its pid.
+//!
+//! Its output goes through a pipe to `logs/<service>.log`, capped and
+//! rotated ([`service_log`]).
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -26,7 +29,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{ServiceSpec, ServiceStatus, SupervisorError};
+use super::{ServiceSpec, ServiceStatus, SupervisorError, service_log};
 use crate::layout::Layout;
 
 /// How long a stopped service gets between SIGTERM and SIGKILL.
@@ -248,18 +251,17 @@ impl Runner {
 
     fn start(&self, child: &mut Option<(Child, Instant)>, restarts: u32) -> Result<(), String> {
         let spawned = (|| {
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log_file)?;
-            let err = log.try_clone()?;
-            Command::new(&self.spec.exec)
+            let (output, input) = service_log::pipe()?;
+            let err = input.try_clone()?;
+            let child = Command::new(&self.spec.exec)
                 .current_dir(&self.spec.workdir)
                 .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(err)
+                .stdout(Stdio::from(input))
+                .stderr(Stdio::from(err))
                 .process_group(0)
-                .spawn()
+                .spawn()?;
+            tokio::spawn(service_log::keep(output, self.log_file.clone()));
+            Ok::<_, std::io::Error>(child)
         })();
         match spawned {
             Ok(c) => {

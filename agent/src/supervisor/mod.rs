@@ -10,6 +10,7 @@
 //! gate do not care which one a device uses.
 
 pub mod direct;
+pub mod service_log;
 #[cfg(feature = "simulator")]
 pub mod simulated;
 pub mod systemd;

@@ -57,20 +57,30 @@ pub struct Build {
     pub crash: bool,
     /// Build with the ARM cross-compiler instead of the host's.
     pub arm: bool,
+    /// Print 3 MiB to stdout at start (an access log's worth), then serve.
+    pub chatty: bool,
 }
 
 impl Build {
     pub const SERVE: Build = Build {
         crash: false,
         arm: false,
+        chatty: false,
     };
     pub const CRASH: Build = Build {
         crash: true,
         arm: false,
+        chatty: false,
     };
     pub const ARM: Build = Build {
         crash: false,
         arm: true,
+        chatty: false,
+    };
+    pub const CHATTY: Build = Build {
+        crash: false,
+        arm: false,
+        chatty: true,
     };
 }
 
@@ -386,6 +396,9 @@ pub fn compile(binary: &Path, version: &str, out: &Path, build: Build) {
         .arg(format!("-DOUT=\"{}\"", out.display()));
     if build.crash {
         cmd.arg("-DCRASH");
+    }
+    if build.chatty {
+        cmd.arg("-DCHATTY");
     }
     let status = cmd
         .arg(&source)

@@ -2,6 +2,7 @@
  *   -DVERSION="1.2.3"  the version it reports
  *   -DOUT="/path"      a file it appends "<event> <version> <pid>" lines to
  *   -DCRASH            exit(1) at once instead of serving
+ *   -DCHATTY           print 3 MiB of log lines to stdout first
  * It records "start" when it starts and "hup" on every SIGHUP, then waits.
  */
 #include <signal.h>
@@ -25,6 +26,12 @@ int main(void) {
     return 1;
 #else
     signal(SIGHUP, on_hup);
+#ifdef CHATTY
+    /* 64-byte lines, like an access log. */
+    for (int i = 0; i < 3 * 16384; i++)
+        printf("%06d 192.0.2.1 GET /index.html 200 ............................\n", i);
+    fflush(stdout);
+#endif
     record("start");
     for (;;) {
         pause();

@@ -5,9 +5,12 @@
 //! The manager's own counters (MQTT messages in, API latency) live for the
 //! process and are added to each scrape's registry.
 //!
-//! Labels stay bounded: device ids (the fleet), services and versions that
-//! devices run, statuses, and routes as templates (`/v1/devices/{id}`),
-//! never raw paths, reasons or times.
+//! Labels stay bounded: device ids (the fleet, registered by operators),
+//! services and versions the operators published (what a device reports is
+//! matched against the releases: an unpublished version counts as
+//! `unpublished`, an unpublished service not at all, so a device cannot add
+//! series by reporting made-up names), statuses, and routes as templates
+//! (`/v1/devices/{id}`), never raw paths, reasons or times.
 
 use std::time::SystemTime;
 
@@ -144,9 +147,30 @@ fn age_secs(time: &str, now: SystemTime) -> Option<f64> {
     )
 }
 
+/// The version label for what a device reports: the version itself when
+/// operators published that release, else `unpublished`; `None` for a
+/// service no release names.
+fn version_label<'a>(published: &'a Published, service: &str, version: &'a str) -> Option<&'a str> {
+    let versions = published.get(service)?;
+    Some(if versions.contains(version) {
+        version
+    } else {
+        "unpublished"
+    })
+}
+
+type Published = std::collections::HashMap<String, std::collections::HashSet<String>>;
+
 fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
     let devices = store.devices()?;
     let now = SystemTime::now();
+    let mut published = Published::new();
+    for release in store.releases()? {
+        published
+            .entry(release.service)
+            .or_default()
+            .insert(release.version);
+    }
 
     let by_status = int_gauges(
         registry,
@@ -244,7 +268,9 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
             if let (Some(name), Some(version)) =
                 (service["service"].as_str(), service["version"].as_str())
             {
-                versions.with_label_values(&[name, version]).inc();
+                if let Some(version) = version_label(&published, name, version) {
+                    versions.with_label_values(&[name, version]).inc();
+                }
             }
         }
         let Some(health) = &device.health else {
@@ -282,7 +308,9 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
             if let (Some(name), Some(n)) =
                 (service["service"].as_str(), service["restarts"].as_i64())
             {
-                restarts.with_label_values(&[id, name]).set(n);
+                if published.contains_key(name) {
+                    restarts.with_label_values(&[id, name]).set(n);
+                }
             }
         }
     }
