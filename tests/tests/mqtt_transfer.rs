@@ -575,6 +575,36 @@ async fn a_device_that_stops_reading_gets_no_more_than_a_bounded_backlog() {
         to_slow < 24.0 * 1024.0 * 1024.0,
         "{to_slow} bytes sent to a device that reads nothing"
     );
+
+    // gw-slow comes back as a device that reads: what its old session left
+    // unread does not count against the new one, which gets its blocks.
     drop(eventloop);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut back = RawDevice::connect(site.mqtt, "gw-slow", site.password("gw-slow")).await;
+    assert!(back.subscribe("ferry/v1/devices/gw-slow/blocks").await);
+    let tail = BlockRequest {
+        offset: 19 * 1024 * 1024,
+        ..small
+    };
+    back.client
+        .publish(
+            "ferry/v1/devices/gw-slow/fetch",
+            QoS::AtLeastOnce,
+            false,
+            tail.encode(),
+        )
+        .await
+        .unwrap();
+    let frames = back.frames_for(Duration::from_secs(5)).await;
+    let offsets: std::collections::BTreeSet<u64> = frames
+        .iter()
+        .filter_map(|(_, payload)| match Frame::decode(payload).ok()? {
+            Frame::Block { offset, .. } => Some(offset),
+            _ => None,
+        })
+        .filter(|offset| *offset >= tail.offset)
+        .collect();
+    assert_eq!(offsets.len(), 16, "the returning device got {offsets:?}");
     site.site.manager.stop().await;
 }

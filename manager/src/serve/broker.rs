@@ -99,6 +99,7 @@ pub async fn start(
         Type::MessageDropped,
         Type::MessageDelivered,
         Type::SessionTerminated,
+        Type::SessionSubscribed,
     ] {
         register.add(hook, Box::new(GuardHook(guard.clone()))).await;
     }
@@ -223,8 +224,16 @@ impl Handler for GuardHook {
                 }
                 (true, acc)
             }
+            // Blocks published before a session subscribed to them went to
+            // no one (an earlier session, or none): they are not unread.
             Parameter::SessionTerminated(session, _) => {
                 self.0.backlog.forget(&user_of(session));
+                (true, acc)
+            }
+            Parameter::SessionSubscribed(_, subscribe) => {
+                if let Some(device) = blocks_for(&subscribe.topic_filter) {
+                    self.0.backlog.forget(device.as_str());
+                }
                 (true, acc)
             }
             Parameter::MessageDropped(to, _, publish, reason) => {
