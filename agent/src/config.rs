@@ -14,6 +14,7 @@
 //! [trust]
 //! keys = ["/etc/ferry/ops.pub"]       # public key files
 //! threshold = 1
+//! services = ["api", "sensor"]        # optional: the only services this device runs
 //! [transfer]                          # optional: how artifacts are fetched
 //! transport = "auto"                  # auto (HTTP, else MQTT) | http | mqtt
 //! block_size = 65536                  # bytes per MQTT block, 1 KiB to 256 KiB
@@ -218,6 +219,10 @@ pub struct TrustConfig {
     /// Distinct keys that must sign a release.
     #[serde(default = "default_threshold")]
     pub threshold: usize,
+    /// The only services this device runs; a release of any other, though
+    /// signed, is refused. Unset: any service the keys sign.
+    #[serde(default)]
+    pub services: Option<Vec<ferry_protocol::ServiceName>>,
 }
 
 /// Ceilings on any release, whatever its manifest says.
@@ -353,7 +358,11 @@ impl Config {
             })?;
             keys.push(key);
         }
-        Ok(TrustPolicy::new(keys, self.trust.threshold)?)
+        let policy = TrustPolicy::new(keys, self.trust.threshold)?;
+        Ok(match &self.trust.services {
+            Some(services) => policy.only_services(services.iter().cloned()),
+            None => policy,
+        })
     }
 }
 
@@ -384,9 +393,11 @@ health_interval = "30s"
 url = "mqtt://manager.local:1883"
 username = "gw-0042"
 password = "secret"
+manager_url = "http://manager.local:8080"
 [trust]
 keys = ["/etc/ferry/ops.pub"]
 threshold = 1
+services = ["api", "sensor"]
 "#;
 
     #[test]
@@ -397,6 +408,12 @@ threshold = 1
         assert_eq!(c.supervisor, SupervisorKind::Auto);
         assert_eq!(c.broker.unwrap().url, "mqtt://manager.local:1883");
         assert_eq!(c.trust.threshold, 1);
+        assert_eq!(
+            c.trust.services.as_deref().map(|s| s.len()),
+            Some(2),
+            "{:?}",
+            c.trust.services
+        );
         assert_eq!(c.limits, LimitsConfig::default());
     }
 
@@ -411,6 +428,14 @@ threshold = 1
             Config::parse(&bad_id)
                 .unwrap_err()
                 .contains("invalid device id")
+        );
+        let bad_service = EXAMPLE.replace("\"sensor\"]", "\"../etc\"]");
+        assert!(Config::parse(&bad_service).unwrap_err().contains("../etc"));
+        let bad_origin = EXAMPLE.replace("http://manager.local:8080", "ftp://manager.local");
+        assert!(
+            Config::parse(&bad_origin)
+                .unwrap_err()
+                .contains("manager_url")
         );
         let bad_interval = EXAMPLE.replace("\"30s\"", "\"soon\"");
         assert!(Config::parse(&bad_interval).unwrap_err().contains("soon"));
@@ -436,7 +461,7 @@ threshold = 1
             assert!(err.contains(named), "{transfer}: {err}");
         }
         let offline_mqtt = EXAMPLE
-            .replace("[broker]\nurl = \"mqtt://manager.local:1883\"\nusername = \"gw-0042\"\npassword = \"secret\"\n", "")
+            .replace("[broker]\nurl = \"mqtt://manager.local:1883\"\nusername = \"gw-0042\"\npassword = \"secret\"\nmanager_url = \"http://manager.local:8080\"\n", "")
             + "[transfer]\ntransport = \"mqtt\"\n";
         assert!(
             Config::parse(&offline_mqtt)

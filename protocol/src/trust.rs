@@ -15,11 +15,13 @@ use crate::manifest::Manifest;
 use crate::names::{ServiceName, Target};
 use crate::time::Timestamp;
 
-/// Public keys and how many of them must sign a release.
+/// Public keys and how many of them must sign a release; optionally, the
+/// only services this device runs.
 #[derive(Debug, Clone)]
 pub struct TrustPolicy {
     keys: BTreeMap<KeyId, PublicKey>,
     threshold: usize,
+    services: Option<BTreeSet<ServiceName>>,
 }
 
 /// A trust policy that could never accept anything.
@@ -98,6 +100,17 @@ pub enum VerifyError {
         service: ServiceName,
         /// The sequence both releases claim.
         sequence: u64,
+    },
+    /// A service this device is not meant to run.
+    #[error(
+        "service {service} is not one this device runs (its trust settings name: {}); a release signed for other devices is refused here",
+        .allowed.join(", ")
+    )]
+    ServiceNotAllowed {
+        /// The release's service.
+        service: ServiceName,
+        /// The services the device accepts.
+        allowed: Vec<String>,
     },
     /// Built for another kind of device.
     #[error("release is built for {release}, not for {device}")]
@@ -193,7 +206,19 @@ impl TrustPolicy {
                 keys: keys.len(),
             });
         }
-        Ok(Self { keys, threshold })
+        Ok(Self {
+            keys,
+            threshold,
+            services: None,
+        })
+    }
+
+    /// The same policy, accepting releases of `services` only (a device
+    /// that knows what it runs refuses a release signed for other devices,
+    /// whatever the manager sends it).
+    pub fn only_services(mut self, services: impl IntoIterator<Item = ServiceName>) -> Self {
+        self.services = Some(services.into_iter().collect());
+        self
     }
 
     /// The number of distinct trusted signatures required.
@@ -215,8 +240,8 @@ impl TrustPolicy {
         self.verify(&Envelope::from_json(envelope)?, checks)
     }
 
-    /// Verifies signatures, threshold, manifest format, target, expiry and
-    /// sequence, in that order. The sequence must be above the installed
+    /// Verifies signatures, threshold, manifest format, service (when the
+    /// policy names services), target, expiry and sequence, in that order. The sequence must be above the installed
     /// one, or equal with the very manifest installed. This is what a device
     /// runs before it installs anything.
     pub fn verify(
@@ -226,6 +251,14 @@ impl TrustPolicy {
     ) -> Result<VerifiedRelease, VerifyError> {
         let release = self.verify_signatures(envelope)?;
         let manifest = &release.manifest;
+        if let Some(allowed) = &self.services {
+            if !allowed.contains(&manifest.service) {
+                return Err(VerifyError::ServiceNotAllowed {
+                    service: manifest.service.clone(),
+                    allowed: allowed.iter().map(ToString::to_string).collect(),
+                });
+            }
+        }
         if let Some(device) = checks.target {
             if manifest.target != *device {
                 return Err(VerifyError::WrongTarget {

@@ -190,6 +190,27 @@ fn replay_of_a_lower_sequence_is_refused() {
 }
 
 #[test]
+fn a_device_that_names_its_services_refuses_any_other() {
+    let a = key(1);
+    let only_sensor = policy(&[&a], 1).only_services([ServiceName::new("sensor").unwrap()]);
+    let envelope = signed(&manifest(), &[&a]); // service api
+    match only_sensor.verify(&envelope, &open_checks()) {
+        Err(VerifyError::ServiceNotAllowed { service, allowed }) => {
+            assert_eq!(service.as_str(), "api");
+            assert_eq!(allowed, ["sensor"]);
+        }
+        other => panic!("expected ServiceNotAllowed, got {other:?}"),
+    }
+    let with_api = policy(&[&a], 1).only_services([
+        ServiceName::new("sensor").unwrap(),
+        ServiceName::new("api").unwrap(),
+    ]);
+    assert!(with_api.verify(&envelope, &open_checks()).is_ok());
+    // The operator's own check of who signed does not ask.
+    assert!(only_sensor.verify_signatures(&envelope).is_ok());
+}
+
+#[test]
 fn a_manifest_digest_ignores_layout_but_not_content() {
     let m = manifest();
     let compact = serde_json::to_vec(&m).unwrap();

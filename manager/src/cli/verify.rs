@@ -109,6 +109,7 @@ fn error_kind(error: &VerifyError) -> &'static str {
         VerifyError::Expired { .. } => "expired",
         VerifyError::Rollback { .. } => "rollback",
         VerifyError::SequenceReused { .. } => "sequence_reused",
+        VerifyError::ServiceNotAllowed { .. } => "service_not_allowed",
         VerifyError::WrongTarget { .. } => "wrong_target",
     }
 }
