@@ -6,6 +6,7 @@
 //! inbox = "/var/lib/ferry/inbox"      # optional: releases dropped here are installed
 //! supervisor = "auto"                 # auto | systemd | direct
 //! health_interval = "30s"
+//! pass_env = []                       # agent variables services also get (none)
 //! [broker]                            # optional: without it the agent works offline
 //! url = "mqtt://manager.local:1883"   # mqtts:// for TLS
 //! username = "gw-0042"
@@ -56,6 +57,10 @@ pub struct Config {
     /// Where systemd unit files are written.
     #[serde(default = "default_unit_dir")]
     pub unit_dir: PathBuf,
+    /// Variables of the agent's own environment that every service also
+    /// gets (say `QEMU_LD_PREFIX` on an emulated device); none by default.
+    #[serde(default)]
+    pub pass_env: Vec<ferry_protocol::EnvName>,
     /// The MQTT broker; absent for offline devices.
     #[serde(default)]
     pub broker: Option<BrokerConfig>,

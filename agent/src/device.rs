@@ -110,6 +110,11 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         http: http_client()?,
         credentials,
         transfer: config.transfer,
+        passed_env: config
+            .pass_env
+            .iter()
+            .filter_map(|name| Some((name.to_string(), std::env::var(name.as_str()).ok()?)))
+            .collect(),
     })
     .map_err(|error| SetupError::DataDir {
         path: config.data_dir.clone(),

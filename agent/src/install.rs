@@ -109,6 +109,7 @@ pub struct Installer {
     credentials: Option<Credentials>,
     transfer: TransferConfig,
     blocks: Option<BlockLink>,
+    passed_env: Vec<(String, String)>,
     state: State,
 }
 
@@ -132,6 +133,9 @@ pub struct InstallerParts {
     pub credentials: Option<Credentials>,
     /// Which transport fetches artifacts, and the MQTT flow control.
     pub transfer: TransferConfig,
+    /// Variables of the agent's environment every service also gets
+    /// (`pass_env`), with their values.
+    pub passed_env: Vec<(String, String)>,
 }
 
 impl Installer {
@@ -151,6 +155,7 @@ impl Installer {
             credentials: parts.credentials,
             transfer: parts.transfer,
             blocks: None,
+            passed_env: parts.passed_env,
             state,
         })
     }
@@ -932,10 +937,19 @@ impl Installer {
     /// How the supervisor runs a release: through the `current` link.
     fn spec(&self, manifest: &Manifest) -> ServiceSpec {
         let current = self.layout.current(&manifest.service);
+        let run = &manifest.run;
         ServiceSpec {
             service: manifest.service.clone(),
             exec: current.join(manifest.entrypoint.as_str()),
-            workdir: current,
+            args: run.args.clone(),
+            env: crate::supervisor::environment(&self.passed_env, &run.env),
+            workdir: match &run.workdir {
+                Some(dir) => current.join(dir.as_str()),
+                None => current,
+            },
+            user: run.user.as_ref().map(ToString::to_string),
+            stop_signal: crate::supervisor::nix_signal(run.stop_signal()),
+            stop_timeout: std::time::Duration::from_secs(u64::from(run.stop_timeout_secs())),
         }
     }
 

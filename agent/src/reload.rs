@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_protocol::ServiceName;
-use ferry_protocol::manifest::{ReloadAction, ReloadRule, ReloadSignal};
-use nix::sys::signal::Signal;
+use ferry_protocol::manifest::{ReloadAction, ReloadRule};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -170,20 +169,12 @@ pub async fn apply(
     action: &ReloadAction,
 ) -> Result<(), SupervisorError> {
     match action {
-        ReloadAction::Signal(signal) => supervisor.signal(service, nix_signal(*signal)).await,
+        ReloadAction::Signal(signal) => {
+            supervisor
+                .signal(service, crate::supervisor::nix_signal(*signal))
+                .await
+        }
         ReloadAction::Reload => supervisor.reload(service).await,
         ReloadAction::Restart => supervisor.restart(service).await,
-    }
-}
-
-fn nix_signal(signal: ReloadSignal) -> Signal {
-    match signal {
-        ReloadSignal::Hup => Signal::SIGHUP,
-        ReloadSignal::Usr1 => Signal::SIGUSR1,
-        ReloadSignal::Usr2 => Signal::SIGUSR2,
-        ReloadSignal::Int => Signal::SIGINT,
-        ReloadSignal::Term => Signal::SIGTERM,
-        ReloadSignal::Quit => Signal::SIGQUIT,
-        ReloadSignal::Winch => Signal::SIGWINCH,
     }
 }

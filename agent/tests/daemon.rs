@@ -444,7 +444,7 @@ async fn releases_dropped_into_the_inbox_are_installed_once_complete() {
 
 #[tokio::test]
 async fn a_change_under_a_watched_path_reaches_the_service_as_sighup_without_a_restart() {
-    use ferry_protocol::manifest::{ReloadAction, ReloadRule, ReloadSignal};
+    use ferry_protocol::manifest::{ReloadAction, ReloadRule, ServiceSignal};
     let rig = Rig::new();
     let inbox = rig.tmp.path().join("inbox");
     let watched = rig.tmp.path().join("etc-api");
@@ -456,7 +456,7 @@ async fn a_change_under_a_watched_path_reaches_the_service_as_sighup_without_a_r
     let v1 = rig.release("1.0.0", 1, Build::SERVE, |m| {
         m.reload = vec![ReloadRule {
             paths: vec![conf.display().to_string()],
-            action: ReloadAction::Signal(ReloadSignal::Hup),
+            action: ReloadAction::Signal(ServiceSignal::Hup),
             debounce_ms: 200,
         }];
     });

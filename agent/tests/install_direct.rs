@@ -159,6 +159,98 @@ async fn a_first_release_that_crashes_leaves_no_service_behind() {
 }
 
 #[tokio::test]
+async fn arguments_environment_directory_and_stop_signal_come_from_the_manifest() {
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |m| {
+        m.run = support::run_settings()
+    });
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    let pid = rig.running_pid().await.unwrap();
+    eventually("v1 to record its environment", || {
+        rig.values("env", pid)
+            .iter()
+            .any(|e| e.starts_with("TRICKY="))
+    })
+    .await;
+    assert_eq!(rig.values("arg", pid), support::run_settings().args);
+    let mut env = rig.values("env", pid);
+    env.sort();
+    assert_eq!(
+        env,
+        [
+            "GREETING=hello world",
+            "PATH=/opt/app/bin:/usr/bin:/bin",
+            "TRICKY=a $b %i \"c\"\nd",
+        ],
+        "the agent's own environment leaked"
+    );
+    // The working directory: `bin` inside the release (resolved through
+    // the `current` link).
+    let cwd = rig.values("cwd", pid);
+    assert!(
+        cwd.len() == 1
+            && cwd[0].contains("/services/api/releases/1.0.0-")
+            && cwd[0].ends_with("/bin"),
+        "{cwd:?}"
+    );
+
+    // Only the arguments change: a new signed release. The old process is
+    // stopped with its own stop signal, the new one runs with the new words.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |m| {
+        m.run = support::run_settings();
+        m.run.args = vec!["--port".into(), "8081".into()];
+        m.run.stop_signal = None;
+    });
+    assert_eq!(rig.install(&v2).await.outcome, Outcome::Installed);
+    let pid2 = rig.running_pid().await.unwrap();
+    eventually("v1 to record how it was stopped", || {
+        rig.values("stop", pid) == ["SIGQUIT"]
+    })
+    .await;
+    eventually("v2 to record its arguments", || {
+        rig.values("arg", pid2) == ["--port", "8081"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_service_runs_as_the_user_its_manifest_names() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut rig = Rig::new();
+    // The user must be able to reach its program.
+    fs::set_permissions(rig.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |m| {
+        m.run.user = Some(ferry_protocol::UserName::new("nobody").unwrap());
+    });
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    let pid = rig.running_pid().await.unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    assert!(
+        uid.split_whitespace()
+            .skip(1)
+            .all(|id| id == nobody.to_string()),
+        "{uid}"
+    );
+    // A user the device does not have: the start fails with the reason,
+    // and the release running goes on.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |m| {
+        m.run.user = Some(ferry_protocol::UserName::new("no-such-user").unwrap());
+    });
+    let result = rig.install(&v2).await;
+    assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
+    assert!(
+        result
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("user no-such-user does not exist")),
+        "{result:?}"
+    );
+    assert_eq!(rig.running_pid().await.map(|p| p != 0), Some(true));
+}
+
+#[tokio::test]
 async fn a_services_output_is_kept_under_its_cap_on_flash() {
     let mut rig = Rig::new();
     let chatty = rig.release("1.0.0", 1, Build::CHATTY, |_| {});
@@ -342,6 +434,21 @@ async fn hostile_inputs_are_refused_and_change_nothing() {
     bad_signature.signatures[0].sig[10] ^= 0x40;
     let stranger = SecretKey::from_seed(&[7; 32]);
     let unknown_key = Envelope::sign(v2.manifest.to_json(), &[&stranger]).unwrap();
+    // Whoever relays the release adds an argument and a variable to the
+    // signed manifest, keeping the signature.
+    let rewritten = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut manifest = v2.manifest.clone();
+        manifest.run.args = vec!["--debug-shell".into()];
+        manifest.run.env.insert(
+            ferry_protocol::EnvName::new("LD_PRELOAD").unwrap(),
+            "/tmp/evil.so".into(),
+        );
+        let mut json: serde_json::Value = serde_json::from_slice(&v2.envelope.to_json()).unwrap();
+        json["manifest"] = b64.encode(manifest.to_json()).into();
+        Envelope::from_json(json.to_string().as_bytes()).unwrap()
+    };
     let replay = rig.release("0.9.0", 4, Build::SERVE, |_| {});
     // Another release under the installed sequence 5 (signed by the trusted key).
     let same_sequence = rig.release("1.0.1", 5, Build::SERVE, |_| {});
@@ -360,6 +467,14 @@ async fn hostile_inputs_are_refused_and_change_nothing() {
         (
             "bad signature",
             bad_signature,
+            v2.artifact.clone(),
+            Outcome::Rejected,
+            Step::Verify,
+            "does not verify",
+        ),
+        (
+            "arguments and environment rewritten in transit",
+            rewritten,
             v2.artifact.clone(),
             Outcome::Rejected,
             Step::Verify,

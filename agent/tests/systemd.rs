@@ -8,7 +8,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_protocol::manifest::{Probe, ReloadAction, ReloadRule, ReloadSignal};
+use ferry_protocol::manifest::{Probe, ReloadAction, ReloadRule, ServiceSignal};
 use support::container::SystemdContainer;
 use support::{Build, Release, Rig};
 
@@ -119,7 +119,7 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     )
     .unwrap();
     assert!(
-        unit.contains("ExecStart=/var/lib/ferry/services/api/current/bin/api"),
+        unit.contains("ExecStart=\"/var/lib/ferry/services/api/current/bin/api\"\n"),
         "{unit}"
     );
     let enabled = device
@@ -176,7 +176,7 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     let v5 = rig.release("5.0.0", 5, Build::SERVE, |m| {
         m.reload = vec![ReloadRule {
             paths: vec!["/etc/api/app.conf".into()],
-            action: ReloadAction::Signal(ReloadSignal::Hup),
+            action: ReloadAction::Signal(ServiceSignal::Hup),
             debounce_ms: 100,
         }];
     });
@@ -201,4 +201,44 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     let result = device.install(&forged, "v6").await;
     assert_eq!(result["outcome"], "rejected", "{result}");
     assert_eq!(device.main_pid(), pid5);
+
+    // Arguments, environment, working directory and stop signal from the
+    // manifest reach the process through the unit exactly as written, odd
+    // characters and all (systemd's own variables beside them).
+    let v7 = rig.release("7.0.0", 7, Build::SERVE, |m| {
+        m.run = support::run_settings()
+    });
+    assert_eq!(device.install(&v7, "v7").await["outcome"], "installed");
+    let pid7 = device.main_pid();
+    support::eventually("v7 to record its environment", || {
+        rig.values("env", pid7)
+            .iter()
+            .any(|e| e.starts_with("TRICKY="))
+    })
+    .await;
+    assert_eq!(rig.values("arg", pid7), support::run_settings().args);
+    let env = rig.values("env", pid7);
+    for expected in [
+        "GREETING=hello world",
+        "PATH=/opt/app/bin:/usr/bin:/bin",
+        "TRICKY=a $b %i \"c\"\nd",
+    ] {
+        assert!(
+            env.iter().any(|e| e == expected),
+            "{expected:?} not in {env:?}"
+        );
+    }
+    let cwd = rig.values("cwd", pid7);
+    assert!(cwd.len() == 1 && cwd[0].ends_with("/bin"), "{cwd:?}");
+    // A release that changes only the arguments: v7 stops with its SIGQUIT.
+    let v8 = rig.release("8.0.0", 8, Build::SERVE, |m| {
+        m.run.args = vec!["--port".into(), "8081".into()];
+    });
+    assert_eq!(device.install(&v8, "v8").await["outcome"], "installed");
+    let pid8 = device.main_pid();
+    assert_eq!(rig.values("stop", pid7), ["SIGQUIT"]);
+    support::eventually("v8 to record its arguments", || {
+        rig.values("arg", pid8) == ["--port", "8081"]
+    })
+    .await;
 }

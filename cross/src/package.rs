@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_protocol::manifest::{
     ArtifactFormat, ArtifactInfo, ArtifactKind, BuildInfo, HealthSettings, MANIFEST_SCHEMA,
-    ReloadRule, UnpackLimits,
+    ReloadRule, RunSettings, UnpackLimits,
 };
 use ferry_protocol::{Manifest, RelPath, ServiceName, Sha256Digest, Target, Timestamp};
 use sha2::{Digest, Sha256};
@@ -47,6 +47,8 @@ pub struct PackageRequest {
     pub health: HealthSettings,
     /// Paths devices watch, and what they do on a change.
     pub reload: Vec<ReloadRule>,
+    /// How devices run the service: arguments, environment, user, stop.
+    pub run: RunSettings,
 }
 
 /// The files `package` wrote.
@@ -179,6 +181,7 @@ pub fn package(request: &PackageRequest, out_dir: &Path) -> Result<Packaged, Pac
         expires: request.expires,
         health: request.health.clone(),
         reload: request.reload.clone(),
+        run: request.run.clone(),
         build: request.build.clone(),
     };
     write_file_atomically(out_dir, &manifest_path, |file| {

@@ -77,6 +77,7 @@ fn request(source: &Path, service: &str, version: &str) -> BuildRequest {
         expires: None,
         health: Default::default(),
         reload: Vec::new(),
+        run: Default::default(),
         packager: Some("ferry tests".into()),
     }
 }

@@ -22,6 +22,7 @@ fn request(dir: &Path) -> PackageRequest {
         build: Default::default(),
         health: Default::default(),
         reload: Vec::new(),
+        run: Default::default(),
     }
 }
 

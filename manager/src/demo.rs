@@ -366,6 +366,7 @@ fn build_release(
                 probe: None,
             },
             reload: Vec::new(),
+            run: Default::default(),
         },
         &dir.join("releases"),
     )?;

@@ -5,11 +5,13 @@
 //! Unknown fields are refused: a device must not silently ignore a setting a
 //! newer packager thought mattered.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{DecodeError, check_schema, decode_json};
 use crate::digest::Sha256Digest;
-use crate::names::{RelPath, ServiceName, Target};
+use crate::names::{EnvName, RelPath, ServiceName, Target, UserName};
 use crate::text::string_type;
 use crate::time::Timestamp;
 
@@ -54,9 +56,93 @@ pub struct Manifest {
     /// Files to watch and what to do when they change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reload: Vec<ReloadRule>,
+    /// How the service runs: arguments, environment, directory, user, stop.
+    /// Absent when all are the defaults (so older manifests read the same).
+    #[serde(default, skip_serializing_if = "RunSettings::is_default")]
+    pub run: RunSettings,
     /// How the release was built.
     #[serde(default)]
     pub build: BuildInfo,
+}
+
+/// How the device's supervisor runs the service. Signed with the rest of
+/// the manifest: nobody between the operator and the device can add an
+/// argument or an environment variable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RunSettings {
+    /// Arguments after the entrypoint, passed as they are (no shell).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables. The service gets these and a minimal
+    /// environment (`PATH`, and `HOME`, `USER`, `LOGNAME` with `user`),
+    /// never the agent's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<EnvName, String>,
+    /// The working directory, inside the release [default: its root].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<RelPath>,
+    /// The user to run as, by name on the device [default: the agent's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserName>,
+    /// The signal that asks the service to stop [default: SIGTERM].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<ServiceSignal>,
+    /// Seconds between that signal and SIGKILL [default: 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout_secs: Option<u32>,
+}
+
+/// The most arguments, and environment variables, a manifest may give.
+pub const MAX_RUN_ITEMS: usize = 256;
+
+/// The longest argument or environment value, in bytes.
+pub const MAX_RUN_VALUE: usize = 4096;
+
+/// The stop timeout used when a manifest names none.
+pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 10;
+
+impl RunSettings {
+    /// Whether every setting is its default.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The seconds between the stop signal and SIGKILL.
+    pub fn stop_timeout_secs(&self) -> u32 {
+        self.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS)
+    }
+
+    /// The stop signal.
+    pub fn stop_signal(&self) -> ServiceSignal {
+        self.stop_signal.unwrap_or(ServiceSignal::Term)
+    }
+
+    /// The rules JSON alone cannot say: sizes, and no NUL byte anywhere (a
+    /// C string would end there, and a systemd unit line would break).
+    fn check(&self) -> Result<(), String> {
+        if self.args.len() > MAX_RUN_ITEMS || self.env.len() > MAX_RUN_ITEMS {
+            return Err(format!(
+                "run: at most {MAX_RUN_ITEMS} arguments and {MAX_RUN_ITEMS} environment variables"
+            ));
+        }
+        let values = self.args.iter().chain(self.env.values());
+        for value in values {
+            if value.len() > MAX_RUN_VALUE {
+                return Err(format!(
+                    "run: an argument or environment value is over {MAX_RUN_VALUE} bytes"
+                ));
+            }
+            if value.contains('\0') {
+                return Err("run: arguments and environment values must not contain NUL".into());
+            }
+        }
+        if self.stop_timeout_secs == Some(0) {
+            return Err("run.stop_timeout_secs must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// How a release's entrypoint was built.
@@ -177,17 +263,17 @@ fn default_debounce() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadAction {
     /// Send the named signal to the service's main process.
-    Signal(ReloadSignal),
+    Signal(ServiceSignal),
     /// Ask the supervisor to reload the service (systemd `reload`).
     Reload,
     /// Restart the service.
     Restart,
 }
 
-/// The signals a reload may send.
+/// The signals Ferry may send a service: to reload it, or to stop it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(missing_docs)]
-pub enum ReloadSignal {
+pub enum ServiceSignal {
     Hup,
     Usr1,
     Usr2,
@@ -197,17 +283,17 @@ pub enum ReloadSignal {
     Winch,
 }
 
-const SIGNALS: [(ReloadSignal, &str); 7] = [
-    (ReloadSignal::Hup, "SIGHUP"),
-    (ReloadSignal::Usr1, "SIGUSR1"),
-    (ReloadSignal::Usr2, "SIGUSR2"),
-    (ReloadSignal::Int, "SIGINT"),
-    (ReloadSignal::Term, "SIGTERM"),
-    (ReloadSignal::Quit, "SIGQUIT"),
-    (ReloadSignal::Winch, "SIGWINCH"),
+const SIGNALS: [(ServiceSignal, &str); 7] = [
+    (ServiceSignal::Hup, "SIGHUP"),
+    (ServiceSignal::Usr1, "SIGUSR1"),
+    (ServiceSignal::Usr2, "SIGUSR2"),
+    (ServiceSignal::Int, "SIGINT"),
+    (ServiceSignal::Term, "SIGTERM"),
+    (ServiceSignal::Quit, "SIGQUIT"),
+    (ServiceSignal::Winch, "SIGWINCH"),
 ];
 
-impl ReloadSignal {
+impl ServiceSignal {
     /// The signal's name, e.g. `SIGHUP`.
     pub fn name(self) -> &'static str {
         SIGNALS
@@ -216,6 +302,30 @@ impl ReloadSignal {
             .map_or("SIGHUP", |(_, n)| n)
     }
 }
+
+impl std::fmt::Display for ServiceSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ServiceSignal {
+    type Err = String;
+    fn from_str(name: &str) -> Result<Self, String> {
+        SIGNALS
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(sig, _)| *sig)
+            .ok_or_else(|| {
+                format!("signal {name:?} is not one Ferry sends (SIGHUP, SIGUSR1, SIGUSR2, SIGINT, SIGTERM, SIGQUIT, SIGWINCH)")
+            })
+    }
+}
+
+string_type!(ServiceSignal, {
+    "type": "string",
+    "pattern": "^SIG(HUP|USR1|USR2|INT|TERM|QUIT|WINCH)$"
+});
 
 impl std::fmt::Display for ReloadAction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -239,11 +349,9 @@ impl std::str::FromStr for ReloadAction {
                         "unknown reload action {s:?}: expected signal:SIGNAME, reload or restart"
                     )
                 })?;
-                SIGNALS
-                    .iter()
-                    .find(|(_, n)| *n == name)
-                    .map(|(sig, _)| Self::Signal(*sig))
-                    .ok_or_else(|| format!("signal {name:?} may not be used for reload"))
+                name.parse()
+                    .map(Self::Signal)
+                    .map_err(|_| format!("signal {name:?} may not be used for reload"))
             }
         }
     }
@@ -297,6 +405,10 @@ impl Manifest {
                 "health.window_secs must be at least 1",
             ));
         }
+        manifest
+            .run
+            .check()
+            .map_err(|reason| DecodeError::invalid(WHAT, reason))?;
         Ok(manifest)
     }
 
@@ -348,9 +460,10 @@ pub(crate) mod tests {
             health: HealthSettings::default(),
             reload: vec![ReloadRule {
                 paths: vec!["/etc/api/config.toml".into()],
-                action: ReloadAction::Signal(ReloadSignal::Hup),
+                action: ReloadAction::Signal(ServiceSignal::Hup),
                 debounce_ms: 500,
             }],
+            run: RunSettings::default(),
             build: BuildInfo::default(),
         }
     }
@@ -384,6 +497,47 @@ pub(crate) mod tests {
                 "accepted:\n{case}"
             );
         }
+    }
+
+    #[test]
+    fn run_settings_are_written_only_when_set_and_checked_when_read() {
+        // Unset, they are not written: manifests made before them read and
+        // hash the same.
+        let plain = String::from_utf8(sample().to_json()).unwrap();
+        assert!(!plain.contains("\"run\""), "{plain}");
+        let mut m = sample();
+        m.run = RunSettings {
+            args: vec!["-c".into(), "/etc/app.conf".into(), "two words".into()],
+            env: [(EnvName::new("LOG_LEVEL").unwrap(), "info".into())].into(),
+            workdir: Some(RelPath::new("var").unwrap()),
+            user: Some(UserName::new("api").unwrap()),
+            stop_signal: Some(ServiceSignal::Quit),
+            stop_timeout_secs: Some(30),
+        };
+        let text = String::from_utf8(m.to_json()).unwrap();
+        assert_eq!(Manifest::from_json(text.as_bytes()).unwrap(), m);
+        assert!(text.contains("\"stop_signal\": \"SIGQUIT\""), "{text}");
+        assert_ne!(m.digest(), sample().digest());
+        for (from, to) in [
+            ("\"LOG_LEVEL\"", "\"LOG-LEVEL\""),
+            ("\"LOG_LEVEL\"", "\"1LOG\""),
+            ("\"user\": \"api\"", "\"user\": \"Root\""),
+            ("\"workdir\": \"var\"", "\"workdir\": \"../var\""),
+            ("\"SIGQUIT\"", "\"SIGKILL\""),
+            ("\"stop_timeout_secs\": 30", "\"stop_timeout_secs\": 0"),
+            ("\"two words\"", "\"nul\\u0000byte\""),
+            ("\"stop_signal\"", "\"surprise\": 1, \"stop_signal\""),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            assert_ne!(bad, text);
+            assert!(
+                Manifest::from_json(bad.as_bytes()).is_err(),
+                "accepted {to}:\n{bad}"
+            );
+        }
+        let mut long = m.clone();
+        long.run.args = vec!["x".into(); MAX_RUN_ITEMS + 1];
+        assert!(Manifest::from_json(&long.to_json()).is_err());
     }
 
     #[test]

@@ -109,8 +109,21 @@ checked_name! {
 checked_name! {
     /// A path inside a release, such as `bin/api`: relative, `/`-separated,
     /// with no empty, `.` or `..` component, so that joining it to a
-    /// directory never leaves that directory.
-    RelPath, kind = "relative path", pattern = "^[^/\\u0000\\\\]+(/[^/\\u0000\\\\]+)*$", check = check_rel_path
+    /// directory never leaves that directory, and no control character (it
+    /// may end up on a line of a unit file).
+    RelPath, kind = "relative path", pattern = "^[^/\\u0000-\\u001f\\u007f\\\\]+(/[^/\\u0000-\\u001f\\u007f\\\\]+)*$", check = check_rel_path
+}
+
+checked_name! {
+    /// An environment variable's name: an ASCII letter or `_`, then
+    /// letters, digits and `_`; at most 128 characters.
+    EnvName, kind = "environment variable name", pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$", check = check_env_name
+}
+
+checked_name! {
+    /// A user name on the device, as `useradd` takes them: a lowercase
+    /// letter or `_`, then lowercase letters, digits, `_` and `-`; at most 32.
+    UserName, kind = "user name", pattern = "^[a-z_][a-z0-9_-]{0,31}$", check = check_user_name
 }
 
 /// The target of the devices Ferry was built for.
@@ -154,6 +167,42 @@ fn check_short_name(s: &str, allowed: impl Fn(u8) -> bool) -> Result<(), Option<
     }
 }
 
+fn check_env_name(s: &str) -> Result<(), &'static str> {
+    let bytes = s.as_bytes();
+    match bytes.first() {
+        None => Err("must not be empty"),
+        Some(c) if !(c.is_ascii_alphabetic() || *c == b'_') => {
+            Err("must start with an ASCII letter or '_'")
+        }
+        _ if bytes.len() > 128 => Err("must be at most 128 characters"),
+        _ if bytes
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'_') =>
+        {
+            Ok(())
+        }
+        _ => Err("may contain only ASCII letters, digits and '_'"),
+    }
+}
+
+fn check_user_name(s: &str) -> Result<(), &'static str> {
+    let bytes = s.as_bytes();
+    match bytes.first() {
+        None => Err("must not be empty"),
+        Some(c) if !(c.is_ascii_lowercase() || *c == b'_') => {
+            Err("must start with a lowercase ASCII letter or '_'")
+        }
+        _ if bytes.len() > 32 => Err("must be at most 32 characters"),
+        _ if bytes
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-')) =>
+        {
+            Ok(())
+        }
+        _ => Err("may contain only lowercase ASCII letters, digits, '_' and '-'"),
+    }
+}
+
 fn check_target(s: &str) -> Result<(), &'static str> {
     if s.is_empty() || s.len() > MAX_NAME {
         return Err("must be 1 to 64 characters");
@@ -180,8 +229,8 @@ fn check_rel_path(s: &str) -> Result<(), &'static str> {
     if s.starts_with('/') {
         return Err("must be relative");
     }
-    if s.contains('\0') || s.contains('\\') {
-        return Err("must not contain NUL or '\\'");
+    if s.contains('\\') || s.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err("must not contain '\\' or control characters");
     }
     for part in s.split('/') {
         match part {
@@ -258,7 +307,8 @@ mod tests {
             assert!(RelPath::new(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "/bin/api", "a/../b", "..", ".", "a//b", "a/", "./a", "a\\b", "a\0b",
+            "", "/bin/api", "a/../b", "..", ".", "a//b", "a/", "./a", "a\\b", "a\0b", "a\nb",
+            "a\x7fb",
         ] {
             assert!(RelPath::new(bad).is_err(), "{bad:?}");
         }

@@ -41,6 +41,7 @@ fn manifest() -> Manifest {
         expires: None,
         health: HealthSettings::default(),
         reload: Vec::new(),
+        run: Default::default(),
         build: BuildInfo::default(),
     }
 }

@@ -79,6 +79,7 @@ async fn measure(case: Case) {
                 probe: None,
             },
             reload: Vec::new(),
+            run: Default::default(),
         },
         &root.join("out"),
     )

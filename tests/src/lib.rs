@@ -507,9 +507,11 @@ pub fn agent_config(
     let health = health_interval
         .map(|h| format!("health_interval = \"{h}\"\n"))
         .unwrap_or_default();
+    // QEMU_LD_PREFIX: on this machine an ARM agent's dynamically linked ARM
+    // services find their C library through it, as a device's would at `/`.
     format!(
         "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"{supervisor}\"\n{health}\
-         {}[trust]\nkeys = [\"{}\"]\n",
+         pass_env = [\"QEMU_LD_PREFIX\"]\n{}[trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),
         at.broker_table(password),
         trust.display()
@@ -681,7 +683,7 @@ impl ProcessAgent {
         let child = Command::new(binary)
             .arg("--config")
             .arg(&config)
-            // Inherited by the services it starts, as a device's would be.
+            // Passed on to the services it starts (`pass_env`).
             .env("QEMU_LD_PREFIX", ARM_SYSROOT)
             .stdout(log_file())
             .stderr(log_file())
@@ -875,6 +877,7 @@ fn build_release(
                 probe: None,
             },
             reload: Vec::new(),
+            run: Default::default(),
         },
         &dir.join(format!("out-{version}")),
     )

@@ -87,6 +87,7 @@ fn request(
             }),
         },
         reload: Vec::new(),
+        run: Default::default(),
         packager: Some("ferry tests".into()),
     }
 }
@@ -317,6 +318,7 @@ fn x86_release(root: &Path, source: &Path, files: &Path, key: &SecretKey) -> Rel
             build: Default::default(),
             health: HealthSettings::default(),
             reload: Vec::new(),
+            run: Default::default(),
         },
         &root.join("x86-out"),
     )

@@ -32,7 +32,8 @@ use tokio::time::{Instant, sleep_until, timeout};
 use super::{ServiceSpec, ServiceStatus, SupervisorError, service_log};
 use crate::layout::Layout;
 
-/// How long a stopped service gets between SIGTERM and SIGKILL.
+/// How long a service a previous agent left running gets between SIGTERM
+/// and SIGKILL (its release's own timeout is not known then).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// First and largest wait before restarting a service that exited.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -251,14 +252,37 @@ impl Runner {
 
     fn start(&self, child: &mut Option<(Child, Instant)>, restarts: u32) -> Result<(), String> {
         let spawned = (|| {
-            let (output, input) = service_log::pipe()?;
-            let err = input.try_clone()?;
-            let child = Command::new(&self.spec.exec)
+            let mut command = Command::new(&self.spec.exec);
+            command
+                .args(&self.spec.args)
+                // The agent's own environment stays with the agent.
+                .env_clear()
+                .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
                 .current_dir(&self.spec.workdir)
                 .stdin(Stdio::null())
+                .process_group(0);
+            if let Some(name) = &self.spec.user {
+                // As systemd's User= does: the user's ids (supplementary
+                // groups dropped), and HOME, USER, LOGNAME.
+                let user = nix::unistd::User::from_name(name)
+                    .map_err(std::io::Error::from)?
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("user {name} does not exist on this device"))
+                    })?;
+                command
+                    .uid(user.uid.as_raw())
+                    .gid(user.gid.as_raw())
+                    .env("HOME", &user.dir)
+                    .env("USER", name)
+                    .env("LOGNAME", name);
+                // The release's own variables still win.
+                command.envs(self.spec.env.iter().skip(1).map(|(k, v)| (k, v)));
+            }
+            let (output, input) = service_log::pipe()?;
+            let err = input.try_clone()?;
+            let child = command
                 .stdout(Stdio::from(input))
                 .stderr(Stdio::from(err))
-                .process_group(0)
                 .spawn()?;
             tokio::spawn(service_log::keep(output, self.log_file.clone()));
             Ok::<_, std::io::Error>(child)
@@ -281,13 +305,14 @@ impl Runner {
         }
     }
 
-    /// SIGTERM to the process group, SIGKILL after the grace period.
+    /// The release's stop signal to the process group, SIGKILL after its
+    /// stop timeout.
     async fn stop(&self, child: &mut Option<(Child, Instant)>) {
         if let Some((mut c, _)) = child.take() {
             if let Some(pid) = c.id() {
                 let group = Pid::from_raw(pid as i32);
-                let _ = killpg(group, Signal::SIGTERM);
-                if timeout(STOP_GRACE, c.wait()).await.is_err() {
+                let _ = killpg(group, self.spec.stop_signal);
+                if timeout(self.spec.stop_timeout, c.wait()).await.is_err() {
                     let _ = killpg(group, Signal::SIGKILL);
                     let _ = c.wait().await;
                 }

@@ -21,15 +21,77 @@ use ferry_protocol::ServiceName;
 use ferry_protocol::messages::ServiceState;
 use nix::sys::signal::Signal;
 
-/// What a supervisor needs to run one service.
+/// What a supervisor needs to run one service: everything comes from the
+/// signed manifest, except the paths (the device's) and the variables the
+/// device's own configuration passes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// The service.
     pub service: ServiceName,
     /// The program, through the `current` link so a restart picks up a swap.
     pub exec: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its whole environment ([`environment`]), in order; a later entry
+    /// overrides an earlier one of the same name.
+    pub env: Vec<(String, String)>,
     /// Its working directory, also through `current`.
     pub workdir: PathBuf,
+    /// The user it runs as; the agent's when `None`.
+    pub user: Option<String>,
+    /// The signal that asks it to stop.
+    pub stop_signal: Signal,
+    /// How long it has between that signal and SIGKILL.
+    pub stop_timeout: std::time::Duration,
+}
+
+impl ServiceSpec {
+    /// A service run with no arguments, `PATH` only, as the agent's user,
+    /// stopped with SIGTERM and 10 s: a manifest's defaults.
+    pub fn plain(service: ServiceName, exec: PathBuf, workdir: PathBuf) -> Self {
+        Self {
+            service,
+            exec,
+            args: Vec::new(),
+            env: environment(&[], &Default::default()),
+            workdir,
+            user: None,
+            stop_signal: Signal::SIGTERM,
+            stop_timeout: std::time::Duration::from_secs(u64::from(
+                ferry_protocol::manifest::DEFAULT_STOP_TIMEOUT_SECS,
+            )),
+        }
+    }
+}
+
+/// `PATH` for every service, as systemd gives its services.
+pub const SERVICE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The environment a service gets: `PATH`, then the variables the device's
+/// configuration passes on from the agent's own (`pass_env`), then the
+/// release's. Nothing else of the agent's environment reaches it.
+pub fn environment(
+    passed: &[(String, String)],
+    release: &std::collections::BTreeMap<ferry_protocol::EnvName, String>,
+) -> Vec<(String, String)> {
+    let mut env = vec![("PATH".to_owned(), SERVICE_PATH.to_owned())];
+    env.extend(passed.iter().cloned());
+    env.extend(release.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env
+}
+
+/// The signal Ferry sends for a manifest's signal name.
+pub fn nix_signal(signal: ferry_protocol::manifest::ServiceSignal) -> Signal {
+    use ferry_protocol::manifest::ServiceSignal as S;
+    match signal {
+        S::Hup => Signal::SIGHUP,
+        S::Usr1 => Signal::SIGUSR1,
+        S::Usr2 => Signal::SIGUSR2,
+        S::Int => Signal::SIGINT,
+        S::Term => Signal::SIGTERM,
+        S::Quit => Signal::SIGQUIT,
+        S::Winch => Signal::SIGWINCH,
+    }
 }
 
 /// A service's state as its supervisor sees it.

@@ -73,11 +73,11 @@ mod tests {
     use super::*;
 
     fn spec() -> ServiceSpec {
-        ServiceSpec {
-            service: ServiceName::new("api").unwrap(),
-            exec: "/x/current/bin/api".into(),
-            workdir: "/x/current".into(),
-        }
+        ServiceSpec::plain(
+            ServiceName::new("api").unwrap(),
+            "/x/current/bin/api".into(),
+            "/x/current".into(),
+        )
     }
 
     #[test]

@@ -23,12 +23,71 @@ pub fn unit_name(service: &ServiceName) -> String {
     format!("ferry-{service}.service")
 }
 
-/// The unit file for `spec`.
+/// The unit file for `spec`. Every value from a manifest is quoted for
+/// systemd, so an argument or a variable is exactly one word with exactly
+/// its bytes: no `$VAR` expansion, no `%` specifier, no line of its own.
 pub fn render_unit(spec: &ServiceSpec) -> String {
+    let exec = std::iter::once(spec.exec.display().to_string())
+        .chain(spec.args.iter().cloned())
+        .map(|word| quote(&word, Dollar::Escape))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let environment: String = spec
+        .env
+        .iter()
+        .map(|(name, value)| {
+            let assignment = quote(&format!("{name}={value}"), Dollar::Literal);
+            format!("Environment={assignment}\n")
+        })
+        .collect();
+    let user = spec
+        .user
+        .as_ref()
+        .map(|u| format!("User={u}\n"))
+        .unwrap_or_default();
     TEMPLATE
         .replace("@SERVICE@", spec.service.as_str())
-        .replace("@EXEC@", &spec.exec.display().to_string())
-        .replace("@WORKDIR@", &spec.workdir.display().to_string())
+        .replace("@EXEC@", &exec)
+        // A path, not words: only `%` is special there (and a release path
+        // holds no control character).
+        .replace(
+            "@WORKDIR@",
+            &spec.workdir.display().to_string().replace('%', "%%"),
+        )
+        .replace("@ENVIRONMENT@", &environment)
+        .replace("@USER@", &user)
+        .replace("@KILL_SIGNAL@", spec.stop_signal.as_str())
+        .replace("@STOP_TIMEOUT@", &spec.stop_timeout.as_secs().to_string())
+}
+
+/// Whether `$` expands where a word goes: in `ExecStart=` it does (and is
+/// written `$$`), in `Environment=` it does not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dollar {
+    Escape,
+    Literal,
+}
+
+/// One word for a unit file: in double quotes, with C escapes for `\`, `"`
+/// and control characters, `%%` for `%` (no specifier), and `$$` for `$`
+/// where `$` would expand a variable.
+fn quote(word: &str, dollar: Dollar) -> String {
+    let mut out = String::with_capacity(word.len() + 2);
+    out.push('"');
+    for c in word.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '$' if dollar == Dollar::Escape => out.push_str("$$"),
+            '%' => out.push_str("%%"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 impl Systemd {
@@ -43,8 +102,15 @@ impl Systemd {
         let unit = unit_name(&spec.service);
         let path = self.unit_dir.join(&unit);
         let text = render_unit(spec);
-        if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        let old = std::fs::read_to_string(&path).ok();
+        if old.as_deref() == Some(text.as_str()) {
             return Ok(());
+        }
+        // The running release stops the way its own unit says (its stop
+        // signal and timeout), before the new unit replaces it, as under
+        // the direct supervisor.
+        if old.is_some() {
+            systemctl(&["stop", &unit]).await.ok();
         }
         durable::write_file(&path, text.as_bytes()).map_err(|error| SupervisorError::Io {
             what: format!("writing {}", path.display()),
@@ -185,20 +251,64 @@ mod tests {
 
     #[test]
     fn unit_runs_through_the_current_link() {
-        let spec = ServiceSpec {
-            service: ServiceName::new("api").unwrap(),
-            exec: "/var/lib/ferry/services/api/current/bin/api".into(),
-            workdir: "/var/lib/ferry/services/api/current".into(),
-        };
+        let spec = ServiceSpec::plain(
+            ServiceName::new("api").unwrap(),
+            "/var/lib/ferry/services/api/current/bin/api".into(),
+            "/var/lib/ferry/services/api/current".into(),
+        );
         let unit = render_unit(&spec);
         assert!(
-            unit.contains("ExecStart=/var/lib/ferry/services/api/current/bin/api\n"),
+            unit.contains("ExecStart=\"/var/lib/ferry/services/api/current/bin/api\"\n"),
             "{unit}"
         );
         assert!(
             unit.contains("WorkingDirectory=/var/lib/ferry/services/api/current\n"),
             "{unit}"
         );
+        assert!(
+            unit.contains("KillSignal=SIGTERM\nTimeoutStopSec=10\n"),
+            "{unit}"
+        );
         assert!(!unit.contains('@'), "{unit}");
+    }
+
+    #[test]
+    fn every_argument_and_variable_is_one_quoted_word() {
+        let mut spec = ServiceSpec::plain(
+            ServiceName::new("api").unwrap(),
+            "/d/current/bin/api".into(),
+            "/d/current/var 100%".into(),
+        );
+        spec.args = vec![
+            "-c".into(),
+            "two words".into(),
+            "$HOME".into(),
+            "100%n".into(),
+            "say \"hi\"\\".into(),
+            "line\nExecStartPre=/bin/rm -rf /".into(),
+        ];
+        spec.env
+            .push(("GREETING".into(), "a $b %i \"c\"\nUser=root".into()));
+        spec.user = Some("api".into());
+        spec.stop_signal = Signal::SIGQUIT;
+        let unit = render_unit(&spec);
+        let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+        assert_eq!(
+            exec,
+            r#"ExecStart="/d/current/bin/api" "-c" "two words" "$$HOME" "100%%n" "say \"hi\"\\" "line\nExecStartPre=/bin/rm -rf /""#
+        );
+        assert!(
+            unit.contains("Environment=\"GREETING=a $b %%i \\\"c\\\"\\nUser=root\"\n"),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("WorkingDirectory=/d/current/var 100%%\n"),
+            "{unit}"
+        );
+        assert!(unit.contains("User=api\nExecReload="), "{unit}");
+        assert!(unit.contains("KillSignal=SIGQUIT\n"), "{unit}");
+        // Nothing a value held became a line of its own.
+        assert_eq!(unit.lines().filter(|l| l.starts_with("User=")).count(), 1);
+        assert!(!unit.lines().any(|l| l.starts_with("ExecStartPre")));
     }
 }

@@ -207,6 +207,7 @@ impl Rig {
                 build: Default::default(),
                 health: Default::default(),
                 reload: Vec::new(),
+                run: Default::default(),
             },
             &self.tmp.path().join(format!("out-{version}-{sequence}")),
         )
@@ -305,6 +306,22 @@ impl Rig {
             .filter_map(|l| {
                 let mut f = l.split(' ');
                 Some((f.next()?.into(), f.next()?.into(), f.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The values process `pid` recorded for `event` ("arg", "env", "cwd",
+    /// "stop"), in order, unescaped.
+    pub fn values(&self, event: &str, pid: u32) -> Vec<String> {
+        let prefix = format!("{event} ");
+        fs::read_to_string(&self.out_host)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|rest| {
+                let (_version, rest) = rest.split_once(' ')?;
+                let (p, value) = rest.split_once(' ')?;
+                (p.parse::<u32>().ok()? == pid).then(|| unescape(value))
             })
             .collect()
     }
@@ -427,5 +444,52 @@ pub async fn eventually_for(
             "timed out waiting for {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Undoes the test service's escaping of `\\` and newlines.
+fn unescape(value: &str) -> String {
+    let mut out = String::new();
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match (c, c == '\\') {
+            (_, true) => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            },
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
+/// The run settings a signed manifest may carry, hostile-looking values
+/// included: each reaches the process exactly, and nothing of the agent's
+/// environment does.
+pub fn run_settings() -> ferry_protocol::manifest::RunSettings {
+    use ferry_protocol::{EnvName, RelPath};
+    ferry_protocol::manifest::RunSettings {
+        args: vec![
+            "--root".into(),
+            "two words".into(),
+            "$HOME".into(),
+            "100%n".into(),
+            "say \"hi\" \\o/".into(),
+            "line\nbreak".into(),
+            "".into(),
+        ],
+        env: [
+            ("GREETING", "hello world"),
+            ("TRICKY", "a $b %i \"c\"\nd"),
+            ("PATH", "/opt/app/bin:/usr/bin:/bin"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (EnvName::new(k).unwrap(), v.to_owned()))
+        .collect(),
+        workdir: Some(RelPath::new("bin").unwrap()),
+        user: None,
+        stop_signal: Some(ferry_protocol::manifest::ServiceSignal::Quit),
+        stop_timeout_secs: Some(3),
     }
 }

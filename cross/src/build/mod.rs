@@ -17,7 +17,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use ferry_protocol::elf::{ELF_HEADER_LEN, ElfError, check_elf};
-use ferry_protocol::manifest::{ArtifactKind, BuildInfo, HealthSettings, ReloadRule};
+use ferry_protocol::manifest::{ArtifactKind, BuildInfo, HealthSettings, ReloadRule, RunSettings};
 use ferry_protocol::names::ARMV7_TARGET;
 use ferry_protocol::{RelPath, ServiceName, Target, Timestamp};
 
@@ -46,6 +46,8 @@ pub struct BuildRequest {
     pub health: HealthSettings,
     /// Paths devices watch, and what they do on a change.
     pub reload: Vec<ReloadRule>,
+    /// How devices run the service: arguments, environment, user, stop.
+    pub run: RunSettings,
     /// Names the tool in the manifest, e.g. `ferry 0.1.0`.
     pub packager: Option<String>,
 }
@@ -197,6 +199,7 @@ impl Stage {
                 build,
                 health: request.health.clone(),
                 reload: request.reload.clone(),
+                run: request.run.clone(),
             },
             out_dir,
         )?;

@@ -56,8 +56,8 @@ pub(crate) struct CArgs {
     files: Option<PathBuf>,
 }
 
-fn request(dir: PathBuf, release: &ReleaseArgs, files: Option<PathBuf>) -> BuildRequest {
-    BuildRequest {
+fn request(dir: PathBuf, release: &ReleaseArgs, files: Option<PathBuf>) -> Result<BuildRequest> {
+    Ok(BuildRequest {
         source: dir,
         service: release.service.clone(),
         version: release.version.clone(),
@@ -66,14 +66,15 @@ fn request(dir: PathBuf, release: &ReleaseArgs, files: Option<PathBuf>) -> Build
         expires: release.expires,
         health: release.health(),
         reload: release.reload.clone(),
+        run: release.run()?,
         packager: Some(packager()),
-    }
+    })
 }
 
 pub(crate) fn run(args: Args) -> Result<Outcome> {
     let (request, out, built) = match args {
         Args::Go(args) => {
-            let request = request(args.dir, &args.release, args.files);
+            let request = request(args.dir, &args.release, args.files)?;
             let spinner = spinner(&request, "go");
             let built = ferry_cross::build_go(
                 &request,
@@ -86,7 +87,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
             (request, args.release.out, built)
         }
         Args::C(args) => {
-            let request = request(args.dir, &args.release, args.files);
+            let request = request(args.dir, &args.release, args.files)?;
             let spinner = spinner(&request, "arm-linux-gnueabihf-gcc");
             let built = ferry_cross::build_c(
                 &request,

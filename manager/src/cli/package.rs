@@ -37,6 +37,7 @@ enum Kind {
 
 pub(crate) fn run(args: Args) -> Result<Outcome> {
     let health = args.release.health();
+    let run = args.release.run()?;
     let release = args.release;
     let request = PackageRequest {
         dir: args.dir,
@@ -53,6 +54,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
         build: build_info(),
         health,
         reload: release.reload,
+        run,
     };
     let packaged = ferry_cross::package(&request, &release.out)
         .with_context(|| format!("cannot package {}", request.dir.display()))?;

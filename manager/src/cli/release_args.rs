@@ -1,10 +1,13 @@
 //! The options every command that makes a release shares (`ferry package`,
 //! `ferry build go|c`): what the manifest says about the release.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use ferry_protocol::manifest::{BuildInfo, HealthSettings, Probe, ReloadRule};
-use ferry_protocol::{ServiceName, Timestamp};
+use ferry_protocol::manifest::{
+    BuildInfo, HealthSettings, Probe, ReloadRule, RunSettings, ServiceSignal,
+};
+use ferry_protocol::{EnvName, RelPath, ServiceName, Timestamp, UserName};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReleaseArgs {
@@ -31,6 +34,26 @@ pub(crate) struct ReleaseArgs {
     /// PATH=restart. PATH is absolute or relative to the release. Repeatable.
     #[arg(long, value_name = "PATH=ACTION", value_parser = parse_reload)]
     pub reload: Vec<ReloadRule>,
+    /// An argument devices pass to the program, in order; repeatable
+    /// (`--arg=-c --arg=/etc/app.conf`, or `--arg -c`).
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+    /// An environment variable the program gets, NAME=VALUE; repeatable. The
+    /// device's own environment is not passed on.
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub env: Vec<(EnvName, String)>,
+    /// The program's working directory, inside the release [default: the release's root].
+    #[arg(long, value_name = "PATH")]
+    pub workdir: Option<RelPath>,
+    /// The user the program runs as on the device [default: the agent's].
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<UserName>,
+    /// The signal that asks the program to stop [default: SIGTERM].
+    #[arg(long, value_name = "SIGNAL")]
+    pub stop_signal: Option<ServiceSignal>,
+    /// Seconds between the stop signal and SIGKILL [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub stop_timeout: Option<u32>,
     /// Output directory for SERVICE-VERSION.tar.gz and SERVICE-VERSION.manifest.json.
     #[arg(short = 'o', long = "out", value_name = "OUTDIR")]
     pub out: PathBuf,
@@ -43,6 +66,37 @@ impl ReleaseArgs {
             probe: self.probe.clone(),
         }
     }
+
+    /// How devices run the program; a variable given twice is an error.
+    pub fn run(&self) -> anyhow::Result<RunSettings> {
+        let mut env = BTreeMap::new();
+        for (name, value) in &self.env {
+            if env.insert(name.clone(), value.clone()).is_some() {
+                anyhow::bail!("--env {name} is given twice");
+            }
+        }
+        if self.stop_timeout == Some(0) {
+            anyhow::bail!("--stop-timeout must be at least 1 second");
+        }
+        Ok(RunSettings {
+            args: self.args.clone(),
+            env,
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            stop_signal: self.stop_signal,
+            stop_timeout_secs: self.stop_timeout,
+        })
+    }
+}
+
+fn parse_env(text: &str) -> Result<(EnvName, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or("expected NAME=VALUE, e.g. LOG_LEVEL=info")?;
+    Ok((
+        EnvName::new(name).map_err(|e| e.to_string())?,
+        value.to_owned(),
+    ))
 }
 
 /// Names this tool in a manifest's build info.
