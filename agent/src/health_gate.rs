@@ -36,15 +36,21 @@ pub async fn run(
             .status(service)
             .await
             .map_err(|e| format!("cannot read the service's state: {e}"))?;
+        // How the process ended, when it did: the exit status or signal
+        // and how long it ran tell a usage error from a crash.
+        let exit = status
+            .last_exit
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
         if status.restarts > 0 {
             return Err(format!(
-                "restarted {} time(s) within the {}s health window (crashing?)",
+                "restarted {} time(s) within the {}s health window{exit}",
                 status.restarts, settings.window_secs
             ));
         }
         match status.state {
-            ServiceState::Failed => return Err("service failed".into()),
-            ServiceState::Inactive => return Err("service is not running (exited?)".into()),
+            ServiceState::Failed => return Err(format!("service failed{exit}")),
+            ServiceState::Inactive => return Err(format!("service is not running{exit}")),
             ServiceState::Active | ServiceState::Activating | ServiceState::Deactivating => {}
         }
         let now = Instant::now();
@@ -90,7 +96,7 @@ async fn run_probe(probe: &Probe, workdir: &Path, http: &reqwest::Client) -> Res
                 .get(url)
                 .send()
                 .await
-                .map_err(|e| format!("GET {url}: {e}"))?;
+                .map_err(|e| format!("GET {url}: {}", crate::error_chain(&e)))?;
             if response.status().is_success() {
                 Ok(())
             } else {

@@ -38,3 +38,20 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The target triple this agent was built for: a device's target unless its
 /// configuration says otherwise.
 pub const BUILD_TARGET: &str = env!("FERRY_AGENT_TARGET");
+
+/// A message with the causes under it: "connect: connection refused", not
+/// only the outermost "error sending request".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -104,6 +104,8 @@ async fn a_release_that_exits_at_once_is_rolled_back_and_the_old_one_keeps_servi
     assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
     let reason = result.reason.unwrap();
     assert!(reason.starts_with("health gate: "), "{reason}");
+    // How it ended, and after how long, say what went wrong.
+    assert!(reason.contains("exited with status 1 after 0."), "{reason}");
     assert!(
         rig.records()
             .iter()
@@ -347,6 +349,21 @@ async fn probes_gate_the_release() {
     let result = rig.install(&not_found).await;
     assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
     assert!(result.reason.unwrap().contains("answered 404"));
+
+    // An HTTP probe to a closed port says so, not only "error sending request".
+    let refused = rig.release("2.0.1", 3, Build::SERVE, |m| {
+        m.health.window_secs = 2;
+        m.health.probe = Some(Probe::Http {
+            url: format!("http://{closed}/healthz"),
+        });
+    });
+    let result = rig.install(&refused).await;
+    assert_eq!(result.outcome, Outcome::RolledBack, "{result:?}");
+    let reason = result.reason.unwrap();
+    assert!(
+        reason.to_lowercase().contains("connection refused"),
+        "{reason}"
+    );
 
     // An HTTP probe that answers 200 passes.
     let healthy = server.add(b"ok".to_vec());

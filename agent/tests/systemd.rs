@@ -141,13 +141,20 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     let crash = rig.release("3.0.0", 3, Build::CRASH, |m| m.health.window_secs = 3);
     let result = device.install(&crash, "v3").await;
     assert_eq!(result["outcome"], "rolled_back", "{result}");
-    let pid = device.main_pid();
     assert!(
-        rig.records()
-            .contains(&("start".into(), "2.0.0".into(), pid)),
-        "{:?}",
-        rig.records()
+        result["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 1"),
+        "{result}"
     );
+    // (The rollback's restart may still be starting the process.)
+    let pid = device.main_pid();
+    support::eventually("v2 to run again", || {
+        rig.records()
+            .contains(&("start".into(), "2.0.0".into(), pid))
+    })
+    .await;
 
     // A release whose probe never passes: rolled back too.
     let closed = support::broker::free_port();
@@ -167,10 +174,11 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
         "{result}"
     );
     let pid = device.main_pid();
-    assert!(
+    support::eventually("v2 to run again", || {
         rig.records()
             .contains(&("start".into(), "2.0.0".into(), pid))
-    );
+    })
+    .await;
 
     // A watched config file changes: SIGHUP through systemd, no restart.
     let v5 = rig.release("5.0.0", 5, Build::SERVE, |m| {

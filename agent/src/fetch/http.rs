@@ -61,10 +61,10 @@ pub async fn download(
         if e.is_connect() {
             FetchError::Unreachable {
                 url: url.to_owned(),
-                reason: error_chain(&e),
+                reason: crate::error_chain(&e),
             }
         } else {
-            transfer(staging.held(), error_chain(&e))
+            transfer(staging.held(), crate::error_chain(&e))
         }
     })?;
     match response.status() {
@@ -99,16 +99,6 @@ pub async fn download(
 }
 
 /// An error with its causes: reqwest's own message rarely says why.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {

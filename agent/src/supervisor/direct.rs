@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -101,6 +102,7 @@ impl Direct {
             state: ServiceState::Inactive,
             pid: None,
             restarts: 0,
+            last_exit: None,
         });
         let runner = Runner {
             spec: spec.clone(),
@@ -224,8 +226,15 @@ impl Runner {
                         }
                     }
                 },
-                ran_for = wait_exit(&mut child) => {
+                (status, ran_for) = wait_exit(&mut child) => {
                     child = None;
+                    // Kept with the state, for the operator's reasons.
+                    let exit = super::Exit {
+                        code: status.and_then(|s| s.code()),
+                        signal: status.and_then(|s| s.signal()),
+                        ran_for: Some(ran_for),
+                    };
+                    self.status.send_modify(|s| s.last_exit = Some(exit));
                     remove_pid_file(&self.pid_file);
                     if ran_for >= STABLE_RUN {
                         backoff = BACKOFF_MIN;
@@ -330,6 +339,7 @@ impl Runner {
             state,
             pid,
             restarts,
+            last_exit: self.status.borrow().last_exit,
         };
         if self.status.send_replace(new) != new {
             self.changed.notify_one();
@@ -337,12 +347,15 @@ impl Runner {
     }
 }
 
-/// Resolves when the child exits, with how long it ran; never without a child.
-async fn wait_exit(child: &mut Option<(Child, Instant)>) -> Duration {
+/// Resolves when the child exits, with how and after how long; never
+/// without a child.
+async fn wait_exit(
+    child: &mut Option<(Child, Instant)>,
+) -> (Option<std::process::ExitStatus>, Duration) {
     match child {
         Some((c, started)) => {
-            let _ = c.wait().await;
-            started.elapsed()
+            let status = c.wait().await.ok();
+            (status, started.elapsed())
         }
         None => std::future::pending().await,
     }

@@ -103,6 +103,37 @@ pub struct ServiceStatus {
     pub pid: Option<u32>,
     /// Restarts since the last explicit restart.
     pub restarts: u32,
+    /// How its main process last ended, when it has.
+    pub last_exit: Option<Exit>,
+}
+
+/// How a service's process ended, for the operator: an exit status or a
+/// signal, and how long it had run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit status, when it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// How long it ran, when known.
+    pub ran_for: Option<std::time::Duration>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (_, Some(signal)) => match Signal::try_from(signal) {
+                Ok(name) => write!(f, "killed by {}", name.as_str())?,
+                Err(_) => write!(f, "killed by signal {signal}")?,
+            },
+            (Some(code), None) => write!(f, "exited with status {code}")?,
+            (None, None) => f.write_str("ended")?,
+        }
+        if let Some(ran) = self.ran_for {
+            write!(f, " after {:.1}s", ran.as_secs_f64())?;
+        }
+        Ok(())
+    }
 }
 
 /// A supervisor operation that failed.

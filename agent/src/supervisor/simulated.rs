@@ -52,6 +52,7 @@ impl Simulated {
                 state,
                 pid: None,
                 restarts: 0,
+                last_exit: None,
             }),
             None => Err(SupervisorError::Unknown(service.clone())),
         }

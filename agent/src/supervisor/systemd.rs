@@ -145,7 +145,8 @@ impl Systemd {
         let out = systemctl(&[
             "show",
             &unit_name(service),
-            "--property=ActiveState,SubState,MainPID,NRestarts",
+            "--property=ActiveState,SubState,MainPID,NRestarts,ExecMainCode,ExecMainStatus,\
+             ExecMainStartTimestampMonotonic,ExecMainExitTimestampMonotonic",
         ])
         .await?;
         Ok(parse_show(&out))
@@ -177,8 +178,11 @@ fn parse_show(out: &str) -> ServiceStatus {
         state: ServiceState::Inactive,
         pid: None,
         restarts: 0,
+        last_exit: None,
     };
     let mut sub = "";
+    // ExecMainCode: 1 exited, 2 killed, 3 dumped core (CLD_* values).
+    let (mut code, mut main_status, mut started, mut exited) = (0u8, None, 0u64, 0u64);
     for line in out.lines() {
         let Some((key, value)) = line.split_once('=') else {
             continue;
@@ -196,6 +200,10 @@ fn parse_show(out: &str) -> ServiceStatus {
             "SubState" => sub = value,
             "MainPID" => status.pid = value.parse().ok().filter(|&p| p != 0),
             "NRestarts" => status.restarts = value.parse().unwrap_or(0),
+            "ExecMainCode" => code = value.parse().unwrap_or(0),
+            "ExecMainStatus" => main_status = value.parse::<i32>().ok(),
+            "ExecMainStartTimestampMonotonic" => started = value.parse().unwrap_or(0),
+            "ExecMainExitTimestampMonotonic" => exited = value.parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -204,6 +212,24 @@ fn parse_show(out: &str) -> ServiceStatus {
     if sub == "auto-restart" {
         status.state = ServiceState::Activating;
         status.pid = None;
+    }
+    // The last run of the main process, once it has ended.
+    if exited > 0 {
+        let ran_for = (exited > started && started > 0)
+            .then(|| std::time::Duration::from_micros(exited - started));
+        status.last_exit = match (code, main_status) {
+            (1, Some(value)) => Some(super::Exit {
+                code: Some(value),
+                signal: None,
+                ran_for,
+            }),
+            (2 | 3, Some(value)) => Some(super::Exit {
+                code: None,
+                signal: Some(value),
+                ran_for,
+            }),
+            _ => None,
+        };
     }
     status
 }
@@ -240,13 +266,26 @@ mod tests {
             ServiceStatus {
                 state: ServiceState::Active,
                 pid: Some(42),
-                restarts: 3
+                restarts: 3,
+                last_exit: None,
             }
         );
-        let s =
-            parse_show("ActiveState=activating\nSubState=auto-restart\nMainPID=0\nNRestarts=1\n");
+        let s = parse_show(
+            "ActiveState=activating\nSubState=auto-restart\nMainPID=0\nNRestarts=1\n\
+             ExecMainCode=1\nExecMainStatus=64\nExecMainStartTimestampMonotonic=1000000\n\
+             ExecMainExitTimestampMonotonic=1250000\n",
+        );
         assert_eq!(s.state, ServiceState::Activating);
         assert_eq!(s.pid, None);
+        assert_eq!(
+            s.last_exit.unwrap().to_string(),
+            "exited with status 64 after 0.2s"
+        );
+        let s = parse_show(
+            "ActiveState=failed\nExecMainCode=2\nExecMainStatus=11\n\
+             ExecMainStartTimestampMonotonic=0\nExecMainExitTimestampMonotonic=5\n",
+        );
+        assert_eq!(s.last_exit.unwrap().to_string(), "killed by SIGSEGV");
     }
 
     #[test]
