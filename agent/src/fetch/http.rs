@@ -98,8 +98,6 @@ pub async fn download(
     staging.finish()
 }
 
-/// An error with its causes: reqwest's own message rarely says why.
-
 #[cfg(test)]
 mod tests {
     use super::*;
