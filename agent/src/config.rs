@@ -7,6 +7,7 @@
 //! supervisor = "auto"                 # auto | systemd | direct
 //! health_interval = "30s"
 //! pass_env = []                       # agent variables services also get (none)
+//! stop_services_on_exit = false       # services run on while the agent is stopped
 //! [broker]                            # optional: without it the agent works offline
 //! url = "mqtt://manager.local:1883"   # mqtts:// for TLS
 //! username = "gw-0042"
@@ -61,6 +62,11 @@ pub struct Config {
     /// gets (say `QEMU_LD_PREFIX` on an emulated device); none by default.
     #[serde(default)]
     pub pass_env: Vec<ferry_protocol::EnvName>,
+    /// Stop the services when the agent stops. By default they keep running
+    /// (an agent restarted or upgraded never takes a service down; under
+    /// its own supervisor a new agent stops and restarts what it finds).
+    #[serde(default)]
+    pub stop_services_on_exit: bool,
     /// The MQTT broker; absent for offline devices.
     #[serde(default)]
     pub broker: Option<BrokerConfig>,

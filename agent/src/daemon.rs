@@ -16,7 +16,7 @@ use ferry_protocol::messages::{
     Connectivity, Desired, Message, Outcome, Reported, Step, StepStatus,
 };
 use ferry_protocol::topics::{Topic, TopicKind};
-use ferry_protocol::{DeviceId, TrustPolicy};
+use ferry_protocol::{DeviceId, ServiceName, TrustPolicy};
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, interval, sleep_until};
@@ -170,6 +170,17 @@ pub async fn run_with(
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if config.stop_services_on_exit {
+        let services: Vec<ServiceName> = match &last_reported {
+            Some(r) => r.services.iter().map(|s| s.release.service.clone()).collect(),
+            None => Vec::new(),
+        };
+        for service in services {
+            if let Err(e) = supervisor.stop(&service).await {
+                tracing::warn!(service = %service, error = %e, "cannot stop the service");
+            }
+        }
+    }
     session.goodbye().await;
     Ok(())
 }
@@ -317,14 +328,16 @@ async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
                 continue;
             }
         };
-        if let Some(installed) = installer.state().services.get(&manifest.service) {
-            if installed.manifest.sequence == manifest.sequence
-                && installed.manifest.artifact.sha256 == manifest.artifact.sha256
-            {
-                continue;
-            }
-        }
-        if installer.state().has_failed(&manifest) {
+        let installed = installer
+            .state()
+            .services
+            .get(&manifest.service)
+            .is_some_and(|i| {
+                i.manifest.sequence == manifest.sequence
+                    && i.manifest.artifact.sha256 == manifest.artifact.sha256
+            });
+        if installed || installer.state().has_failed(&manifest) {
+            installer.answer_without_installing(&manifest, desired.rollout.as_deref());
             continue;
         }
         let result = installer

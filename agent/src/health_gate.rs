@@ -69,7 +69,9 @@ pub async fn run(
         }
         sleep(CHECK_EVERY.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
-    if status_is_running(supervisor, service).await && probe_passed {
+    let last = supervisor.status(service).await.ok();
+    let running = last.is_some_and(|s| s.state == ServiceState::Active && s.restarts == 0);
+    if running && probe_passed {
         Ok(())
     } else if !probe_passed {
         Err(format!(
@@ -77,15 +79,14 @@ pub async fn run(
             settings.window_secs
         ))
     } else {
-        Err("service stopped at the end of the health window".into())
+        let exit = last
+            .and_then(|s| s.last_exit)
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        Err(format!(
+            "service stopped at the end of the health window{exit}"
+        ))
     }
-}
-
-async fn status_is_running(supervisor: &Supervisor, service: &ServiceName) -> bool {
-    matches!(
-        supervisor.status(service).await,
-        Ok(s) if s.state == ServiceState::Active && s.restarts == 0
-    )
 }
 
 /// One probe attempt.

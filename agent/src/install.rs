@@ -271,6 +271,32 @@ impl Installer {
         }
     }
 
+    /// Answers a desired release that needs no install, once per rollout:
+    /// one already installed (`Installed`), or one that rolled back here
+    /// before and is not tried again (`Rejected`). Without an answer the
+    /// deployment that asked would wait for one forever. A repeat of the
+    /// same question (the desired state delivered again) writes nothing.
+    pub fn answer_without_installing(&mut self, manifest: &Manifest, rollout: Option<&str>) {
+        let release = release_ref(manifest);
+        let answered = self
+            .state
+            .last_result
+            .as_ref()
+            .is_some_and(|r| r.release == release && r.rollout.as_deref() == rollout);
+        if answered || rollout.is_none() {
+            return;
+        }
+        let (outcome, reason) = if self.state.has_failed(manifest) {
+            (
+                Outcome::Rejected,
+                "this release rolled back on this device before; publish a new sequence to try again",
+            )
+        } else {
+            (Outcome::Installed, "already installed")
+        };
+        self.conclude(release, rollout, outcome, Some(reason.into()));
+    }
+
     /// Runs the install path for one release and says how it ended. `Err`
     /// only when the envelope is too broken to name a release at all.
     pub async fn install(&mut self, request: InstallRequest) -> Result<DeploymentResult, String> {

@@ -399,6 +399,46 @@ async fn what_others_drop_into_the_inbox_cannot_read_or_write_beyond_it() {
     );
 }
 
+/// Installs v1 through the inbox of an agent started with `extra`, stops
+/// the agent with SIGTERM, and says whether the service outlived it.
+async fn service_outlives_a_stopped_agent(name: &str, extra: &str) -> bool {
+    let rig = Rig::new();
+    let inbox = rig.tmp.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let mut agent = Agent::start_with(&rig, name, None, Some(&inbox), extra);
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    std::fs::copy(&v1.artifact, inbox.join("v1.tar.gz")).unwrap();
+    std::fs::write(inbox.join("v1.envelope.json"), v1.envelope.to_json()).unwrap();
+    let result = inbox.join("v1.result.json");
+    support::eventually_for("v1 installed", Duration::from_secs(30), || result.exists()).await;
+    let pid = rig
+        .records()
+        .iter()
+        .find(|r| r.0 == "start")
+        .map(|r| r.2)
+        .unwrap();
+    agent.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alive = support::pid_alive(pid);
+    if alive {
+        // (The agent's Drop stops what it left running.)
+        kill_services(&agent.data);
+    }
+    alive
+}
+
+#[tokio::test]
+async fn services_run_on_when_the_agent_stops_unless_it_is_told_otherwise() {
+    assert!(
+        service_outlives_a_stopped_agent("stays", "").await,
+        "the service stopped with the agent"
+    );
+    assert!(
+        !service_outlives_a_stopped_agent("stops", "stop_services_on_exit = true").await,
+        "the service outlived the agent"
+    );
+}
+
 #[tokio::test]
 async fn releases_dropped_into_the_inbox_are_installed_once_complete() {
     let rig = Rig::new();

@@ -502,3 +502,126 @@ async fn a_device_that_falls_silent_is_marked_offline() {
     poll.abort();
     manager.stop().await;
 }
+
+/// `ferry` as an operator runs it against this manager; (exit code, stdout,
+/// stderr).
+fn ferry(manager: &Manager, home: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(ferry_e2e::ferry_binary())
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env("FERRY_URL", format!("http://{}", manager.http))
+        .env("FERRY_TOKEN", &manager.token)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_deployment_finishes_and_deploy_wait_says_how() {
+    let fleet = Fleet::new();
+    let root = fleet.dir.path();
+    let (mqtt, http) = (addr(free_port()), addr(free_port()));
+    let manager = Manager::start(&root.join("manager"), mqtt, http).await;
+    let mut agents = Vec::new();
+    for id in ["gw-1", "gw-2"] {
+        let password = manager.add_device(id, &["lab"]).await;
+        agents.push(Agent::start(
+            root,
+            id,
+            &password,
+            (mqtt, http),
+            &fleet.trust,
+        ));
+    }
+    let out = root.join("service.out");
+    let wait = |version: &'static str, selector: &'static [&'static str]| {
+        let (manager, root) = (&manager, root);
+        async move {
+            let mut args = vec!["deploy", "api", version];
+            args.extend_from_slice(selector);
+            args.extend_from_slice(&["--wait", "--timeout", "60s"]);
+            tokio::task::block_in_place(|| ferry(manager, root, &args))
+        }
+    };
+
+    // Every device commits: exit 0.
+    manager
+        .publish(&release(root, &fleet.key, "1.0.0", 1, &out))
+        .await;
+    let (code, text, err) = wait("1.0.0", &["--tag", "lab"]).await;
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("2 of 2 device(s) installed"), "{text}");
+
+    // A release that crashes: rolled back on both, exit 1, each with why.
+    let crash = ferry_e2e::crashing_release(root, &fleet.key, "2.0.0", 2, &out);
+    manager.publish(&crash).await;
+    let (code, text, err) = wait("2.0.0", &["--all"]).await;
+    assert_eq!(code, 1, "{text}{err}");
+    assert!(err.contains("0 of 2 device(s) installed"), "{err}");
+    assert!(err.contains("rolled_back: health gate:"), "{err}");
+    assert!(err.contains("exited with status 1"), "{err}");
+
+    // The same release again: no device would try it. Refused at once,
+    // with the reason, instead of waiting forever.
+    let (code, _, err) = wait("2.0.0", &["--all"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no device would install it")
+            && err.contains("it rolled api 2.0.0 back before"),
+        "{err}"
+    );
+    // A device that never had it takes it: the others end at once, as
+    // rejected, and the wait says so.
+    let password = manager.add_device("gw-3", &["lab"]).await;
+    agents.push(Agent::start(
+        root,
+        "gw-3",
+        &password,
+        (mqtt, http),
+        &fleet.trust,
+    ));
+    let (code, _, err) = wait("2.0.0", &["--all"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("gw-1") && err.contains("rejected: it rolled api 2.0.0 back before"),
+        "{err}"
+    );
+    assert!(err.contains("gw-3") && err.contains("rolled_back"), "{err}");
+
+    // A lower sequence than the devices run: refused up front too.
+    manager
+        .publish(&release(root, &fleet.key, "3.0.0", 3, &out))
+        .await;
+    let (code, text, err) = wait("3.0.0", &["--all"]).await;
+    assert_eq!(code, 0, "{text}{err}");
+    let (code, _, err) = wait("1.0.0", &["--device", "gw-1"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("devices refuse a lower sequence"), "{err}");
+
+    // What a device already runs: it answers at once, and the wait ends 0.
+    let (code, text, err) = wait("3.0.0", &["--device", "gw-2"]).await;
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.contains("installed: already installed"), "{text}");
+
+    // `ferry deployment N` tells one, `ferry deployments` all.
+    let (code, text, _) = tokio::task::block_in_place(|| ferry(&manager, root, &["deployments"]));
+    assert_eq!(code, 0);
+    assert!(text.lines().count() >= 5, "{text}");
+    let (code, text, _) =
+        tokio::task::block_in_place(|| ferry(&manager, root, &["deployment", "2"]));
+    assert_eq!(code, 0);
+    assert!(
+        text.starts_with("deployment 2 of api 2.0.0: 0 of 2"),
+        "{text}"
+    );
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    manager.stop().await;
+}

@@ -136,6 +136,13 @@ impl Direct {
         }
     }
 
+    pub(super) async fn stop(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        let (reply, done) = oneshot::channel();
+        self.send(service, Order::Stop(reply))?;
+        let _ = done.await;
+        Ok(())
+    }
+
     pub(super) async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
         let handle = self.lock().remove(service);
         if let Some(handle) = handle {

@@ -208,6 +208,20 @@ impl Supervisor {
         }
     }
 
+    /// Stops the service, keeping what the supervisor knows of it (the
+    /// unit stays enabled under systemd).
+    pub async fn stop(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        match self {
+            Self::Systemd(s) => s.stop(service).await,
+            Self::Direct(d) => d.stop(service).await,
+            #[cfg(feature = "simulator")]
+            Self::Simulated(s) => {
+                s.remove(service);
+                Ok(())
+            }
+        }
+    }
+
     /// The service's current state.
     pub async fn status(&self, service: &ServiceName) -> Result<ServiceStatus, SupervisorError> {
         match self {

@@ -128,6 +128,10 @@ impl Systemd {
         systemctl(&["restart", &unit]).await.map(drop)
     }
 
+    pub(super) async fn stop(&self, service: &ServiceName) -> Result<(), SupervisorError> {
+        systemctl(&["stop", &unit_name(service)]).await.map(drop)
+    }
+
     pub(super) async fn remove(&self, service: &ServiceName) -> Result<(), SupervisorError> {
         let unit = unit_name(service);
         systemctl(&["disable", "--now", &unit]).await?;

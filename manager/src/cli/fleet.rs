@@ -1,5 +1,6 @@
-//! Fleet commands: `ferry device add|ID`, `ferry devices`, `ferry deploy`,
-//! `ferry health`, `ferry events`.
+//! Fleet commands: `ferry device add|remove|tags|ID`, `ferry devices`,
+//! `ferry health`, `ferry events`; the device selector deployments and
+//! rollouts share.
 
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -184,24 +185,15 @@ pub(crate) async fn devices(manager: &Manager) -> Result<Outcome> {
     Ok(Outcome::ok(text, list))
 }
 
-#[derive(Debug, clap::Args)]
-pub(crate) struct DeployArgs {
-    /// The service.
-    service: String,
-    /// The published version to deploy.
-    version: String,
-    #[command(flatten)]
-    targets: Targets,
-}
-
 /// Which devices: exactly one of `--device ID...`, `--tag T`, `--all`.
 #[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
 pub(crate) struct Targets {
     /// These devices; repeatable.
-    #[arg(long = "device", value_name = "ID", conflicts_with_all = ["tag", "all"], required_unless_present_any = ["tag", "all"])]
+    #[arg(long = "device", value_name = "ID")]
     pub devices: Vec<String>,
     /// Every device with this tag.
-    #[arg(long, conflicts_with = "all")]
+    #[arg(long)]
     pub tag: Option<String>,
     /// Every device.
     #[arg(long)]
@@ -219,33 +211,6 @@ impl Targets {
             "all": self.all,
         })
     }
-}
-
-pub(crate) async fn deploy(manager: &Manager, args: DeployArgs) -> Result<Outcome> {
-    let created = manager
-        .post(
-            "/v1/deployments",
-            &args.targets.request(&args.service, &args.version),
-        )
-        .await?;
-    let devices: Vec<&str> = created["devices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    Ok(Outcome::ok(
-        format!(
-            "deployment {} of {} {} to {} device(s): {}\nwatch it with `ferry devices` or GET /v1/deployments/{}",
-            created["id"],
-            args.service,
-            args.version,
-            devices.len(),
-            devices.join(", "),
-            created["id"]
-        ),
-        created,
-    ))
 }
 
 #[derive(Debug, clap::Args)]

@@ -5,6 +5,7 @@
 //! one asked for and turns failure into exit code 1.
 
 mod build;
+mod deployments;
 mod fleet;
 mod keygen;
 mod keys;
@@ -77,8 +78,12 @@ enum Command {
     Releases(releases::ListArgs),
     /// Show one published release: what its manifest says, who signed it.
     Release(releases::ShowArgs),
-    /// Deploy a published release to devices.
-    Deploy(fleet::DeployArgs),
+    /// Deploy a published release to devices (`--wait` for the outcome).
+    Deploy(deployments::DeployArgs),
+    /// One deployment: how it went on each device.
+    Deployment(deployments::ShowArgs),
+    /// Every deployment, newest first.
+    Deployments,
     /// Staged rollouts: canary, waves, failure threshold (start, status, list, pause, resume, abort).
     #[command(subcommand)]
     Rollout(rollout::Args),
@@ -169,7 +174,9 @@ pub fn main() -> ExitCode {
                     Command::Publish(args) => publish::run(&manager, args, json).await,
                     Command::Releases(args) => releases::list(&manager, args).await,
                     Command::Release(args) => releases::show(&manager, args).await,
-                    Command::Deploy(args) => fleet::deploy(&manager, args).await,
+                    Command::Deploy(args) => deployments::deploy(&manager, args).await,
+                    Command::Deployment(args) => deployments::show(&manager, args).await,
+                    Command::Deployments => deployments::list(&manager).await,
                     Command::Rollout(args) => rollout::run(&manager, args, json).await,
                     Command::Health(args) => fleet::history(&manager, "health", args, json).await,
                     Command::Events(args) => fleet::history(&manager, "events", args, json).await,

@@ -582,6 +582,24 @@ async fn deploy(
         request.all,
     )?;
 
+    // Devices that would never act on it are not sent it: they end at once,
+    // with the reason the device itself would give.
+    let mut refused = Vec::new();
+    let mut reached = Vec::new();
+    for device in targets {
+        match will_not_install(&state.store, &device, &release)? {
+            Some(reason) => refused.push((device, reason)),
+            None => reached.push(device),
+        }
+    }
+    if reached.is_empty() {
+        let reasons: Vec<String> = refused.iter().map(|(d, r)| format!("{d}: {r}")).collect();
+        return Err(bad(
+            StatusCode::CONFLICT,
+            format!("no device would install it; {}", reasons.join("; ")),
+        ));
+    }
+
     // The deployment id goes into the rollout field, so it is known first.
     let url = format!("{}/v1/artifacts/{}", state.public_url, release.sha256);
     let id = state
@@ -589,12 +607,13 @@ async fn deploy(
         .add_deployment(&request.service, &request.version)?;
     let rollout = format!("deploy-{id}");
     let mut desired = Vec::new();
-    for device in &targets {
+    for device in &reached {
         let payload =
             super::desired::with_release(&state.store, device, &envelope, &url, &rollout)?;
         desired.push((device.clone(), payload));
     }
     state.store.add_deployment_targets(id, &desired)?;
+    state.store.add_deployment_refusals(id, &refused)?;
     for (device, payload) in &desired {
         let _ = state.outgoing.send(Outgoing {
             device: device.clone(),
@@ -602,10 +621,68 @@ async fn deploy(
         });
     }
     state.rollouts.changed();
+    let refused: serde_json::Map<String, serde_json::Value> = refused
+        .into_iter()
+        .map(|(device, reason)| (device, reason.into()))
+        .collect();
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "rollout": rollout, "devices": targets })),
+        Json(json!({ "id": id, "rollout": rollout, "devices": reached, "refused": refused })),
     ))
+}
+
+/// Why `device` would never install `release`, if it would not: it reports
+/// a higher sequence of the service, the same sequence with another
+/// release, or it rolled this release back before.
+fn will_not_install(
+    store: &Store,
+    device: &str,
+    release: &super::store::ReleaseRow,
+) -> ApiResult<Option<String>> {
+    let reported = store.device(device)?.and_then(|d| d.reported);
+    let running = reported
+        .as_ref()
+        .and_then(|r| r["services"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|s| s["service"] == release.service.as_str());
+    if let Some(running) = running {
+        let sequence = running["sequence"].as_u64().unwrap_or(0);
+        let version = running["version"].as_str().unwrap_or("?");
+        if sequence > release.sequence {
+            return Ok(Some(format!(
+                "it runs {} {version} (sequence {sequence}), and devices refuse a lower sequence (this release has {}); publish the old code under a new sequence to go back",
+                release.service, release.sequence
+            )));
+        }
+        if sequence == release.sequence && version != release.version {
+            return Ok(Some(format!(
+                "it runs {} {version} under the same sequence {sequence}; give the new release a sequence of its own",
+                release.service
+            )));
+        }
+    }
+    // Rolled back outside the manager's records (an inbox install, say):
+    // the device's own last result says so.
+    let last = reported.as_ref().map(|r| &r["last_result"]);
+    if let Some(last) = last.filter(|l| {
+        l["outcome"] == "rolled_back"
+            && l["release"]["service"] == release.service.as_str()
+            && l["release"]["version"] == release.version.as_str()
+    }) {
+        let reason = last["reason"].as_str().unwrap_or("no reason given");
+        return Ok(Some(format!(
+            "it rolled {} {} back before ({reason}), and devices do not try a release again; publish a new sequence",
+            release.service, release.version
+        )));
+    }
+    if let Some(reason) = store.rolled_back_on(device, &release.service, &release.version)? {
+        return Ok(Some(format!(
+            "it rolled {} {} back before ({reason}), and devices do not try a release again; publish a new sequence",
+            release.service, release.version
+        )));
+    }
+    Ok(None)
 }
 
 async fn list_deployments(

@@ -541,6 +541,52 @@ impl Store {
         Ok(())
     }
 
+    /// Why `device` rolled `service` `version` back before, if it did (in a
+    /// deployment or a rollout): it will not try that release again.
+    pub fn rolled_back_on(
+        &self,
+        device: &str,
+        service: &str,
+        version: &str,
+    ) -> Result<Option<String>> {
+        let db = self.db();
+        Ok(db
+            .query_row(
+                "SELECT reason FROM (
+                     SELECT dd.reason AS reason, dd.updated AS updated
+                       FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
+                      WHERE dd.device_id = ?1 AND d.service = ?2 AND d.version = ?3
+                        AND dd.status = 'rolled_back'
+                     UNION ALL
+                     SELECT rd.reason, rd.updated
+                       FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+                      WHERE rd.device_id = ?1 AND r.service = ?2 AND r.version = ?3
+                        AND rd.status = 'rolled_back')
+                 ORDER BY updated DESC LIMIT 1",
+                params![device, service, version],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .map(|reason| reason.unwrap_or_else(|| "no reason given".into())))
+    }
+
+    /// Starts tracking devices the deployment will not reach: each ends at
+    /// once as `rejected`, with why.
+    pub fn add_deployment_refusals(&self, id: i64, refused: &[(String, String)]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let time = now();
+        for (device, reason) in refused {
+            tx.execute(
+                "INSERT INTO deployment_devices (deployment_id, device_id, status, reason, updated)
+                 VALUES (?1, ?2, 'rejected', ?3, ?4)",
+                params![id, device, reason, time],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Updates a device's progress in a deployment (from its events and reports).
     pub fn set_deployment_status(
         &self,
