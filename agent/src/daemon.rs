@@ -172,7 +172,11 @@ pub async fn run_with(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     if config.stop_services_on_exit {
         let services: Vec<ServiceName> = match &last_reported {
-            Some(r) => r.services.iter().map(|s| s.release.service.clone()).collect(),
+            Some(r) => r
+                .services
+                .iter()
+                .map(|s| s.release.service.clone())
+                .collect(),
             None => Vec::new(),
         };
         for service in services {

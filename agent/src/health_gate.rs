@@ -31,17 +31,18 @@ pub async fn run(
     let mut probe_passed = settings.probe.is_none();
     let mut last_probe_error = String::new();
     let mut next_probe = Instant::now();
+    // How the process last ended, kept across reads: systemd forgets it
+    // once the restarted process runs.
+    let mut seen_exit = None;
     loop {
         let status = supervisor
             .status(service)
             .await
             .map_err(|e| format!("cannot read the service's state: {e}"))?;
+        seen_exit = status.last_exit.or(seen_exit);
         // How the process ended, when it did: the exit status or signal
         // and how long it ran tell a usage error from a crash.
-        let exit = status
-            .last_exit
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
+        let exit = seen_exit.map(|e| format!(": {e}")).unwrap_or_default();
         if status.restarts > 0 {
             return Err(format!(
                 "restarted {} time(s) within the {}s health window{exit}",
@@ -81,6 +82,7 @@ pub async fn run(
     } else {
         let exit = last
             .and_then(|s| s.last_exit)
+            .or(seen_exit)
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
         Err(format!(

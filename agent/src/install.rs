@@ -1035,7 +1035,33 @@ fn check_entrypoint(release: &Path, manifest: &Manifest, target: &Target) -> Res
     fs::File::open(&path)
         .and_then(|f| f.take(ELF_HEADER_LEN as u64).read_to_end(&mut header))
         .map_err(|e| format!("cannot read {what}: {e}"))?;
-    check_elf(&header, target).map_err(|e| format!("{what}: {e}"))
+    check_elf(&header, target).map_err(|e| format!("{what}: {e}"))?;
+    check_other_programs(release, release, target)
+}
+
+/// Every other ELF file in the release (a helper program, a library) must
+/// be built for this device too: found here, not when something runs it.
+fn check_other_programs(dir: &Path, release: &Path, target: &Target) -> Result<(), String> {
+    let entries = fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if kind.is_dir() {
+            check_other_programs(&path, release, target)?;
+        } else if kind.is_file() {
+            let mut header = Vec::with_capacity(ELF_HEADER_LEN);
+            fs::File::open(&path)
+                .and_then(|f| f.take(ELF_HEADER_LEN as u64).read_to_end(&mut header))
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let name = path.strip_prefix(release).unwrap_or(&path).display();
+            ferry_protocol::elf::check_release_file(&header, target, false)
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// A progress callback that reports a download at every 5% (and at the end).

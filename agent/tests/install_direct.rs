@@ -652,6 +652,26 @@ async fn binaries_for_another_architecture_are_refused_before_the_swap() {
     assert_eq!(step, Step::ElfCheck);
     assert!(reason.contains("built for ARM"), "{reason}");
     assert_eq!(host.snapshot(), before);
+
+    // A right entrypoint with a helper program for another machine beside
+    // it: found before the swap too, by name.
+    let arm_helper = std::fs::read("/usr/arm-linux-gnueabihf/lib/ld-linux-armhf.so.3").unwrap();
+    let mixed = host.release_with(
+        "2.1.0",
+        3,
+        Build::SERVE,
+        &[("libexec/helper".into(), arm_helper)],
+        |_| {},
+    );
+    let result = host.install(&mixed).await;
+    assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
+    let (step, reason) = host.failed_step().unwrap();
+    assert_eq!(step, Step::ElfCheck);
+    assert!(
+        reason.starts_with("libexec/helper: built for ARM"),
+        "{reason}"
+    );
+    assert_eq!(host.snapshot(), before);
 }
 
 #[tokio::test]

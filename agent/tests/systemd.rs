@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_protocol::manifest::{Probe, ReloadAction, ReloadRule, ServiceSignal};
@@ -53,48 +53,12 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     std::fs::create_dir_all(container.host_path("/etc/ferry")).unwrap();
     std::fs::create_dir_all(container.host_path("/etc/api")).unwrap();
     std::fs::write(container.host_path("/etc/api/app.conf"), "level = 1\n").unwrap();
-    std::fs::write(
-        container.host_path("/etc/ferry/ops.pub"),
-        rig.key.public_key().to_text(),
-    )
-    .unwrap();
-    std::fs::write(
-        container.host_path("/etc/ferry/agent.toml"),
+    container.start_agent(
+        Path::new(env!("CARGO_BIN_EXE_ferry-agent")),
         "device_id = \"sd-1\"\ndata_dir = \"/var/lib/ferry\"\ninbox = \"/var/lib/ferry/inbox\"\n\
          supervisor = \"systemd\"\nhealth_interval = \"5s\"\n[trust]\nkeys = [\"/etc/ferry/ops.pub\"]\n",
-    )
-    .unwrap();
-    // The binary under test where the project's own unit expects it. (Copied:
-    // the container sees the host's root file system, not what is mounted on it.)
-    std::fs::copy(
-        env!("CARGO_BIN_EXE_ferry-agent"),
-        container.host_path("/usr/bin/ferry-agent"),
-    )
-    .unwrap();
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../systemd/ferry-agent.service"
-        ),
-        container.host_path("/etc/systemd/system/ferry-agent.service"),
-    )
-    .unwrap();
-    assert!(
-        container
-            .exec(&["systemctl", "daemon-reload"])
-            .status
-            .success()
-    );
-    // Type=notify: `start` returns only once the agent said READY=1.
-    let started = container.exec(&["systemctl", "start", "ferry-agent"]);
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    assert_eq!(
-        container.show("ferry-agent.service")["ActiveState"],
-        "active"
+        &rig.key.public_key().to_text(),
+        &[],
     );
     let device = Device {
         inbox: container.host_path("/var/lib/ferry/inbox"),

@@ -392,3 +392,144 @@ fn broken_sources_fail_with_the_compilers_words() {
     .unwrap_err();
     assert!(error.to_string().contains("go mod init"), "{error}");
 }
+
+/// The current Go that `scripts/setup` keeps under target/.
+fn current_go() -> PathBuf {
+    let go = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go-1.27.3/go/bin/go");
+    assert!(
+        go.is_file(),
+        "{} is missing; run scripts/setup",
+        go.display()
+    );
+    go
+}
+
+#[test]
+fn a_module_that_needs_a_current_go_builds_with_the_go_named_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = copy_sample("greeter", dir.path());
+    // Debian's Go 1.19 cannot read a go.mod that names a toolchain: the
+    // build fails with go's own words and says how to choose another Go.
+    let error = build_go(
+        &request(&source, "greeter", "1.0.0"),
+        &GoBuild::default(),
+        &dir.path().join("old"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("unknown directive: toolchain"), "{error}");
+    assert!(error.contains("--go"), "{error}");
+
+    let built = build_go(
+        &request(&source, "greeter", "1.0.0"),
+        &GoBuild {
+            go: Some(current_go()),
+            ..GoBuild::default()
+        },
+        &dir.path().join("new"),
+    )
+    .unwrap();
+    let compiler = built.packaged.manifest.build.compiler.clone().unwrap();
+    assert!(compiler.starts_with("go1.27.3 ("), "{compiler}");
+    assert!(compiler.ends_with("from --go)"), "{compiler}");
+    assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+    assert!(
+        built
+            .packaged
+            .manifest
+            .build
+            .flags
+            .as_deref()
+            .unwrap()
+            .contains("GOTOOLCHAIN=local")
+    );
+    let tree = dir.path().join("unpacked");
+    let program = unpack(&built, &tree);
+    assert_arm(&program);
+}
+
+#[test]
+fn a_version_the_program_cannot_carry_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    // Go: `version` is a constant, which -X cannot set.
+    let go = dir.path().join("constant");
+    fs::create_dir_all(&go).unwrap();
+    fs::write(
+        go.join("go.mod"),
+        "module example.com/constant\n\ngo 1.19\n",
+    )
+    .unwrap();
+    fs::write(
+        go.join("main.go"),
+        "package main\n\nimport \"fmt\"\n\nconst version = \"2.8.1\"\n\nvar commit = \"\"\n\nfunc main() { fmt.Println(version, commit) }\n",
+    )
+    .unwrap();
+    let built = build_go(
+        &request(&go, "constant", "2.8.2"),
+        &GoBuild::default(),
+        &dir.path().join("go-out"),
+    )
+    .unwrap();
+    assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+    assert!(
+        built.warnings[0].contains("-X main.version=... had no effect"),
+        "{:?}",
+        built.warnings
+    );
+    // The hello-go sample declares both variables: no warning.
+    let hello = copy_sample("hello-go", dir.path());
+    let built = build_go(
+        &request(&hello, "hello-go", "1.0.0"),
+        &GoBuild::default(),
+        &dir.path().join("hello-out"),
+    )
+    .unwrap();
+    assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+
+    // C: a Makefile that never passes VERSION to the compiler.
+    let c = copy_sample("hello-c", dir.path());
+    fs::write(
+        c.join("Makefile"),
+        "hello-c: hello.c\n\t$(CC) $(CFLAGS) -o $@ hello.c $(LDFLAGS)\n",
+    )
+    .unwrap();
+    let built = build_c(
+        &request(&c, "hello-c", "7.7.7"),
+        &CBuild::default(),
+        &dir.path().join("c-out"),
+    )
+    .unwrap();
+    assert_eq!(built.warnings.len(), 1, "{:?}", built.warnings);
+    assert!(
+        built.warnings[0].contains("7.7.7 does not occur in the program"),
+        "{:?}",
+        built.warnings
+    );
+}
+
+#[test]
+fn make_runs_outside_the_source_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = copy_sample("tinyhttpd", dir.path());
+    let before: Vec<_> = fs::read_dir(&source)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    build_c(
+        &request(&source, "tinyhttpd", "1.0.0"),
+        &CBuild::default(),
+        &dir.path().join("out"),
+    )
+    .unwrap();
+    let after: Vec<_> = fs::read_dir(&source)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "the build left {after:?} in the source"
+    );
+}

@@ -135,6 +135,17 @@ impl Manager {
         .await
     }
 
+    /// Whether `path` exists (HEAD answers 2xx); errors only when the
+    /// manager cannot be reached.
+    pub async fn exists(&self, path: &str) -> Result<bool> {
+        let response = self
+            .request(reqwest::Method::HEAD, path)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the manager at {}", self.url))?;
+        Ok(response.status().is_success())
+    }
+
     /// PUT a streamed body of `len` bytes to `path`.
     pub async fn put_stream(&self, path: &str, body: reqwest::Body, len: u64) -> Result<Value> {
         self.send(

@@ -73,7 +73,7 @@ fn sign(
     std::fs::create_dir_all(d.join("svc/bin")).unwrap();
     let _ = std::fs::remove_dir_all(d.join("svc"));
     std::fs::create_dir_all(d.join("svc/bin")).unwrap();
-    std::fs::write(&program, [&b"\x7fELF "[..], content].concat()).unwrap();
+    std::fs::write(&program, [common::arm_program(), content.to_vec()].concat()).unwrap();
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
     let entrypoint = format!("bin/{service}");
     ok(

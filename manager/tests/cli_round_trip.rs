@@ -13,7 +13,7 @@ fn service_dir(root: &Path) -> PathBuf {
     let dir = root.join("svc");
     fs::create_dir_all(dir.join("bin")).unwrap();
     fs::create_dir_all(dir.join("etc")).unwrap();
-    fs::write(dir.join("bin/api"), b"#!/bin/sh\nexec sleep 1000\n").unwrap();
+    fs::write(dir.join("bin/api"), common::arm_program()).unwrap();
     fs::set_permissions(dir.join("bin/api"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(dir.join("etc/api.toml"), b"port = 8080\n").unwrap();
     dir
@@ -464,4 +464,104 @@ fn health_and_reload_settings_reach_the_manifest() {
     let run = ferry(d, &bad);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("SIGKILL"), "{}", run.stderr);
+}
+
+#[test]
+fn package_and_verify_check_programs_as_devices_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    service_dir(d);
+    // A script as the entrypoint: refused at package time, with the rule.
+    fs::write(d.join("svc/bin/api"), b"#!/bin/sh\nexec sleep 1000\n").unwrap();
+    let line = fails(d, PACKAGE);
+    assert!(
+        line.contains("entrypoint bin/api: not an ELF executable (a script?")
+            && line.contains("--arg"),
+        "{line}"
+    );
+    assert!(!d.join("out").exists(), "something was written");
+    // A helper program built for this x86-64 machine, beside an ARM entrypoint.
+    fs::write(d.join("svc/bin/api"), common::arm_program()).unwrap();
+    fs::copy("/bin/true", d.join("svc/bin/helper")).unwrap();
+    let line = fails(d, PACKAGE);
+    assert!(
+        line.contains("bin/helper: built for x86-64, but armv7-unknown-linux-gnueabihf needs ARM"),
+        "{line}"
+    );
+    fs::remove_file(d.join("svc/bin/helper")).unwrap();
+    ok(d, PACKAGE);
+
+    // verify --artifact looks inside the artifact the same way: an artifact
+    // packed by another tool with an x86-64 entrypoint is caught there.
+    ok(d, &["keygen", "--out", "ops"]);
+    ok(
+        d,
+        &[
+            "sign",
+            "out/api-1.2.3.manifest.json",
+            "--key",
+            "ops.key",
+            "-o",
+            "env.json",
+        ],
+    );
+    let checked = ok(
+        d,
+        &[
+            "verify",
+            "env.json",
+            "--pub",
+            "ops.pub",
+            "--artifact",
+            "out/api-1.2.3.tar.gz",
+        ],
+    );
+    assert!(
+        checked.contains("its programs are built for armv7"),
+        "{checked}"
+    );
+    let x86 = tempfile::tempdir().unwrap();
+    fs::create_dir_all(x86.path().join("bin")).unwrap();
+    fs::copy("/bin/true", x86.path().join("bin/api")).unwrap();
+    let packaged = ferry_cross::package(
+        &ferry_cross::PackageRequest {
+            dir: x86.path().to_owned(),
+            service: ferry_protocol::ServiceName::new("api").unwrap(),
+            version: "1.2.4".parse().unwrap(),
+            entrypoint: ferry_protocol::RelPath::new("bin/api").unwrap(),
+            sequence: 8,
+            target: ferry_protocol::Target::new("armv7-unknown-linux-gnueabihf").unwrap(),
+            kind: Some(ferry_protocol::manifest::ArtifactKind::C),
+            expires: None,
+            build: Default::default(),
+            health: Default::default(),
+            reload: Vec::new(),
+            run: Default::default(),
+        },
+        &d.join("x86"),
+    )
+    .unwrap();
+    let manifest = packaged.manifest_path.display().to_string();
+    ok(
+        d,
+        &["sign", &manifest, "--key", "ops.key", "-o", "x86.json"],
+    );
+    let artifact = packaged.artifact.display().to_string();
+    let run = ferry(
+        d,
+        &[
+            "verify",
+            "x86.json",
+            "--pub",
+            "ops.pub",
+            "--artifact",
+            &artifact,
+        ],
+    );
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("entrypoint bin/api: built for x86-64"),
+        "{}",
+        run.stderr
+    );
 }

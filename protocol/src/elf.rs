@@ -13,7 +13,9 @@ pub const ELF_HEADER_LEN: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ElfError {
     /// Not an ELF file at all (a script, say).
-    #[error("not an ELF executable")]
+    #[error(
+        "not an ELF executable (a script? devices start a program built for them: ship the interpreter in the release as the entrypoint and name the script with --arg)"
+    )]
     NotElf,
     /// Too short to hold an ELF header.
     #[error("truncated ELF header")]
@@ -109,6 +111,25 @@ fn rule(target: &Target) -> Option<Rule> {
         bits,
         hard_float: machine == EM_ARM && triple.ends_with("hf"),
     })
+}
+
+/// Checks one file of a release (its first [`ELF_HEADER_LEN`] bytes, or all
+/// of it if shorter) against `target`: the entrypoint must be an ELF
+/// program for the target; any other file that is ELF (a helper program, a
+/// library) must be built for the target too; anything else is data.
+pub fn check_release_file(
+    header: &[u8],
+    target: &Target,
+    entrypoint: bool,
+) -> Result<(), ElfError> {
+    if !entrypoint && !header.starts_with(b"\x7fELF") {
+        return Ok(());
+    }
+    match check_elf(header, target) {
+        // An object file or a core dump in the release is data, not run.
+        Err(ElfError::NotExecutable(_)) if !entrypoint => Ok(()),
+        other => other,
+    }
 }
 
 /// Checks the start of an executable (at least [`ELF_HEADER_LEN`] bytes, or

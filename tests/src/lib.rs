@@ -19,6 +19,11 @@ use tokio::task::JoinHandle;
 
 pub mod simulator;
 
+/// A real systemd as PID 1 in a throwaway container (the agent's tests
+/// use the same file).
+#[path = "../../agent/tests/support/container.rs"]
+pub mod container;
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

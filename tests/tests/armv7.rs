@@ -325,3 +325,284 @@ fn x86_release(root: &Path, source: &Path, files: &Path, key: &SecretKey) -> Rel
     .unwrap();
     sign(&packaged, key)
 }
+
+/// The current Go that `scripts/setup` keeps under target/.
+fn current_go() -> PathBuf {
+    let go = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go-1.27.3/go/bin/go");
+    assert!(
+        go.is_file(),
+        "{} is missing; run scripts/setup",
+        go.display()
+    );
+    go
+}
+
+/// Two daemons that will not start without their arguments and
+/// environment, built for ARMv7: greeter (Go, needs a current Go) and
+/// tinyhttpd (C, a Makefile, static), with what each needs in its signed
+/// run settings.
+struct Daemons<'a> {
+    key: &'a SecretKey,
+    root: PathBuf,
+    greeter: PathBuf,
+    tinyhttpd: PathBuf,
+}
+
+impl<'a> Daemons<'a> {
+    fn new(root: &Path, key: &'a SecretKey) -> Self {
+        let (greeter, _) = sample_repo("greeter", root);
+        let (tinyhttpd, _) = sample_repo("tinyhttpd", root);
+        Self {
+            key,
+            root: root.to_owned(),
+            greeter,
+            tinyhttpd,
+        }
+    }
+
+    fn run(args: Vec<String>, env: &[(&str, &str)]) -> ferry_protocol::manifest::RunSettings {
+        ferry_protocol::manifest::RunSettings {
+            args,
+            env: env
+                .iter()
+                .map(|(k, v)| (ferry_protocol::EnvName::new(*k).unwrap(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// greeter VERSION listening on `port`.
+    fn greeter(&self, version: &str, sequence: u64, port: u16) -> Release {
+        let mut request = request(
+            &self.greeter,
+            "greeter",
+            version,
+            sequence,
+            &port_files(&self.root, "greeter", port),
+            port,
+        );
+        request.files = None;
+        let listen = format!("127.0.0.1:{port}");
+        request.run = Self::run(
+            vec!["-listen".into(), listen, "-name".into(), "fleet".into()],
+            &[("GREETING", "Hello")],
+        );
+        let settings = GoBuild {
+            go: Some(current_go()),
+            ..GoBuild::default()
+        };
+        let built = build_go(&request, &settings, &self.root.join("out")).unwrap();
+        assert!(built.warnings.is_empty(), "{:?}", built.warnings);
+        sign(&built.packaged, self.key)
+    }
+
+    /// tinyhttpd VERSION serving `www/` on `port`.
+    fn tinyhttpd(&self, version: &str, sequence: u64, port: u16) -> Release {
+        let files = self.root.join(format!("www-{version}"));
+        std::fs::create_dir_all(files.join("www")).unwrap();
+        std::fs::write(files.join("www/index.html"), "<p>served by tinyhttpd</p>\n").unwrap();
+        let mut request = request(
+            &self.tinyhttpd,
+            "tinyhttpd",
+            version,
+            sequence,
+            &files,
+            port,
+        );
+        request.run = Self::run(
+            vec!["-p".into(), port.to_string(), "-d".into(), "www".into()],
+            &[("TINYHTTPD_BANNER", "ferry's tinyhttpd")],
+        );
+        let settings = CBuild {
+            static_link: true,
+            ..CBuild::default()
+        };
+        sign(
+            &build_c(&request, &settings, &self.root.join("out"))
+                .unwrap()
+                .packaged,
+            self.key,
+        )
+    }
+}
+
+/// GET `path` on 127.0.0.1:`port`: the body, or `None` when nothing answers.
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut response = String::new();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .and_then(|_| stream.read_to_string(&mut response))
+        .ok()?;
+    response.split("\r\n\r\n").nth(1).map(str::to_owned)
+}
+
+/// Deploys releases to `device` through `manager` and waits for each outcome.
+async fn deploy_and_wait(manager: &Manager, device: &str, release: &Release) -> Value {
+    manager.publish(release).await;
+    let m = &release.manifest;
+    manager
+        .post(
+            "/v1/deployments",
+            json!({ "service": m.service, "version": m.version.to_string(), "devices": [device] }),
+        )
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let found = manager.get(&format!("/v1/devices/{device}")).await;
+        let result = &found["reported"]["last_result"];
+        if result["service"] == m.service.as_str() && result["version"] == m.version.to_string() {
+            return result.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no result for {} {}: {found:#}",
+            m.service,
+            m.version
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What both supervisors must do with the daemons on `device`.
+async fn daemons_run_with_their_signed_arguments(
+    manager: &Manager,
+    device: &str,
+    daemons: &Daemons<'_>,
+) {
+    let (greeter_port, httpd_port) = (free_port(), free_port());
+    for release in [
+        daemons.greeter("1.0.0", 1, greeter_port),
+        daemons.tinyhttpd("1.0.0", 1, httpd_port),
+    ] {
+        let result = deploy_and_wait(manager, device, &release).await;
+        assert_eq!(result["outcome"], "installed", "{result}");
+    }
+    assert_eq!(get(greeter_port, "/").as_deref(), Some("Hello, fleet\n"));
+    assert!(
+        get(greeter_port, "/version")
+            .unwrap()
+            .starts_with("greeter 1.0.0 "),
+        "the version was not stamped"
+    );
+    assert_eq!(
+        get(httpd_port, "/").as_deref(),
+        Some("<p>served by tinyhttpd</p>\n")
+    );
+    assert_eq!(
+        get(httpd_port, "/version").as_deref(),
+        Some("tinyhttpd 1.0.0 ferry's tinyhttpd\n")
+    );
+
+    // Only the arguments change (another port): a new signed release.
+    let moved = free_port();
+    let result = deploy_and_wait(manager, device, &daemons.tinyhttpd("1.0.1", 2, moved)).await;
+    assert_eq!(result["outcome"], "installed", "{result}");
+    assert_eq!(
+        get(moved, "/").as_deref(),
+        Some("<p>served by tinyhttpd</p>\n")
+    );
+    assert!(get(httpd_port, "/").is_none(), "the old one still serves");
+
+    // Whoever relays the release rewrites its arguments (keeping the
+    // signature): the device refuses it, and 1.0.1 goes on serving.
+    let honest = daemons.tinyhttpd("1.0.2", 3, moved);
+    let mut json: Value = serde_json::from_slice(&honest.envelope.to_json()).unwrap();
+    let mut manifest = honest.manifest.clone();
+    manifest.run.args = vec!["-p".into(), moved.to_string(), "-d".into(), "/".into()];
+    use base64::Engine as _;
+    json["manifest"] = base64::engine::general_purpose::STANDARD
+        .encode(manifest.to_json())
+        .into();
+    let rewritten = Release {
+        envelope: ferry_protocol::Envelope::from_json(json.to_string().as_bytes()).unwrap(),
+        ..honest
+    };
+    let result = deploy_and_wait(manager, device, &rewritten).await;
+    assert_eq!(result["outcome"], "rejected", "{result}");
+    assert!(
+        result["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not verify"),
+        "{result}"
+    );
+    assert_eq!(
+        get(moved, "/").as_deref(),
+        Some("<p>served by tinyhttpd</p>\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn armv7_agent_runs_daemons_with_their_signed_arguments_under_its_own_supervisor() {
+    let agent_binary = armv7_agent_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key = SecretKey::from_seed(&[8; 32]);
+    let trust = root.join("ops.pub");
+    std::fs::write(&trust, key.public_key().to_text()).unwrap();
+    let manager = Manager::start(&root.join("manager"), addr(free_port()), addr(free_port())).await;
+    let password = manager.add_device("arm-d", &[]).await;
+    let _agent = ProcessAgent::start(
+        &agent_binary,
+        root,
+        "arm-d",
+        &password,
+        manager.endpoints(),
+        &trust,
+    );
+    manager
+        .wait_device("arm-d", "online", |d| d["online"] == true)
+        .await;
+    let daemons = Daemons::new(root, &key);
+    daemons_run_with_their_signed_arguments(&manager, "arm-d", &daemons).await;
+    manager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn armv7_agent_runs_daemons_with_their_signed_arguments_under_systemd() {
+    let agent_binary = armv7_agent_binary();
+    let container = ferry_e2e::container::SystemdContainer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let key = SecretKey::from_seed(&[9; 32]);
+    let manager = Manager::start(&root.join("manager"), addr(free_port()), addr(free_port())).await;
+    let password = manager.add_device("arm-s", &[]).await;
+
+    // The ARM agent as a systemd service, from the project's own unit; the
+    // container shares this machine's network, so the manager is on
+    // loopback. The agent is a dynamically linked ARM program: qemu finds
+    // its C library through QEMU_LD_PREFIX (a drop-in, as a device needs
+    // none). Its services are static.
+    let config = format!(
+        "device_id = \"arm-s\"\ndata_dir = \"/var/lib/ferry\"\nsupervisor = \"systemd\"\nhealth_interval = \"2s\"\n\
+         {}[trust]\nkeys = [\"/etc/ferry/ops.pub\"]\n",
+        manager.endpoints().broker_table(&password)
+    );
+    container.start_agent(
+        &agent_binary,
+        &config,
+        &key.public_key().to_text(),
+        &[("QEMU_LD_PREFIX", ferry_e2e::ARM_SYSROOT)],
+    );
+    manager
+        .wait_device("arm-s", "online", |d| d["online"] == true)
+        .await;
+    let daemons = Daemons::new(root, &key);
+    daemons_run_with_their_signed_arguments(&manager, "arm-s", &daemons).await;
+    // systemd runs them: the unit carries the signed words.
+    let unit =
+        std::fs::read_to_string(container.host_path("/etc/systemd/system/ferry-tinyhttpd.service"))
+            .unwrap();
+    assert!(unit.contains(r#""-p" ""#), "{unit}");
+    assert!(
+        unit.contains("Environment=\"TINYHTTPD_BANNER=ferry's tinyhttpd\""),
+        "{unit}"
+    );
+    assert_eq!(
+        container.show("ferry-greeter.service")["ActiveState"],
+        "active"
+    );
+    manager.stop().await;
+}

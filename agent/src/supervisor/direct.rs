@@ -209,6 +209,9 @@ impl Runner {
                     }
                     Some(Order::Restart(reply)) => {
                         self.stop(&mut child).await;
+                        // A new start: how the last process ended is
+                        // history, not this run's.
+                        self.status.send_modify(|s| s.last_exit = None);
                         wanted = true;
                         restarts = 0;
                         backoff = BACKOFF_MIN;

@@ -127,6 +127,48 @@ impl SystemdContainer {
             .unwrap()
     }
 
+    /// Starts `agent` (a ferry-agent binary) as the project's own
+    /// `systemd/ferry-agent.service` with `config` as its agent.toml,
+    /// trusting `trusted` (a public key's text), with `env` added to the
+    /// unit's environment; returns once systemd says it is active (the unit
+    /// is Type=notify: the agent said READY=1).
+    pub fn start_agent(&self, agent: &Path, config: &str, trusted: &str, env: &[(&str, &str)]) {
+        let dropins = "/etc/systemd/system/ferry-agent.service.d";
+        for dir in ["/etc/ferry", dropins] {
+            std::fs::create_dir_all(self.host_path(dir)).unwrap();
+        }
+        std::fs::write(self.host_path("/etc/ferry/ops.pub"), trusted).unwrap();
+        std::fs::write(self.host_path("/etc/ferry/agent.toml"), config).unwrap();
+        // Copied: the container sees the host's root file system, not what
+        // is mounted on it.
+        std::fs::copy(agent, self.host_path("/usr/bin/ferry-agent")).unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../systemd/ferry-agent.service"
+            ),
+            self.host_path("/etc/systemd/system/ferry-agent.service"),
+        )
+        .unwrap();
+        let environment: String = env
+            .iter()
+            .map(|(k, v)| format!("Environment={k}={v}\n"))
+            .collect();
+        std::fs::write(
+            self.host_path(&format!("{dropins}/test.conf")),
+            format!("[Service]\n{environment}"),
+        )
+        .unwrap();
+        assert!(self.exec(&["systemctl", "daemon-reload"]).status.success());
+        let started = self.exec(&["systemctl", "start", "ferry-agent"]);
+        assert!(
+            started.status.success(),
+            "{}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        assert_eq!(self.show("ferry-agent.service")["ActiveState"], "active");
+    }
+
     /// `systemctl show -p ... UNIT` as a map.
     pub fn show(&self, unit: &str) -> std::collections::HashMap<String, String> {
         let out = self.exec(&[

@@ -58,10 +58,15 @@ pub fn build_c(
 
     let stage = Stage::new(request, out_dir)?;
     let flags = if has_makefile(&request.source) {
+        // make runs on a copy: the ARM objects it leaves stay out of the
+        // user's tree (and an object left there from a host build cannot
+        // end up in the program).
+        let source = stage.scratch.path().join("source");
+        copy_sources(&request.source, &source)?;
         let mut make = MAKE.command();
         // -B: the Makefile cannot see that VERSION or CFLAGS changed, and a
         // program left from an earlier build must never ship as this one.
-        make.current_dir(&request.source)
+        make.current_dir(&source)
             .arg("-B")
             .arg(format!("-j{}", jobs()))
             .arg(format!("CC={}", ARM_GCC.program))
@@ -75,7 +80,7 @@ pub fn build_c(
             .binary
             .clone()
             .unwrap_or_else(|| PathBuf::from(request.service.as_str()));
-        let built = request.source.join(&binary);
+        let built = source.join(&binary);
         if !built.is_file() {
             return Err(BuildError::Source {
                 dir: request.source.clone(),
@@ -109,6 +114,7 @@ pub fn build_c(
     };
 
     stage.check_program()?;
+    let warnings = unstamped_version(&stage.program, &request.version.to_string())?;
     let debug_name = format!("{}-{}.debug", request.service, request.version);
     let debug_aside = stage.aside(&debug_name);
     debuginfo::split(&stage.program, &debug_aside)?;
@@ -125,7 +131,47 @@ pub fn build_c(
         packaged,
         debug_file: Some(debug_file),
         program_size,
+        warnings,
     })
+}
+
+/// A warning when the release's version does not occur in the program: its
+/// build ignores `VERSION` (or `FERRY_VERSION`), so it cannot report it.
+fn unstamped_version(program: &Path, version: &str) -> Result<Vec<String>, BuildError> {
+    let bytes = fs::read(program).map_err(io_err(program))?;
+    let found = bytes
+        .windows(version.len().max(1))
+        .any(|w| w == version.as_bytes());
+    Ok(if found {
+        Vec::new()
+    } else {
+        vec![format!(
+            "the version {version} does not occur in the program: its build ignores VERSION (a Makefile) or FERRY_VERSION (plain sources), so it cannot report the version it is"
+        )]
+    })
+}
+
+/// Copies a source tree for a build: files, directories and links as they
+/// are, without `.git`.
+fn copy_sources(from: &Path, to: &Path) -> Result<(), BuildError> {
+    fs::create_dir_all(to).map_err(io_err(to))?;
+    for item in fs::read_dir(from).map_err(io_err(from))? {
+        let item = item.map_err(io_err(from))?;
+        if item.file_name() == ".git" {
+            continue;
+        }
+        let (source, target) = (item.path(), to.join(item.file_name()));
+        let kind = item.file_type().map_err(io_err(&source))?;
+        if kind.is_dir() {
+            copy_sources(&source, &target)?;
+        } else if kind.is_symlink() {
+            let link = fs::read_link(&source).map_err(io_err(&source))?;
+            std::os::unix::fs::symlink(link, &target).map_err(io_err(&target))?;
+        } else if kind.is_file() {
+            fs::copy(&source, &target).map_err(io_err(&source))?;
+        }
+    }
+    Ok(())
 }
 
 fn has_makefile(dir: &Path) -> bool {

@@ -61,24 +61,27 @@ pub struct Built {
     pub debug_file: Option<PathBuf>,
     /// Size in bytes of the entrypoint as shipped.
     pub program_size: u64,
+    /// What the build did that the operator should know: a version that
+    /// was not stamped into the program, say.
+    pub warnings: Vec<String>,
 }
 
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// A toolchain program is not installed.
-    #[error("`{program}` was not found: install it (on Debian: apt-get install {package})")]
+    #[error("`{program}` was not found: {hint}")]
     ToolMissing {
         /// The program looked for.
-        program: &'static str,
-        /// The Debian package that provides it.
-        package: &'static str,
+        program: String,
+        /// What to do about it (the Debian package to install, say).
+        hint: String,
     },
     /// A toolchain program ran and failed.
     #[error("{program} failed ({status}): {command}\n{output}")]
     ToolFailed {
         /// The program.
-        program: &'static str,
+        program: String,
         /// Its command line.
         command: String,
         /// How it ended.
@@ -185,6 +188,13 @@ impl Stage {
             .len();
         if let Some(files) = &request.files {
             copy_tree(files, &self.tree)?;
+            // A program among the files must be built for the devices too.
+            crate::programs::check_tree(&self.tree, &self.entrypoint, &device_target()).map_err(
+                |reason| BuildError::Source {
+                    dir: files.clone(),
+                    reason,
+                },
+            )?;
         }
         let packaged = package(
             &PackageRequest {

@@ -1,54 +1,69 @@
 //! Running the toolchains a build needs, with errors that say what to install.
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use super::BuildError;
 
-/// An external program a build runs, and the Debian package that provides it.
-#[derive(Debug, Clone, Copy)]
+/// An external program a build runs, and what to do when it is missing.
+#[derive(Debug, Clone)]
 pub(crate) struct Tool {
-    pub program: &'static str,
-    pub package: &'static str,
+    pub program: Cow<'static, str>,
+    pub missing: Cow<'static, str>,
 }
 
-pub(crate) const GO: Tool = Tool {
-    program: "go",
-    package: "golang-go",
-};
-pub(crate) const ARM_GCC: Tool = Tool {
-    program: "arm-linux-gnueabihf-gcc",
-    package: "gcc-arm-linux-gnueabihf",
-};
-pub(crate) const ARM_OBJCOPY: Tool = Tool {
-    program: "arm-linux-gnueabihf-objcopy",
-    package: "binutils-arm-linux-gnueabihf",
-};
-pub(crate) const MAKE: Tool = Tool {
-    program: "make",
-    package: "make",
-};
+const fn debian(program: &'static str, package: &'static str) -> Tool {
+    Tool {
+        program: Cow::Borrowed(program),
+        missing: Cow::Borrowed(package),
+    }
+}
+
+pub(crate) const GO: Tool = debian("go", "golang-go");
+pub(crate) const ARM_GCC: Tool = debian("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf");
+pub(crate) const ARM_OBJCOPY: Tool = debian(
+    "arm-linux-gnueabihf-objcopy",
+    "binutils-arm-linux-gnueabihf",
+);
+pub(crate) const MAKE: Tool = debian("make", "make");
 
 impl Tool {
+    /// A program named by the user (`--go PATH`): what is missing is that path.
+    pub fn at(program: String, missing: String) -> Self {
+        Self {
+            program: Cow::Owned(program),
+            missing: Cow::Owned(missing),
+        }
+    }
+
+    fn hint(&self) -> String {
+        if self.missing.contains(' ') {
+            self.missing.to_string()
+        } else {
+            format!("install it (on Debian: apt-get install {})", self.missing)
+        }
+    }
+
     /// A command for this tool.
-    pub fn command(self) -> Command {
-        Command::new(self.program)
+    pub fn command(&self) -> Command {
+        Command::new(self.program.as_ref())
     }
 
     /// Runs `command` (made by [`Tool::command`]) to completion and returns
     /// its stdout; a missing program or a failure becomes a [`BuildError`]
     /// carrying the end of what it printed.
-    pub fn run(self, command: &mut Command) -> Result<Vec<u8>, BuildError> {
+    pub fn run(&self, command: &mut Command) -> Result<Vec<u8>, BuildError> {
         let output = command.output().map_err(|error| {
             if error.kind() == std::io::ErrorKind::NotFound {
                 BuildError::ToolMissing {
-                    program: self.program,
-                    package: self.package,
+                    program: self.program.to_string(),
+                    hint: self.hint(),
                 }
             } else {
                 BuildError::Io {
-                    path: self.program.into(),
+                    path: self.program.as_ref().into(),
                     error,
                 }
             }
@@ -57,7 +72,7 @@ impl Tool {
     }
 
     /// The first line `PROGRAM ARGS` prints, trimmed (a version, say).
-    pub fn first_line<I, S>(self, args: I) -> Result<String, BuildError>
+    pub fn first_line<I, S>(&self, args: I) -> Result<String, BuildError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -72,14 +87,14 @@ impl Tool {
     }
 }
 
-fn check(tool: Tool, command: &Command, output: Output) -> Result<Vec<u8>, BuildError> {
+fn check(tool: &Tool, command: &Command, output: Output) -> Result<Vec<u8>, BuildError> {
     if output.status.success() {
         return Ok(output.stdout);
     }
     let mut printed = String::from_utf8_lossy(&output.stderr).into_owned();
     printed.push_str(&String::from_utf8_lossy(&output.stdout));
     Err(BuildError::ToolFailed {
-        program: tool.program,
+        program: tool.program.to_string(),
         command: describe(command),
         status: output.status.to_string(),
         output: tail(&printed, 40),

@@ -14,8 +14,9 @@ use super::release_args::{ReleaseArgs, packager};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Args {
-    /// Build a Go module: GOOS=linux GOARCH=arm GOARM=7 CGO_ENABLED=0, with
-    /// -X main.version=VERSION and -X main.commit=GIT.
+    /// Build a Go module: GOOS=linux GOARCH=arm GOARM=7 CGO_ENABLED=0
+    /// GOTOOLCHAIN=local, with -X main.version=VERSION and -X main.commit=GIT
+    /// (a warning when the program has no such variable).
     Go(GoArgs),
     /// Build C: the directory's Makefile (CC, CFLAGS, LDFLAGS, CROSS_COMPILE,
     /// VERSION, COMMIT set) or else its .c files; debug info kept in OUTDIR/SERVICE-VERSION.debug.
@@ -31,6 +32,9 @@ pub(crate) struct GoArgs {
     /// The main package to build, relative to DIR.
     #[arg(long, default_value = ".")]
     package: String,
+    /// The `go` to build with [default: $FERRY_GO, else the first `go` on PATH].
+    #[arg(long, value_name = "PATH")]
+    go: Option<PathBuf>,
     /// A directory whose contents are added to the release beside bin/ (configuration, assets).
     #[arg(long, value_name = "DIR")]
     files: Option<PathBuf>,
@@ -80,6 +84,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
                 &request,
                 &GoBuild {
                     package: args.package,
+                    go: args.go,
                 },
                 &args.release.out,
             );
@@ -124,6 +129,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
             "compiler": build.compiler,
             "flags": build.flags,
             "git_commit": build.git_commit,
+            "warnings": built.warnings,
         }),
     );
     let mut head = format!(
@@ -133,12 +139,14 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
         built.packaged.manifest.target,
         build.compiler.as_deref().unwrap_or("?"),
         built.program_size,
-        build
-            .git_commit
-            .as_deref()
-            .map(|c| format!(", commit {c}"))
-            .unwrap_or_default(),
+        build.git_commit.as_deref().map_or_else(
+            || ", no git commit: the source is not in a git work tree".to_owned(),
+            |c| format!(", commit {c}")
+        ),
     );
+    for warning in &built.warnings {
+        head.push_str(&format!("\nwarning: {warning}"));
+    }
     if let Some(debug) = &built.debug_file {
         head.push_str(&format!(
             "\ndebug info kept in {} (not shipped)",

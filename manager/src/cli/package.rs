@@ -56,6 +56,10 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
         reload: release.reload,
         run,
     };
+    // The checks a device makes, made here: a wrong binary or a script
+    // entrypoint is refused before anything is written.
+    ferry_cross::programs::check_tree(&request.dir, &request.entrypoint, &request.target)
+        .map_err(|reason| anyhow::anyhow!("cannot package {}: {reason}", request.dir.display()))?;
     let packaged = ferry_cross::package(&request, &release.out)
         .with_context(|| format!("cannot package {}", request.dir.display()))?;
     Ok(packaged_outcome(&packaged, json!({})))

@@ -37,31 +37,32 @@ pub(crate) async fn run(manager: &Manager, args: Args, quiet: bool) -> Result<Ou
             manifest.artifact.size
         );
     }
-    let bar = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(len).with_style(
-            indicatif::ProgressStyle::with_template(
-                "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+    let artifact_path = format!("/v1/artifacts/{}", manifest.artifact.sha256);
+    // The same bytes may be there already (another version of the same
+    // files, or a publish run again): nothing to send then.
+    if !manager.exists(&artifact_path).await? {
+        let bar = if quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(len).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        )
-    };
-    let progress = bar.clone();
-    let stream = tokio_util::io::ReaderStream::new(file).inspect(move |chunk| {
-        if let Ok(c) = chunk {
-            progress.inc(c.len() as u64);
-        }
-    });
-    manager
-        .put_stream(
-            &format!("/v1/artifacts/{}", manifest.artifact.sha256),
-            reqwest::Body::wrap_stream(stream),
-            len,
-        )
-        .await
-        .context("artifact upload refused")?;
-    bar.finish_and_clear();
+        };
+        let progress = bar.clone();
+        let stream = tokio_util::io::ReaderStream::new(file).inspect(move |chunk| {
+            if let Ok(c) = chunk {
+                progress.inc(c.len() as u64);
+            }
+        });
+        manager
+            .put_stream(&artifact_path, reqwest::Body::wrap_stream(stream), len)
+            .await
+            .context("artifact upload refused")?;
+        bar.finish_and_clear();
+    }
     let published = manager
         .post_bytes("/v1/releases", bytes)
         .await

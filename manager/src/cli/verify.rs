@@ -57,7 +57,24 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
     let artifact_note = match &args.artifact {
         None => "artifact not checked (pass --artifact FILE)".to_string(),
         Some(path) => match check_artifact(path, &m.artifact)? {
-            Ok(()) => format!("artifact {} matches", path.display()),
+            Ok(()) => {
+                // Its programs, as the device will check them after unpacking.
+                let file = File::open(path)
+                    .with_context(|| format!("cannot open artifact {}", path.display()))?;
+                if let Err(reason) =
+                    ferry_cross::programs::check_artifact(file, &m.entrypoint, &m.target)
+                {
+                    return Ok(refused(
+                        "wrong_program",
+                        format!("artifact {}: {reason}", path.display()),
+                    ));
+                }
+                format!(
+                    "artifact {} matches, and its programs are built for {}",
+                    path.display(),
+                    m.target
+                )
+            }
             Err(error) => {
                 return Ok(refused(
                     "artifact_mismatch",

@@ -69,3 +69,12 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A real ARMv7 hard-float ELF file (the ARM C library's loader), for
+/// releases whose program is packaged but never run: `ferry package` checks
+/// the entrypoint against the target as devices do.
+pub fn arm_program() -> Vec<u8> {
+    let loader = "/usr/arm-linux-gnueabihf/lib/ld-linux-armhf.so.3";
+    std::fs::read(loader)
+        .unwrap_or_else(|e| panic!("{loader}: {e}; run scripts/setup (libc6-armhf-cross)"))
+}

@@ -342,6 +342,11 @@ async fn upload_artifact(
     let expected = parse_sha(&sha)?;
     let path = state.artifacts.join(expected.to_string());
     if path.exists() {
+        // The body is read anyway: a client still sending it would see the
+        // connection closed under it (and report a broken pipe, not this).
+        let mut stream = body.into_data_stream();
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = stream.next().await {}
         return Ok((
             StatusCode::OK,
             Json(json!({ "sha256": expected, "stored": "already" })),
