@@ -246,6 +246,9 @@ pub struct LimitsConfig {
     pub max_entries: u64,
     /// Bytes to leave free on the data partition.
     pub reserve_bytes: u64,
+    /// Most bytes of one service's output kept in its log file under the
+    /// agent's own supervisor (plus one older file as large).
+    pub service_log_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -255,6 +258,7 @@ impl Default for LimitsConfig {
             max_unpacked_bytes: d.max_unpacked_bytes,
             max_entries: d.max_entries,
             reserve_bytes: d.reserve_bytes,
+            service_log_bytes: crate::supervisor::service_log::LOG_BYTES,
         }
     }
 }

@@ -74,14 +74,14 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         SupervisorKind::Simulated => {
             Supervisor::Simulated(crate::supervisor::simulated::Simulated::new())
         }
-        SupervisorKind::Auto | SupervisorKind::Direct => {
-            Supervisor::Direct(Direct::new(layout.clone()).map_err(|error| {
+        SupervisorKind::Auto | SupervisorKind::Direct => Supervisor::Direct(
+            Direct::new(layout.clone(), config.limits.service_log_bytes).map_err(|error| {
                 SetupError::DataDir {
                     path: config.data_dir.clone(),
                     error,
                 }
-            })?)
-        }
+            })?,
+        ),
     };
     let credentials = match &config.broker {
         Some(b) => match (

@@ -259,9 +259,9 @@ async fn a_services_output_is_kept_under_its_cap_on_flash() {
     assert_eq!(rig.install(&chatty).await.outcome, Outcome::Installed);
     let logs = rig.data().join("logs");
     let (log, old) = (logs.join("api.log"), logs.join("api.log.1"));
-    // The service prints 3 MiB before it records its start; the last line
+    // The service prints 10 MiB before it records its start; the last line
     // reaches the log.
-    let last = "049151 192.0.2.1 GET /index.html 200";
+    let last = "163839 192.0.2.1 GET /index.html 200";
     eventually("the last line logged", || {
         fs::read_to_string(&log).is_ok_and(|text| text.contains(last))
     })

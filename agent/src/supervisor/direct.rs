@@ -57,6 +57,7 @@ struct Handle {
 /// Runs services as the agent's own children.
 pub struct Direct {
     layout: Layout,
+    log_bytes: u64,
     services: Mutex<HashMap<ServiceName, Handle>>,
     /// Signalled by every service task on a state change.
     changed: Arc<Notify>,
@@ -73,11 +74,13 @@ async fn stop_and_wait(handle: &Handle) {
 impl Direct {
     /// A supervisor keeping pid files and logs under `layout`. Processes a
     /// previous agent left running are stopped first.
-    pub fn new(layout: Layout) -> std::io::Result<Self> {
+    /// Each service's log keeps at most `log_bytes` (and one older file).
+    pub fn new(layout: Layout, log_bytes: u64) -> std::io::Result<Self> {
         fs::create_dir_all(layout.run_dir())?;
         fs::create_dir_all(layout.logs())?;
         stop_leftovers(&layout.run_dir());
         Ok(Self {
+            log_bytes,
             layout,
             services: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
@@ -108,6 +111,7 @@ impl Direct {
             spec: spec.clone(),
             pid_file: self.layout.run_dir().join(format!("{}.pid", spec.service)),
             log_file: self.layout.logs().join(format!("{}.log", spec.service)),
+            log_bytes: self.log_bytes,
             status: status_tx,
             changed: self.changed.clone(),
         };
@@ -189,6 +193,7 @@ struct Runner {
     spec: ServiceSpec,
     pid_file: PathBuf,
     log_file: PathBuf,
+    log_bytes: u64,
     status: watch::Sender<ServiceStatus>,
     changed: Arc<Notify>,
 }
@@ -303,7 +308,11 @@ impl Runner {
                 .stdout(Stdio::from(input))
                 .stderr(Stdio::from(err))
                 .spawn()?;
-            tokio::spawn(service_log::keep(output, self.log_file.clone()));
+            tokio::spawn(service_log::keep(
+                output,
+                self.log_file.clone(),
+                self.log_bytes,
+            ));
             Ok::<_, std::io::Error>(child)
         })();
         match spawned {

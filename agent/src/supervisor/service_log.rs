@@ -1,5 +1,6 @@
 //! A directly supervised service's output: `logs/SERVICE.log`, never more
-//! than [`LOG_BYTES`] on flash, plus the one before it (`SERVICE.log.1`).
+//! than its cap ([`LOG_BYTES`] unless configured) on flash, plus the one
+//! before it (`SERVICE.log.1`).
 //!
 //! The service writes into a pipe (stdout and stderr both, in order) and a
 //! task of the agent's copies it to the file, moving the file aside when
@@ -14,8 +15,8 @@ use std::path::PathBuf;
 
 use tokio::io::AsyncReadExt;
 
-/// The most one log file holds; with the previous one, a service's logs
-/// take at most twice this.
+/// The most one log file holds by default (`[limits] service_log_bytes`);
+/// with the previous one, a service's logs take at most twice this.
 pub const LOG_BYTES: u64 = 1024 * 1024;
 
 /// A pipe for a service's stdout and stderr: (the end the agent reads, the
@@ -26,7 +27,7 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Copies what the service writes into `output` to the log at `path`
 /// until every writer has closed the pipe.
-pub async fn keep(output: OwnedFd, path: PathBuf) {
+pub async fn keep(output: OwnedFd, path: PathBuf, cap: u64) {
     let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(output) {
         Ok(pipe) => pipe,
         Err(e) => {
@@ -34,7 +35,7 @@ pub async fn keep(output: OwnedFd, path: PathBuf) {
             return;
         }
     };
-    let mut log = CappedLog::new(path, LOG_BYTES);
+    let mut log = CappedLog::new(path, cap);
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match pipe.read(&mut buf).await {

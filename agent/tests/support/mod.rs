@@ -57,7 +57,7 @@ pub struct Build {
     pub crash: bool,
     /// Build with the ARM cross-compiler instead of the host's.
     pub arm: bool,
-    /// Print 3 MiB to stdout at start (an access log's worth), then serve.
+    /// Print 10 MiB to stdout at start (an access log's worth), then serve.
     pub chatty: bool,
 }
 

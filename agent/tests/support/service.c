@@ -2,7 +2,7 @@
  *   -DVERSION="1.2.3"  the version it reports
  *   -DOUT="/path"      a file it appends "<event> <version> <pid> [value]" lines to
  *   -DCRASH            exit(1) at once instead of serving
- *   -DCHATTY           print 3 MiB of log lines to stdout first
+ *   -DCHATTY           print 10 MiB of log lines to stdout first
  * It records "start" when it starts, then its working directory ("cwd"),
  * each argument ("arg") and each environment variable ("env"), with "\\"
  * and newlines escaped; "hup" on every SIGHUP; and "stop SIGNAME" when
@@ -51,7 +51,7 @@ int main(int argc, char **argv) {
     signal(SIGQUIT, on_stop);
 #ifdef CHATTY
     /* 64-byte lines, like an access log. */
-    for (int i = 0; i < 3 * 16384; i++)
+    for (int i = 0; i < 10 * 16384; i++)
         printf("%06d 192.0.2.1 GET /index.html 200 ............................\n", i);
     fflush(stdout);
 #endif
