@@ -119,6 +119,36 @@ fn device_publish_deploy_and_views_through_the_cli() {
     assert_eq!(added["username"], "gw-1");
     assert!(added["password"].as_str().unwrap().len() >= 32);
 
+    // The whole agent.toml for a device, ready to copy: it reads as an
+    // agent configuration naming this manager, and is for root's eyes only.
+    let line = ok(d, &["device", "add", "gw-2", "--agent-config", "gw-2.toml"]);
+    assert!(line.contains("wrote gw-2.toml"), "{line}");
+    let text = std::fs::read_to_string(d.join("gw-2.toml")).unwrap();
+    let config = ferry_agent::config::Config::parse(&text).unwrap();
+    assert_eq!(config.device_id.as_str(), "gw-2");
+    let broker = config.broker.unwrap();
+    assert_eq!(
+        broker.manager_url.as_deref(),
+        Some(format!("http://127.0.0.1:{http}").as_str())
+    );
+    assert!(
+        broker.url.starts_with("mqtt://127.0.0.1:"),
+        "{}",
+        broker.url
+    );
+    assert_eq!(broker.password.unwrap().len(), 48);
+    let mode = std::fs::metadata(d.join("gw-2.toml"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // Never over an existing file, and then the device is not added again
+    // (a new password would lock out the device holding the file).
+    let line = fails(d, &["device", "add", "gw-2", "--agent-config", "gw-2.toml"]);
+    assert_eq!(line, "ferry: error: gw-2.toml exists; name another file");
+    assert_eq!(std::fs::read_to_string(d.join("gw-2.toml")).unwrap(), text);
+
     // Tags can change later; deploying by tag follows them.
     let retagged = ok(d, &["device", "tags", "gw-1", "lab", "north"]);
     assert_eq!(retagged.trim(), "gw-1 tags: lab, north");

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::Outcome;
 use crate::client::Manager;
+use crate::files::{Existing, write_atomic};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -27,6 +28,10 @@ enum DeviceAction {
         /// A tag to deploy by; repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Also write the device's complete agent.toml here (mode 0600: it
+        /// holds the password; never replaces a file).
+        #[arg(long, value_name = "FILE")]
+        agent_config: Option<std::path::PathBuf>,
     },
     /// Forget a device: its credentials stop working and its session ends
     /// at once (on the embedded broker).
@@ -45,15 +50,40 @@ enum DeviceAction {
 
 pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcome> {
     match (args.action, args.id) {
-        (Some(DeviceAction::Add { id, tags }), _) => {
+        (
+            Some(DeviceAction::Add {
+                id,
+                tags,
+                agent_config,
+            }),
+            _,
+        ) => {
+            // Refused before the device is (re)added: a new password that
+            // could not be written down would lock the device out.
+            if let Some(path) = agent_config.as_ref().filter(|p| p.exists()) {
+                anyhow::bail!("{} exists; name another file", path.display());
+            }
             let created = manager
                 .post("/v1/devices", &json!({ "device_id": id, "tags": tags }))
                 .await?;
-            let text = format!(
-                "device {id} added\nusername: {}\npassword: {}\n(put them in the device's agent.toml [broker], with manager_url = this manager's HTTP URL; the password is not shown again)",
+            let mut text = format!(
+                "device {id} added\nusername: {}\npassword: {}",
                 created["username"].as_str().unwrap_or_default(),
                 created["password"].as_str().unwrap_or_default()
             );
+            match &agent_config {
+                Some(path) => {
+                    let toml = agent_toml(&created);
+                    write_atomic(path, toml.as_bytes(), 0o600, Existing::Keep)?;
+                    text.push_str(&format!(
+                        "\nwrote {} (copy it to the device as /etc/ferry/agent.toml, with the release keys as /etc/ferry/ops.pub)",
+                        path.display()
+                    ));
+                }
+                None => text.push_str(
+                    "\n(put them in the device's agent.toml [broker], with manager_url = this manager's HTTP URL, or write the whole file with --agent-config FILE; the password is not shown again)",
+                ),
+            }
             Ok(Outcome::ok(
                 text,
                 json!({ "device_id": created["device_id"], "username": created["username"], "password": created["password"] }),
@@ -78,6 +108,34 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
         }
         (None, None) => anyhow::bail!("name a device, or `ferry device add ID`"),
     }
+}
+
+/// A device's whole agent.toml, from what `POST /v1/devices` answered.
+fn agent_toml(created: &Value) -> String {
+    let s = |key: &str| created[key].as_str().unwrap_or_default().to_owned();
+    format!(
+        "# ferry-agent configuration for {id}, written by `ferry device add`.\n\
+         device_id = \"{id}\"\n\
+         data_dir = \"/var/lib/ferry\"\n\
+         inbox = \"/var/lib/ferry/inbox\"\n\
+         supervisor = \"auto\"\n\
+         health_interval = \"30s\"\n\
+         \n\
+         [broker]\n\
+         url = \"{broker}\"\n\
+         username = \"{user}\"\n\
+         password = \"{password}\"\n\
+         manager_url = \"{manager}\"\n\
+         \n\
+         [trust]\n\
+         keys = [\"/etc/ferry/ops.pub\"]\n\
+         threshold = 1\n",
+        id = s("device_id"),
+        broker = s("broker_url"),
+        user = s("username"),
+        password = s("password"),
+        manager = s("manager_url"),
+    )
 }
 
 fn services(device: &Value) -> String {

@@ -194,6 +194,7 @@ pub async fn serve(
         format!("http://{host}:{}", http_addr.port())
     });
     let public_url_shared = Arc::new(public_url.clone());
+    let broker_url = Arc::new(device_broker_url(&config, &public_url));
     let engine = rollout::Engine {
         store: store.clone(),
         outgoing: outgoing_tx.clone(),
@@ -208,6 +209,7 @@ pub async fn serve(
         token: Arc::new(token),
         outgoing: outgoing_tx,
         public_url: public_url_shared,
+        broker_url,
         rollouts: engine,
         metrics,
         sessions,
@@ -225,6 +227,27 @@ pub async fn serve(
     );
     http::serve(listener, api::router(state), config.http_limits, shutdown).await;
     Ok(())
+}
+
+/// Where devices reach the broker: the external one as configured (without
+/// the manager's credentials), or the embedded one on the host of the
+/// public URL.
+fn device_broker_url(config: &ServeConfig, public_url: &str) -> String {
+    if let Some(url) = &config.broker {
+        let address = url.strip_prefix("mqtt://").unwrap_or(url);
+        let address = address.rsplit_once('@').map_or(address, |(_, a)| a);
+        return format!("mqtt://{address}");
+    }
+    let rest = public_url
+        .split_once("://")
+        .map_or(public_url, |(_, rest)| rest);
+    let host = match rest.strip_prefix('[') {
+        // An IPv6 address keeps its brackets.
+        Some(v6) => v6.split(']').next().map(|h| format!("[{h}]")),
+        None => rest.split(['/', ':']).next().map(str::to_owned),
+    }
+    .unwrap_or_else(|| "127.0.0.1".into());
+    format!("mqtt://{host}:{}", config.mqtt_listen.port())
 }
 
 /// `mqtt://[user:pass@]host[:port]`.

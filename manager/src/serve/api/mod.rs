@@ -58,6 +58,8 @@ pub struct AppState {
     pub outgoing: mpsc::UnboundedSender<Outgoing>,
     /// How devices reach this manager over HTTP.
     pub public_url: Arc<String>,
+    /// How devices reach the broker (`mqtt://HOST:PORT`, no credentials).
+    pub broker_url: Arc<String>,
     /// The rollout engine (woken when a rollout changes).
     pub rollouts: super::rollout::Engine,
     /// The manager's own counters, and the `/metrics` renderer.
@@ -257,7 +259,10 @@ async fn add_device(
     end_session(&state, id.as_str()).await;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "device_id": id, "username": id, "password": password, "tags": new.tags })),
+        Json(json!({
+            "device_id": id, "username": id, "password": password, "tags": new.tags,
+            "broker_url": state.broker_url.as_str(), "manager_url": state.public_url.as_str(),
+        })),
     ))
 }
 
