@@ -533,3 +533,47 @@ fn make_runs_outside_the_source_tree() {
         "the build left {after:?} in the source"
     );
 }
+
+#[test]
+fn programs_among_the_files_are_checked_and_their_debug_info_kept_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = copy_sample("hello-c", dir.path());
+    let files = dir.path().join("files");
+    fs::create_dir_all(files.join("libexec")).unwrap();
+    let helper_c = dir.path().join("helper.c");
+    fs::write(&helper_c, "int main(void) { return 0; }\n").unwrap();
+    let compile = |compiler: &str, out: &Path| {
+        let status = Command::new(compiler)
+            .args(["-g", "-O2", "-o"])
+            .arg(out)
+            .arg(&helper_c)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    compile("arm-linux-gnueabihf-gcc", &files.join("libexec/helper"));
+    let mut req = request(&source, "hello-c", "1.0.0");
+    req.files = Some(files.clone());
+    let out = dir.path().join("out");
+    let built = build_c(&req, &CBuild::default(), &out).unwrap();
+    let kept = out.join("hello-c-1.0.0.libexec_helper.debug");
+    assert_eq!(built.helper_debug_files, [kept.clone()]);
+    assert!(readelf(&["-S"], &kept).contains(".debug_info"));
+    let tree = dir.path().join("unpacked");
+    unpack(&built, &tree);
+    let shipped = readelf(&["-S"], &tree.join("libexec/helper"));
+    assert!(!shipped.contains(".debug_info"), "{shipped}");
+    assert!(shipped.contains(".gnu_debuglink"), "{shipped}");
+    // The operator's own copy keeps its debug info.
+    assert!(readelf(&["-S"], &files.join("libexec/helper")).contains(".debug_info"));
+
+    // A helper built for this machine instead: refused, by name.
+    compile("cc", &files.join("libexec/helper"));
+    let error = build_c(&req, &CBuild::default(), &dir.path().join("x86")).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("libexec/helper: built for x86-64"),
+        "{error}"
+    );
+}

@@ -118,7 +118,7 @@ pub fn build_c(
     let debug_name = format!("{}-{}.debug", request.service, request.version);
     let debug_aside = stage.aside(&debug_name);
     debuginfo::split(&stage.program, &debug_aside)?;
-    let (packaged, program_size) = stage.finish(
+    let (packaged, program_size, helper_debug_files) = stage.finish(
         request,
         ArtifactKind::C,
         build_info(request, compiler, flags, commit),
@@ -130,6 +130,7 @@ pub fn build_c(
     Ok(Built {
         packaged,
         debug_file: Some(debug_file),
+        helper_debug_files,
         program_size,
         warnings,
     })

@@ -104,7 +104,7 @@ pub fn build_go(
     let env: Vec<String> = GO_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let flags = format!("{} -trimpath -ldflags='{ldflags}'", env.join(" "));
     let compiler = format!("{compiler} ({} from {chosen})", go.program);
-    let (packaged, program_size) = stage.finish(
+    let (packaged, program_size, helper_debug_files) = stage.finish(
         request,
         ArtifactKind::Go,
         build_info(request, compiler, flags, commit),
@@ -113,6 +113,7 @@ pub fn build_go(
     Ok(Built {
         packaged,
         debug_file: None,
+        helper_debug_files,
         program_size,
         warnings,
     })

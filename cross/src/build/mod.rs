@@ -59,6 +59,8 @@ pub struct Built {
     pub packaged: Packaged,
     /// The separated debug info (C builds), kept beside the package.
     pub debug_file: Option<PathBuf>,
+    /// The debug info of programs among `--files`, kept beside it too.
+    pub helper_debug_files: Vec<PathBuf>,
     /// Size in bytes of the entrypoint as shipped.
     pub program_size: u64,
     /// What the build did that the operator should know: a version that
@@ -175,17 +177,21 @@ impl Stage {
         check_program(&self.program)
     }
 
-    /// Adds the operator's files to the tree and packages it.
+    /// Adds the operator's files to the tree and packages it. A program
+    /// among the files has its debug info kept apart like the entrypoint's,
+    /// in `SERVICE-VERSION.PATH.debug` beside the package (those paths are
+    /// returned).
     fn finish(
         &self,
         request: &BuildRequest,
         kind: ArtifactKind,
         build: BuildInfo,
         out_dir: &Path,
-    ) -> Result<(Packaged, u64), BuildError> {
+    ) -> Result<(Packaged, u64, Vec<PathBuf>), BuildError> {
         let program_size = fs::metadata(&self.program)
             .map_err(io_err(&self.program))?
             .len();
+        let mut debug_files = Vec::new();
         if let Some(files) = &request.files {
             copy_tree(files, &self.tree)?;
             // A program among the files must be built for the devices too.
@@ -195,6 +201,20 @@ impl Stage {
                     reason,
                 },
             )?;
+            let mut helpers = Vec::new();
+            with_debug_info(&self.tree, &mut helpers)?;
+            for helper in helpers.into_iter().filter(|h| *h != self.program) {
+                let relative = helper.strip_prefix(&self.tree).unwrap_or(&helper);
+                let name = format!(
+                    "{}-{}.{}.debug",
+                    request.service,
+                    request.version,
+                    relative.to_string_lossy().replace('/', "_")
+                );
+                let aside = self.aside(&name);
+                debuginfo::split(&helper, &aside)?;
+                debug_files.push((aside, out_dir.join(name)));
+            }
         }
         let packaged = package(
             &PackageRequest {
@@ -213,8 +233,31 @@ impl Stage {
             },
             out_dir,
         )?;
-        Ok((packaged, program_size))
+        // The package is in place; the debug files join it.
+        let mut kept = Vec::new();
+        for (aside, beside) in debug_files {
+            fs::rename(&aside, &beside).map_err(io_err(&beside))?;
+            kept.push(beside);
+        }
+        Ok((packaged, program_size, kept))
     }
+}
+
+/// ELF files under `dir` that carry DWARF (a `.debug_info` section).
+fn with_debug_info(dir: &Path, found: &mut Vec<PathBuf>) -> Result<(), BuildError> {
+    for item in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = item.map_err(io_err(dir))?.path();
+        if path.is_dir() {
+            with_debug_info(&path, found)?;
+        } else if path.is_file() {
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            let debug = b".debug_info";
+            if bytes.starts_with(b"\x7fELF") && bytes.windows(debug.len()).any(|w| w == debug) {
+                found.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_program(program: &Path) -> Result<(), BuildError> {

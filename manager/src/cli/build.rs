@@ -126,6 +126,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
         json!({
             "program_size": built.program_size,
             "debug_file": built.debug_file,
+            "helper_debug_files": built.helper_debug_files,
             "compiler": build.compiler,
             "flags": build.flags,
             "git_commit": build.git_commit,
@@ -147,7 +148,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
     for warning in &built.warnings {
         head.push_str(&format!("\nwarning: {warning}"));
     }
-    if let Some(debug) = &built.debug_file {
+    for debug in built.debug_file.iter().chain(&built.helper_debug_files) {
         head.push_str(&format!(
             "\ndebug info kept in {} (not shipped)",
             debug.display()
