@@ -557,7 +557,7 @@ fn programs_among_the_files_are_checked_and_their_debug_info_kept_apart() {
     let out = dir.path().join("out");
     let built = build_c(&req, &CBuild::default(), &out).unwrap();
     let kept = out.join("hello-c-1.0.0.libexec_helper.debug");
-    assert_eq!(built.helper_debug_files, [kept.clone()]);
+    assert_eq!(built.helper_debug_files, std::slice::from_ref(&kept));
     assert!(readelf(&["-S"], &kept).contains(".debug_info"));
     let tree = dir.path().join("unpacked");
     unpack(&built, &tree);
