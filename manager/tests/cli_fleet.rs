@@ -512,3 +512,76 @@ fn a_revert_signs_only_what_the_operators_keys_signed() {
     let shown = ok(d, &["release", "api", "1.0.0+revert.3"]);
     assert!(shown.contains("expires: 20"), "{shown}");
 }
+
+#[test]
+fn named_tokens_do_what_their_scope_allows_until_revoked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (_serve, http) = start_serve(d);
+    ok(d, &["device", "add", "gw-1"]);
+    let url = format!("http://127.0.0.1:{http}");
+    let made = |name: &str, scope: &str| -> String {
+        let out: serde_json::Value = serde_json::from_str(&ok(
+            d,
+            &["token", "create", name, "--scope", scope, "--json"],
+        ))
+        .unwrap();
+        out["token"].as_str().unwrap().to_owned()
+    };
+    let prometheus = made("prometheus", "read");
+    let ci = made("ci", "operate");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let with = |token: &str, args: &[&str]| {
+        ferry_env(
+            elsewhere.path(),
+            &[("FERRY_URL", &url), ("FERRY_TOKEN", token)],
+            args,
+        )
+    };
+    // read: views yes, changes no.
+    assert_eq!(with(&prometheus, &["devices"]).code, 0);
+    let run = with(&prometheus, &["device", "tags", "gw-1", "lab"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("token prometheus may read, not operate (use a token with scope operate)"),
+        "{}",
+        run.stderr
+    );
+    // operate: tags yes, devices and tokens no.
+    assert_eq!(with(&ci, &["device", "tags", "gw-1", "lab"]).code, 0);
+    let run = with(&ci, &["device", "add", "gw-2"]);
+    assert!(
+        run.stderr.contains("may operate, not admin"),
+        "{}",
+        run.stderr
+    );
+    let run = with(&ci, &["token", "list"]);
+    assert!(
+        run.stderr.contains("may operate, not admin"),
+        "{}",
+        run.stderr
+    );
+    // The list shows names and scopes, never a token.
+    let listed = ok(d, &["token", "list"]);
+    assert!(
+        listed.contains("prometheus") && listed.contains("read"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&prometheus) && !listed.contains(&ci),
+        "{listed}"
+    );
+    // A name is one token; revoked, it stops working at once.
+    let line = fails(d, &["token", "create", "ci", "--scope", "read"]);
+    assert!(line.contains("a token named ci exists"), "{line}");
+    ok(d, &["token", "revoke", "ci"]);
+    let run = with(&ci, &["devices"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("the operator token is wrong"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(with(&prometheus, &["devices"]).code, 0);
+}

@@ -375,3 +375,43 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
     assert_eq!(manager.get("/v1/devices").await[0]["device_id"], "gw-1");
     manager.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_tokens_is_cut_off_and_pages_carry_a_content_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::start(&dir.path().join("m"), addr(free_port()), addr(free_port())).await;
+    let client = reqwest::Client::new();
+    let ask = |token: String| {
+        client
+            .get(manager.url("/v1/devices"))
+            .bearer_auth(token)
+            .send()
+    };
+    let limit = ferry::serve::api::auth::MAX_FAILURES;
+    for i in 0..limit {
+        let answer = ask(format!("guess-{i}")).await.unwrap();
+        assert_eq!(answer.status(), 401, "guess {i}");
+    }
+    // Past the limit this address is refused, whatever it presents, for a while.
+    let answer = ask("guess-again".into()).await.unwrap();
+    assert_eq!(answer.status(), 429);
+    let answer = ask(manager.token.clone()).await.unwrap();
+    assert_eq!(answer.status(), 429);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many failed sign-ins"),
+        "{body}"
+    );
+    // The dashboard runs only its own script, and in nobody's frame.
+    let page = client.get(manager.url("/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    manager.stop().await;
+}

@@ -16,6 +16,7 @@ mod releases;
 mod rollout;
 mod serve;
 mod sign;
+mod tokens;
 mod verify;
 
 use std::io::{self, Write};
@@ -87,6 +88,9 @@ enum Command {
     /// Staged rollouts: canary, waves, failure threshold (start, status, list, pause, resume, abort).
     #[command(subcommand)]
     Rollout(rollout::Args),
+    /// Named operator tokens with a scope (create, list, revoke).
+    #[command(subcommand)]
+    Token(tokens::Args),
     /// Recent health reports (`--follow` for new ones).
     Health(fleet::HistoryArgs),
     /// Recent deployment events (`--follow` for new ones).
@@ -178,6 +182,7 @@ pub fn main() -> ExitCode {
                     Command::Deployment(args) => deployments::show(&manager, args).await,
                     Command::Deployments => deployments::list(&manager).await,
                     Command::Rollout(args) => rollout::run(&manager, args, json).await,
+                    Command::Token(args) => tokens::run(&manager, args).await,
                     Command::Health(args) => fleet::history(&manager, "health", args, json).await,
                     Command::Events(args) => fleet::history(&manager, "events", args, json).await,
                     _ => unreachable!("local commands are handled above"),

@@ -25,7 +25,7 @@ use rmqtt::types::{AuthResult, Id, LastWill, PublishAclResult, SubscribeAclResul
 
 use super::blocks::Backlog;
 use super::limits::Policing;
-use super::store::{Store, password_hash};
+use super::store::{Store, verify_password};
 
 /// Credentials of the manager's own MQTT client.
 #[derive(Debug, Clone)]
@@ -296,7 +296,9 @@ impl Guard {
             return AuthResult::NotAuthorized;
         }
         match self.store.password_hash_of(user) {
-            Ok(Some(hash)) if hash == password_hash(password) => AuthResult::Allow(false, None),
+            Ok(Some(stored)) if verify_password(&stored, password) => {
+                AuthResult::Allow(false, None)
+            }
             Ok(_) => AuthResult::BadUsernameOrPassword,
             Err(e) => {
                 tracing::error!("device lookup failed: {e}");

@@ -19,6 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
+
+use super::api::auth::ClientAddr;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -66,9 +68,9 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors, say: wait rather than spin.
                     tracing::warn!("HTTP accept failed: {e}");
@@ -80,7 +82,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(IdleTimeout::new(stream, limits.idle));
-        let service = TowerToHyperService::new(router.clone());
+        // The client's address goes with each request (failed sign-ins are
+        // counted by it).
+        let service =
+            TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer.ip()))));
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read)

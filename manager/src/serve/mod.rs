@@ -213,6 +213,7 @@ pub async fn serve(
         rollouts: engine,
         metrics,
         sessions,
+        failures: Default::default(),
     };
     remember_local_manager(&public_url, &token_path);
     tracing::info!(

@@ -19,17 +19,23 @@
 //! | `GET /v1/stream` | operator | server-sent events: `change` whenever the fleet's picture changes |
 //! | `GET /`, `/dashboard.js`, `/dashboard.css` | anyone | the dashboard (it asks for the token) |
 //! | `GET /metrics` | operator | Prometheus text format: fleet aggregates, per-device health, the manager's own figures |
+//! | `GET/POST /v1/tokens`, `DELETE /v1/tokens/{name}` | operator (admin) | named tokens with a scope |
+//!
+//! "operator" means a bearer token whose scope the route allows: the table
+//! is [`auth::access`], applied by the [`auth::authorize`] middleware before
+//! any handler runs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::Json;
+use auth::Caller;
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::HeaderValue;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use base64::Engine as _;
+use axum::{Extension, Json};
 use ferry_protocol::{DeviceId, Envelope, Sha256Digest};
 use serde::Deserialize;
 use serde_json::json;
@@ -37,13 +43,16 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tower_http::services::ServeFile;
+use tower_http::set_header::SetResponseHeaderLayer;
 
+pub mod auth;
 mod dashboard;
 mod rollouts;
+mod tokens;
 
 use super::ingest::Outgoing;
 use super::rollout::Selector;
-use super::store::{Published, Store, StoreError, password_hash};
+use super::store::{Published, Store, StoreError};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -66,6 +75,8 @@ pub struct AppState {
     pub metrics: super::metrics::Metrics,
     /// The embedded broker's sessions (none with an external broker).
     pub sessions: Option<super::broker::Sessions>,
+    /// Failed sign-ins by client address.
+    pub failures: Arc<auth::Failures>,
 }
 
 /// An error as the API answers it: a status and a sentence.
@@ -118,6 +129,13 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/", get(dashboard::index))
         .route("/dashboard.js", get(dashboard::script))
         .route("/dashboard.css", get(dashboard::style))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
+        // Outermost first: time every matched request, refusals included.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             time_request,
@@ -129,6 +147,23 @@ pub fn router(state: AppState) -> axum::Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        // The dashboard runs only its own script, in no one's frame.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'; base-uri 'none'"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
         .with_state(state)
 }
 
@@ -141,11 +176,7 @@ async fn openapi() -> impl IntoResponse {
 
 /// `GET /metrics`: Prometheus text format, for the operator token (point
 /// Prometheus at `DATA_DIR/operator.token` with `credentials_file`).
-async fn metrics(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
+async fn metrics(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
     let text = state
         .metrics
         .render(&state.store)
@@ -178,60 +209,6 @@ async fn time_request(
     response
 }
 
-/// Checks the operator's bearer token.
-fn operator(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => Ok(()),
-        Some(_) => Err(bad(StatusCode::UNAUTHORIZED, "the operator token is wrong")),
-        None => Err(bad(
-            StatusCode::UNAUTHORIZED,
-            "an operator token is needed (Authorization: Bearer ...)",
-        )),
-    }
-}
-
-/// Checks a device's basic-auth credentials.
-/// Who a request comes from, when a device may ask too.
-enum Caller {
-    Operator,
-    Device(String),
-}
-
-fn device_or_operator(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
-    if operator(state, headers).is_ok() {
-        return Ok(Caller::Operator);
-    }
-    let basic = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .and_then(|b| String::from_utf8(b).ok());
-    let Some((user, password)) = basic.as_deref().and_then(|b| b.split_once(':')) else {
-        return Err(bad(
-            StatusCode::UNAUTHORIZED,
-            "device credentials are needed",
-        ));
-    };
-    match state.store.password_hash_of(user)? {
-        Some(hash) if constant_time_eq(hash.as_bytes(), password_hash(password).as_bytes()) => {
-            Ok(Caller::Device(user.to_owned()))
-        }
-        _ => Err(bad(
-            StatusCode::UNAUTHORIZED,
-            "unknown device or wrong password",
-        )),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[derive(Deserialize)]
 struct NewDevice {
     device_id: String,
@@ -241,10 +218,8 @@ struct NewDevice {
 
 async fn add_device(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     let new: NewDevice = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let id =
@@ -270,10 +245,8 @@ async fn add_device(
 /// retained desired state is cleared from the broker.
 async fn remove_device(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     if !state.store.remove_device(&id)? {
         return Err(bad(StatusCode::NOT_FOUND, format!("no device {id}")));
     }
@@ -295,20 +268,14 @@ async fn end_session(state: &AppState, device: &str) {
     }
 }
 
-async fn list_devices(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
+async fn list_devices(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(state.store.devices()?))
 }
 
 async fn show_device(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     state
         .store
         .device(&id)?
@@ -318,11 +285,9 @@ async fn show_device(
 
 async fn set_tags(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     let tags: Vec<String> = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     if state.store.set_tags(&id, &tags)? {
@@ -339,11 +304,9 @@ fn parse_sha(sha: &str) -> ApiResult<Sha256Digest> {
 
 async fn upload_artifact(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(sha): Path<String>,
     body: Body,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     let expected = parse_sha(&sha)?;
     let path = state.artifacts.join(expected.to_string());
     if path.exists() {
@@ -404,11 +367,10 @@ async fn upload_artifact(
 
 async fn download_artifact(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(sha): Path<String>,
     request: Request,
 ) -> ApiResult<Response> {
-    let caller = device_or_operator(&state, &headers)?;
     let sha = parse_sha(&sha)?;
     // A device gets only what it was told to install, as over MQTT.
     if let Caller::Device(device) = caller {
@@ -432,10 +394,8 @@ async fn download_artifact(
 
 async fn show_release(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path((service, version)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     let release = state.store.release(&service, &version)?.ok_or_else(|| {
         bad(
             StatusCode::NOT_FOUND,
@@ -452,10 +412,8 @@ async fn show_release(
 
 async fn publish_release(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     let envelope =
         Envelope::from_json(&body).map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
     let manifest = envelope
@@ -542,11 +500,7 @@ fn select(
     Ok((selector, picked))
 }
 
-async fn list_releases(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
+async fn list_releases(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(state.store.releases()?))
 }
 
@@ -564,10 +518,8 @@ struct NewDeployment {
 
 async fn deploy(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     let request: NewDeployment = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let release = state
@@ -695,20 +647,14 @@ fn will_not_install(
     Ok(None)
 }
 
-async fn list_deployments(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
+async fn list_deployments(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(state.store.deployments()?))
 }
 
 async fn show_deployment(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> ApiResult<impl IntoResponse> {
-    operator(&state, &headers)?;
     state
         .store
         .deployments()?
@@ -733,11 +679,9 @@ fn default_limit() -> i64 {
 
 async fn history(
     state: &AppState,
-    headers: &HeaderMap,
     kind: &str,
     q: HistoryQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
-    operator(state, headers)?;
     let rows = state
         .store
         .history(kind, q.device.as_deref(), q.after, q.limit.clamp(1, 1000))?;
@@ -752,16 +696,14 @@ async fn history(
 
 async fn health_history(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    history(&state, &headers, "health", q).await
+    history(&state, "health", q).await
 }
 
 async fn event_history(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult<impl IntoResponse> {
-    history(&state, &headers, "events", q).await
+    history(&state, "events", q).await
 }

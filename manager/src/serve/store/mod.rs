@@ -141,9 +141,46 @@ pub(crate) fn now() -> String {
     Timestamp::from(std::time::SystemTime::now()).to_string()
 }
 
-/// SHA-256 of a device password, as stored.
+/// A device password as stored: `s1$SALT$SHA256(SALT || PASSWORD)` with a
+/// random 16-byte salt, so two databases never share a hash. The passwords
+/// are 192 random bits: a slow KDF would add nothing against guessing, and
+/// would cost every device connection.
 pub fn password_hash(password: &str) -> String {
-    hex::encode(Sha256::digest(password.as_bytes()))
+    let mut salt = [0u8; 16];
+    // Without randomness the hash is still right, only unsalted.
+    let _ = getrandom::fill(&mut salt);
+    salted(&salt, password)
+}
+
+fn salted(salt: &[u8], password: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(salt);
+    hasher.update(password.as_bytes());
+    format!(
+        "s1${}${}",
+        hex::encode(salt),
+        hex::encode(hasher.finalize())
+    )
+}
+
+/// Whether `password` is the one `stored` was made from (also the plain
+/// SHA-256 hex of databases from before salts).
+pub fn verify_password(stored: &str, password: &str) -> bool {
+    use crate::serve::api::auth::constant_time_eq;
+    let expected = match stored.split('$').collect::<Vec<_>>().as_slice() {
+        ["s1", salt, _] => match hex::decode(salt) {
+            Ok(salt) => salted(&salt, password),
+            Err(_) => return false,
+        },
+        [_] => hex::encode(Sha256::digest(password.as_bytes())),
+        _ => return false,
+    };
+    constant_time_eq(expected.as_bytes(), stored.as_bytes())
+}
+
+/// A token as stored: its SHA-256 (tokens are 256 random bits).
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 impl Store {
@@ -178,6 +215,9 @@ impl Store {
                  id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL,
                  version TEXT NOT NULL, plan TEXT NOT NULL, state TEXT NOT NULL,
                  reason TEXT, created TEXT NOT NULL, updated TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS tokens (
+                 name TEXT PRIMARY KEY, scope TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
+                 created TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS rollout_devices (
                  rollout_id INTEGER NOT NULL, device_id TEXT NOT NULL,
                  position INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT,
@@ -203,6 +243,50 @@ impl Store {
             ],
         )?;
         Ok(())
+    }
+
+    /// Adds a named operator token (its hash); false when the name is taken.
+    pub fn add_token(&self, name: &str, scope: &str, token: &str) -> Result<bool> {
+        let added = self.db().execute(
+            "INSERT INTO tokens (name, scope, sha256, created) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO NOTHING",
+            params![name, scope, token_hash(token), now()],
+        )?;
+        Ok(added == 1)
+    }
+
+    /// The name and scope of the token presented, if it is one.
+    pub fn token(&self, token: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT name, scope FROM tokens WHERE sha256 = ?1",
+                [token_hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Every named token: name, scope, when made (never the token).
+    pub fn tokens(&self) -> Result<Vec<serde_json::Value>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT name, scope, created FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(serde_json::json!({
+                "name": r.get::<_, String>(0)?,
+                "scope": r.get::<_, String>(1)?,
+                "created": r.get::<_, String>(2)?,
+            }))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Revokes a named token; false when there is none.
+    pub fn remove_token(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .db()
+            .execute("DELETE FROM tokens WHERE name = ?1", [name])?
+            == 1)
     }
 
     /// Forgets a device: its credentials, state, desired state and history
@@ -695,6 +779,20 @@ fn set_desired(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_salted_and_old_hashes_still_verify() {
+        let (a, b) = (password_hash("secret"), password_hash("secret"));
+        assert_ne!(a, b, "the same password hashed twice with one salt");
+        assert!(a.starts_with("s1$") && !a.contains(&hex::encode(Sha256::digest(b"secret"))));
+        assert!(verify_password(&a, "secret") && verify_password(&b, "secret"));
+        assert!(!verify_password(&a, "secreT"));
+        // A database from before salts keeps working.
+        let old = hex::encode(Sha256::digest(b"secret"));
+        assert!(verify_password(&old, "secret") && !verify_password(&old, "other"));
+        assert!(!verify_password("s1$zz$00", "secret"));
+        assert!(!verify_password("s9$00$00$00", "secret"));
+    }
 
     fn record(device: &str, kind: &'static str, payload: &str) -> Record {
         Record {
