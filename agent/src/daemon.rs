@@ -358,6 +358,7 @@ async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
             retry = true;
         }
     }
+    installer.confirm_desired(&desired.releases);
     retry
 }
 

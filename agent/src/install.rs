@@ -111,6 +111,8 @@ pub struct Installer {
     blocks: Option<BlockLink>,
     passed_env: Vec<(String, String)>,
     state: State,
+    /// When a desired state last arrived that matched what runs here.
+    desired_confirmed_at: Option<Timestamp>,
 }
 
 /// How the installer is set up.
@@ -157,6 +159,7 @@ impl Installer {
             blocks: None,
             passed_env: parts.passed_env,
             state,
+            desired_confirmed_at: None,
         })
     }
 
@@ -168,7 +171,34 @@ impl Installer {
             agent_version: crate::VERSION.to_owned(),
             services: self.state.reported_services(),
             last_result: self.state.last_result.clone(),
+            desired_confirmed_at: self.desired_confirmed_at,
         }
+    }
+
+    /// Notes that the manager, just now, asked for exactly what this device
+    /// runs: every release in `releases` is signed by the trust keys and is
+    /// the very manifest installed (its expiry does not matter: it is not
+    /// installed again). Reports the time; true when confirmed.
+    pub fn confirm_desired(
+        &mut self,
+        releases: &[ferry_protocol::messages::DesiredRelease],
+    ) -> bool {
+        let matches = |release: &ferry_protocol::messages::DesiredRelease| {
+            self.policy
+                .verify_signatures(&release.envelope)
+                .is_ok_and(|verified| {
+                    self.state
+                        .services
+                        .get(&verified.manifest.service)
+                        .is_some_and(|i| i.manifest.digest() == verified.manifest.digest())
+                })
+        };
+        if releases.is_empty() || !releases.iter().all(matches) {
+            return false;
+        }
+        self.desired_confirmed_at = Some(Timestamp::from(SystemTime::now()));
+        self.reporter.reported(self.reported());
+        true
     }
 
     /// Reports the committed state: the `reported` message and the reload

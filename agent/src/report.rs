@@ -104,6 +104,13 @@ impl Reporter {
         }
     }
 
+    /// Sends a new `reported` message when only it changed (no new rules).
+    pub fn reported(&self, reported: Reported) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Report::Reported(reported));
+        }
+    }
+
     fn event(
         &self,
         release: Option<&ReleaseRef>,

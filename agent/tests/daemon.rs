@@ -207,6 +207,13 @@ async fn desired_state_over_mqtt_is_installed_and_reported() {
         reported.last_result.unwrap().rollout.as_deref(),
         Some("r-test")
     );
+    // The manager's desired state is what runs: the device says since when.
+    let confirmed = watcher
+        .wait_for::<Reported>("reported", "v1 confirmed", |r| {
+            runs(r, "1.0.0") && r.desired_confirmed_at.is_some()
+        })
+        .await
+        .desired_confirmed_at;
     let health = watcher
         .wait_for::<Health>("health", "health with v1 running", |h| {
             h.services
@@ -244,9 +251,11 @@ async fn desired_state_over_mqtt_is_installed_and_reported() {
             s.state == Connectivity::Online
         })
         .await;
-    watcher
+    let again = watcher
         .wait_for::<Reported>("reported", "v1 reported again", |r| runs(r, "1.0.0"))
         .await;
+    // The restarted broker lost the desired state: nothing confirmed since.
+    assert_eq!(again.desired_confirmed_at, confirmed);
 
     // v2's first transfer is cut halfway; the agent resumes it.
     let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});

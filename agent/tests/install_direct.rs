@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use ferry_protocol::manifest::Probe;
-use ferry_protocol::messages::{Outcome, Step, StepStatus};
+use ferry_protocol::messages::{DesiredRelease, Outcome, Step, StepStatus};
 use ferry_protocol::{Envelope, SecretKey};
 use support::{ARM, Build, Rig, eventually, exe_of, pid_alive};
 
@@ -90,6 +90,43 @@ async fn install_then_upgrade_restarts_the_service_with_the_new_binary() {
         "2.0.0"
     );
     assert!(!rig.data().join("journal.json").exists());
+}
+
+#[tokio::test]
+async fn only_the_signed_release_that_runs_confirms_the_desired_state() {
+    let mut rig = Rig::new();
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    let desired = |envelope: &Envelope| {
+        vec![DesiredRelease {
+            envelope: envelope.clone(),
+            artifact_url: None,
+        }]
+    };
+    // Nothing runs yet: nothing to confirm.
+    assert!(!rig.installer.confirm_desired(&desired(&v1.envelope)));
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+
+    // What runs, signed by a key the device does not trust; another
+    // manifest of the same release; an empty desired state: none confirms.
+    let stranger = SecretKey::from_seed(&[7; 32]);
+    let forged = Envelope::sign(v1.manifest.to_json(), &[&stranger]).unwrap();
+    assert!(!rig.installer.confirm_desired(&desired(&forged)));
+    let mut changed = v1.manifest.clone();
+    changed.health.window_secs += 1;
+    let changed = rig.sign(changed, v1.artifact.clone());
+    assert!(!rig.installer.confirm_desired(&desired(&changed.envelope)));
+    assert!(!rig.installer.confirm_desired(&[]));
+    assert_eq!(rig.installer.reported().desired_confirmed_at, None);
+
+    // The signed manifest that runs confirms, and the report says when.
+    let before = std::time::SystemTime::now();
+    assert!(rig.installer.confirm_desired(&desired(&v1.envelope)));
+    let confirmed = rig.installer.reported().desired_confirmed_at.unwrap();
+    assert!(confirmed.system_time() >= before);
+    let sent = std::iter::from_fn(|| rig.events.try_recv().ok()).any(|report| {
+        matches!(report, ferry_agent::report::Report::Reported(r) if r.desired_confirmed_at == Some(confirmed))
+    });
+    assert!(sent, "no reported message with the confirmation");
 }
 
 #[tokio::test]

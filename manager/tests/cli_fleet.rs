@@ -196,6 +196,7 @@ fn device_publish_deploy_and_views_through_the_cli() {
     assert!(table.lines().nth(1).unwrap().starts_with("gw-1"), "{table}");
     let one = ok(d, &["device", "gw-1"]);
     assert!(one.starts_with("gw-1  offline  tags: lab,north"), "{one}");
+    assert!(one.contains("\ndesired state confirmed: never"), "{one}");
     let events: serde_json::Value = serde_json::from_str(&ok(d, &["events", "--json"])).unwrap();
     assert!(events.as_array().unwrap().is_empty());
 

@@ -292,10 +292,21 @@ fn refusals_each_name_their_reason() {
         "ferry: verify failed: release is built for armv7-unknown-linux-gnueabihf, not for x86_64-unknown-linux-gnu"
     );
 
-    // An expiry in the past.
+    // An expiry in the past: packaging refuses it, and a manifest edited
+    // to carry one before signing is refused by verify.
     let mut expired = PACKAGE.to_vec();
     expired.extend(["--expires", "2020-01-01T00:00:00Z"]);
-    ok(d, &expired);
+    let line = fails(d, &expired);
+    assert_eq!(
+        line,
+        "ferry: error: --expires 2020-01-01T00:00:00Z is in the past: devices would refuse the release"
+    );
+    ok(d, PACKAGE);
+    let manifest_path = d.join("out/api-1.2.3.manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["expires"] = "2020-01-01T00:00:00Z".into();
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     ok(
         d,
         &[

@@ -111,6 +111,13 @@ pub struct Reported {
     /// The outcome of the most recent deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_result: Option<DeploymentResult>,
+    /// When the agent last received its desired state and found every
+    /// release in it signed by its trust keys and installed: the manager
+    /// still asked for what the device runs. Absent until that happens
+    /// after the agent starts. An old value on a device that is online
+    /// means the desired state it was last given was not the one it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_confirmed_at: Option<Timestamp>,
 }
 message!(Reported, Reported, "reported state", 256 * 1024);
 
@@ -517,6 +524,7 @@ mod tests {
                 installed_at: t,
             }],
             last_result: Some(result.clone()),
+            desired_confirmed_at: Some(t),
         };
         assert_eq!(Reported::decode(&reported.encode()).unwrap(), reported);
 

@@ -5,13 +5,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ferry_e2e::{
     Agent, Manager, Release, crashing_release, free_port, installed_version, padded_release,
     release,
 };
-use ferry_protocol::SecretKey;
+use ferry_protocol::{Envelope, SecretKey};
 use serde_json::{Value, json};
 
 fn addr(port: u16) -> SocketAddr {
@@ -409,6 +409,103 @@ async fn a_revert_must_come_with_a_higher_sequence() {
         "{body}"
     );
     assert_eq!(fleet.manager().get("/v1/rollouts").await, json!([]));
+    fleet.stop().await;
+}
+
+/// `base` signed again as `version` (`sequence`) with an expiry.
+fn expiring(
+    base: &Release,
+    key: &SecretKey,
+    version: &str,
+    sequence: u64,
+    at: SystemTime,
+) -> Release {
+    let mut manifest = base.manifest.clone();
+    manifest.version = version.parse().unwrap();
+    manifest.sequence = sequence;
+    manifest.expires = Some(at.into());
+    Release {
+        envelope: Envelope::sign(manifest.to_json(), &[key]).unwrap(),
+        manifest,
+        artifact: base.artifact.clone(),
+    }
+}
+
+/// POSTs `body` and expects 422 with an error naming the expiry.
+async fn refused_as_expired(manager: &Manager, path: &str, body: reqwest::Body) {
+    let response = manager
+        .request(reqwest::Method::POST, path)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422, "POST {path}");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("expired at"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_release_is_neither_published_nor_sent() {
+    let fleet = Fleet::new(1).await;
+    let manager = fleet.manager();
+    let base = fleet.release("2.0.0", 2);
+    // Already expired when it is published.
+    let past = expiring(
+        &base,
+        &fleet.key,
+        "2.0.1",
+        3,
+        SystemTime::now() - Duration::from_secs(60),
+    );
+    let put = manager
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/artifacts/{}", past.manifest.artifact.sha256),
+        )
+        .body(std::fs::read(&past.artifact).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    refused_as_expired(manager, "/v1/releases", past.envelope.to_json().into()).await;
+    let releases = manager.get("/v1/releases").await;
+    assert!(
+        releases
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["version"] != "2.0.1"),
+        "{releases}"
+    );
+
+    // Expires after it was published, before anyone sends it.
+    let soon = expiring(
+        &base,
+        &fleet.key,
+        "2.0.2",
+        4,
+        SystemTime::now() + Duration::from_secs(2),
+    );
+    manager.publish(&soon).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ask = json!({ "service": "api", "version": "2.0.2", "all": true }).to_string();
+    refused_as_expired(manager, "/v1/rollouts", ask.clone().into()).await;
+    refused_as_expired(manager, "/v1/deployments", ask.into()).await;
+    assert_eq!(manager.get("/v1/rollouts").await, json!([]));
+    let deployments = manager.get("/v1/deployments").await;
+    assert!(
+        deployments
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["version"] == "1.0.0"),
+        "{deployments}"
+    );
+    fleet.wait_version("dev-0", "1.0.0").await;
     fleet.stop().await;
 }
 

@@ -67,7 +67,7 @@ fn request(dir: PathBuf, release: &ReleaseArgs, files: Option<PathBuf>) -> Resul
         version: release.version.clone(),
         sequence: release.sequence,
         files,
-        expires: release.expires,
+        expires: release.expires_at()?,
         health: release.health(),
         reload: release.reload.clone(),
         run: release.run()?,

@@ -186,6 +186,12 @@ fn describe_device(d: &Value) -> String {
         services(d),
         d["last_seen"].as_str().unwrap_or("never"),
     );
+    text.push_str(&format!(
+        "\ndesired state confirmed: {}",
+        d["reported"]["desired_confirmed_at"]
+            .as_str()
+            .unwrap_or("never")
+    ));
     if let Some(result) = d["reported"]["last_result"].as_object() {
         text.push_str(&format!(
             "\nlast deployment: {} {} {}{}",

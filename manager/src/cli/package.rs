@@ -38,6 +38,7 @@ enum Kind {
 pub(crate) fn run(args: Args) -> Result<Outcome> {
     let health = args.release.health();
     let run = args.release.run()?;
+    let expires = args.release.expires_at()?;
     let release = args.release;
     let request = PackageRequest {
         dir: args.dir,
@@ -50,7 +51,7 @@ pub(crate) fn run(args: Args) -> Result<Outcome> {
             Kind::Go => ArtifactKind::Go,
             Kind::C => ArtifactKind::C,
         }),
-        expires: release.expires,
+        expires,
         build: build_info(),
         health,
         reload: release.reload,

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use ferry_protocol::manifest::{
     BuildInfo, HealthSettings, Probe, ReloadRule, RunSettings, ServiceSignal,
@@ -20,9 +21,11 @@ pub(crate) struct ReleaseArgs {
     /// Release sequence number; must grow with every release of the service.
     #[arg(long)]
     pub sequence: u64,
-    /// After this time devices refuse the release (RFC 3339, e.g. 2027-01-31T00:00:00Z).
-    #[arg(long)]
-    pub expires: Option<Timestamp>,
+    /// When devices stop accepting the release: a time from now (90d, 12h),
+    /// an instant (RFC 3339, e.g. 2027-01-31T00:00:00Z), or `never`. Devices
+    /// keep running a release installed before it expired.
+    #[arg(long, value_name = "DURATION|TIME|never", default_value = "30d", value_parser = parse_expiry)]
+    pub expires: Expiry,
     /// Seconds a new release must run without restarting before devices commit it.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub health_window: u32,
@@ -59,7 +62,61 @@ pub(crate) struct ReleaseArgs {
     pub out: PathBuf,
 }
 
+/// What `--expires` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// This long after the release is made.
+    After(Duration),
+    /// At this instant.
+    At(Timestamp),
+    /// The release never expires (it can be replayed to a device forever).
+    Never,
+}
+
+impl Expiry {
+    /// The instant the manifest carries, for a release made at `now`.
+    pub fn at(self, now: SystemTime) -> Option<Timestamp> {
+        match self {
+            Expiry::After(after) => Some(Timestamp::from(now + after)),
+            Expiry::At(at) => Some(at),
+            Expiry::Never => None,
+        }
+    }
+}
+
+fn parse_expiry(text: &str) -> Result<Expiry, String> {
+    if text == "never" {
+        return Ok(Expiry::Never);
+    }
+    if let Ok(at) = text.parse::<Timestamp>() {
+        return Ok(Expiry::At(at));
+    }
+    match humantime::parse_duration(text) {
+        Ok(after) if after.is_zero() => {
+            Err("a release that expires at once cannot be installed".into())
+        }
+        Ok(after) => Ok(Expiry::After(after)),
+        Err(_) => Err(
+            "expected a duration (30d, 12h), an RFC 3339 time (2027-01-31T00:00:00Z) or `never`"
+                .into(),
+        ),
+    }
+}
+
 impl ReleaseArgs {
+    /// When the release made now expires; an instant already past is an
+    /// error (devices would refuse the release).
+    pub fn expires_at(&self) -> anyhow::Result<Option<Timestamp>> {
+        let now = SystemTime::now();
+        let at = self.expires.at(now);
+        if let Some(at) = at {
+            if at.system_time() <= now {
+                anyhow::bail!("--expires {at} is in the past: devices would refuse the release");
+            }
+        }
+        Ok(at)
+    }
+
     pub fn health(&self) -> HealthSettings {
         HealthSettings {
             window_secs: self.health_window.max(1),
@@ -141,4 +198,21 @@ fn parse_reload(text: &str) -> Result<ReloadRule, String> {
         action: action.parse()?,
         debounce_ms: 500,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_reads_a_duration_an_instant_or_never() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let in_90_days = parse_expiry("90d").unwrap().at(now).unwrap();
+        assert_eq!(in_90_days.unix_secs(), 1_800_000_000 + 90 * 86_400);
+        let at = parse_expiry("2027-01-31T00:00:00Z").unwrap();
+        assert_eq!(at.at(now).unwrap().to_string(), "2027-01-31T00:00:00Z");
+        assert_eq!(parse_expiry("never").unwrap().at(now), None);
+        assert!(parse_expiry("0s").is_err());
+        assert!(parse_expiry("soon").unwrap_err().contains("`never`"));
+    }
 }

@@ -100,6 +100,30 @@ fn bad(status: StatusCode, message: impl Into<String>) -> ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Devices refuse a release past its expiry: publishing or sending one would
+/// only fail them, so the manager says so first (a convenience, not a
+/// protection; the device checks the signed expiry itself).
+fn refuse_expired(manifest: &ferry_protocol::Manifest) -> ApiResult<()> {
+    match manifest.expires {
+        Some(expires) if expires.system_time() <= std::time::SystemTime::now() => Err(bad(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{} {} expired at {expires}: devices refuse it; package it again with a later --expires and a new sequence",
+                manifest.service, manifest.version
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// [`refuse_expired`] for a stored release.
+fn refuse_expired_row(release: &super::store::ReleaseRow) -> ApiResult<()> {
+    let manifest = Envelope::from_json(release.envelope.as_bytes())
+        .and_then(|e| e.unverified_manifest())
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    refuse_expired(&manifest)
+}
+
 /// The routes.
 pub fn router(state: AppState) -> axum::Router {
     axum::Router::new()
@@ -419,6 +443,7 @@ async fn publish_release(
     let manifest = envelope
         .unverified_manifest()
         .map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    refuse_expired(&manifest)?;
     let artifact = state.artifacts.join(manifest.artifact.sha256.to_string());
     let stored = tokio::fs::metadata(&artifact).await.ok().map(|m| m.len());
     match stored {
@@ -534,6 +559,7 @@ async fn deploy(
                 ),
             )
         })?;
+    refuse_expired_row(&release)?;
     let envelope = Envelope::from_json(release.envelope.as_bytes())
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
 

@@ -53,6 +53,7 @@ pub(super) async fn start(
             ),
         ));
     };
+    super::refuse_expired_row(&release)?;
     if let Some(revert) = &request.revert_to {
         let Some(back) = store.release(&request.service, revert)? else {
             return Err(bad(
