@@ -8,6 +8,7 @@
 //! health_interval = "30s"
 //! pass_env = []                       # agent variables services also get (none)
 //! stop_services_on_exit = false       # services run on while the agent is stopped
+//! isolate_services = true             # a service with no `user` gets a user of its own
 //! [broker]                            # optional: without it the agent works offline
 //! url = "mqtt://manager.local:1883"   # mqtts:// for TLS
 //! username = "gw-0042"
@@ -67,6 +68,11 @@ pub struct Config {
     /// its own supervisor a new agent stops and restarts what it finds).
     #[serde(default)]
     pub stop_services_on_exit: bool,
+    /// Run each service whose manifest names no user as a user of its own
+    /// (`DynamicUser=` under systemd; a dedicated uid under the agent's own
+    /// supervisor when the agent runs as root), not as the agent's user.
+    #[serde(default = "yes")]
+    pub isolate_services: bool,
     /// The MQTT broker; absent for offline devices.
     #[serde(default)]
     pub broker: Option<BrokerConfig>,
@@ -273,6 +279,10 @@ impl From<LimitsConfig> for AgentLimits {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/ferry")
 }
@@ -421,6 +431,10 @@ services = ["api", "sensor"]
         assert_eq!(c.device_id.as_str(), "gw-0042");
         assert_eq!(c.health_interval, Duration::from_secs(30));
         assert_eq!(c.supervisor, SupervisorKind::Auto);
+        assert!(
+            c.isolate_services,
+            "services get users of their own by default"
+        );
         assert_eq!(c.broker.unwrap().url, "mqtt://manager.local:1883");
         assert_eq!(c.trust.threshold, 1);
         assert_eq!(

@@ -115,6 +115,7 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
             .iter()
             .filter_map(|name| Some((name.to_string(), std::env::var(name.as_str()).ok()?)))
             .collect(),
+        isolate_services: config.isolate_services,
     })
     .map_err(|error| SetupError::DataDir {
         path: config.data_dir.clone(),

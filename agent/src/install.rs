@@ -31,6 +31,7 @@ use crate::journal::{self, Entry, MAX_ATTEMPTS, Phase};
 use crate::layout::Layout;
 use crate::report::Reporter;
 use crate::state::{Installed, State, release_ref};
+use crate::supervisor::RunAs;
 use crate::supervisor::{ServiceSpec, Supervisor};
 use crate::unpack::{self, UnpackLimits};
 
@@ -110,6 +111,7 @@ pub struct Installer {
     transfer: TransferConfig,
     blocks: Option<BlockLink>,
     passed_env: Vec<(String, String)>,
+    isolate_services: bool,
     state: State,
     /// When a desired state last arrived that matched what runs here.
     desired_confirmed_at: Option<Timestamp>,
@@ -138,6 +140,8 @@ pub struct InstallerParts {
     /// Variables of the agent's environment every service also gets
     /// (`pass_env`), with their values.
     pub passed_env: Vec<(String, String)>,
+    /// Whether a service whose manifest names no user gets one of its own.
+    pub isolate_services: bool,
 }
 
 impl Installer {
@@ -158,6 +162,7 @@ impl Installer {
             transfer: parts.transfer,
             blocks: None,
             passed_env: parts.passed_env,
+            isolate_services: parts.isolate_services,
             state,
             desired_confirmed_at: None,
         })
@@ -1003,7 +1008,16 @@ impl Installer {
                 Some(dir) => current.join(dir.as_str()),
                 None => current,
             },
-            user: run.user.as_ref().map(ToString::to_string),
+            user: match &run.user {
+                Some(name) => RunAs::Named(name.to_string()),
+                None if self.isolate_services => RunAs::Own,
+                None => RunAs::Agent,
+            },
+            writable: run
+                .writable
+                .iter()
+                .map(|p| PathBuf::from(p.as_str()))
+                .collect(),
             stop_signal: crate::supervisor::nix_signal(run.stop_signal()),
             stop_timeout: std::time::Duration::from_secs(u64::from(run.stop_timeout_secs())),
         }

@@ -12,6 +12,8 @@
 //!   services/<service>/previous -> releases/...     what ran before
 //!   run/<service>.pid            direct supervisor: pid and start time
 //!   logs/<service>.log           direct supervisor: service output
+//!   service-state/<service>/     direct supervisor: the service's $STATE_DIRECTORY
+//!   service-users.json           direct supervisor: each service's own uid
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -90,5 +92,16 @@ impl Layout {
     /// Service output under the direct supervisor.
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
+    }
+
+    /// A service's own writable directory under the direct supervisor
+    /// (its `$STATE_DIRECTORY`), owned by the user it runs as.
+    pub fn service_state(&self, service: &ServiceName) -> PathBuf {
+        self.root.join("service-state").join(service.as_str())
+    }
+
+    /// The uids given to services of their own (direct supervisor).
+    pub fn service_users(&self) -> PathBuf {
+        self.root.join("service-users.json")
     }
 }

@@ -43,7 +43,8 @@ impl Agent {
     ) -> Self {
         let data = rig.tmp.path().join(name);
         let mut text = format!(
-            "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\n{extra}\n",
+            // (The rig's directory is private: services run as the agent.)
+            "device_id = \"{DEVICE}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nisolate_services = false\n{extra}\n",
             data.display()
         );
         if let Some(inbox) = inbox {

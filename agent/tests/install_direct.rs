@@ -214,11 +214,16 @@ async fn arguments_environment_directory_and_stop_signal_come_from_the_manifest(
     assert_eq!(rig.values("arg", pid), support::run_settings().args);
     let mut env = rig.values("env", pid);
     env.sort();
+    let state_directory = format!(
+        "STATE_DIRECTORY={}",
+        rig.data().join("service-state/api").display()
+    );
     assert_eq!(
         env,
         [
             "GREETING=hello world",
             "PATH=/opt/app/bin:/usr/bin:/bin",
+            &state_directory,
             "TRICKY=a $b %i \"c\"\nd",
         ],
         "the agent's own environment leaked"
@@ -287,6 +292,66 @@ async fn a_service_runs_as_the_user_its_manifest_names() {
         "{result:?}"
     );
     assert_eq!(rig.running_pid().await.map(|p| p != 0), Some(true));
+}
+
+#[tokio::test]
+async fn a_service_with_no_user_runs_as_its_own_and_cannot_write_the_agents_files() {
+    let mut rig = Rig::isolated();
+    let data = rig.data();
+    let tmp = rig.tmp.path().to_owned();
+    let own_state = data.join("service-state/api");
+    // What a compromised service would go for: the agent's state, its
+    // configuration and trust key, its own release; and its own directory.
+    let targets = [
+        (data.join("state.json"), "denied"),
+        (data.join("planted"), "denied"),
+        (tmp.join("agent.toml"), "denied"),
+        (tmp.join("ops.pub"), "denied"),
+        (data.join("services/api/current/etc.conf"), "denied"),
+        (own_state.join("cache"), "ok"),
+    ];
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |m| {
+        m.run.args = targets
+            .iter()
+            .map(|(path, _)| format!("--try-write={}", path.display()))
+            .collect();
+    });
+    assert_eq!(rig.install(&v1).await.outcome, Outcome::Installed);
+    let pid = rig.running_pid().await.unwrap();
+    eventually("the service to try every path", || {
+        rig.values("write", pid).len() == targets.len()
+    })
+    .await;
+    let expected: Vec<String> = targets
+        .iter()
+        .map(|(path, result)| format!("{result} {}", path.display()))
+        .collect();
+    assert_eq!(rig.values("write", pid), expected);
+    assert!(!data.join("planted").exists());
+    // A uid of its own, recorded so it keeps it; not root, not the agent's.
+    let uid: u32 = rig.values("uid", pid)[0].parse().unwrap();
+    assert!((61184..=65519).contains(&uid), "{uid}");
+    let users: serde_json::Value =
+        serde_json::from_slice(&fs::read(data.join("service-users.json")).unwrap()).unwrap();
+    assert_eq!(users["api"], uid);
+    let env = rig.values("env", pid);
+    assert!(
+        env.contains(&format!("STATE_DIRECTORY={}", own_state.display())),
+        "{env:?}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(&own_state).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700));
+
+    // The next release runs as the same user, and finds its files.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    assert_eq!(rig.install(&v2).await.outcome, Outcome::Installed);
+    let pid2 = rig.running_pid().await.unwrap();
+    eventually("v2 to record its user", || {
+        rig.values("uid", pid2) == [uid.to_string()]
+    })
+    .await;
+    assert!(own_state.join("cache").exists());
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,9 +48,14 @@ impl Device {
 async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads() {
     let container = SystemdContainer::start();
     let mut rig = Rig::new();
-    rig.out = PathBuf::from("/srv/ferry-test/service.out");
-    rig.out_host = container.host_path("/srv/ferry-test/service.out");
-    std::fs::create_dir_all(container.host_path("/srv/ferry-test")).unwrap();
+    // The service runs as a user of its own (DynamicUser=) and records
+    // into its state directory, the one place it may write by default.
+    rig.out = PathBuf::from("/var/lib/ferry-api/service.out");
+    rig.out_host = container.host_path("/var/lib/private/ferry-api/service.out");
+    // Open to anyone, but only writable to a service the manifest lets.
+    let shared = container.host_path("/srv/ferry-test");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::create_dir_all(container.host_path("/etc/ferry")).unwrap();
     std::fs::create_dir_all(container.host_path("/etc/api")).unwrap();
     std::fs::write(container.host_path("/etc/api/app.conf"), "level = 1\n").unwrap();
@@ -66,8 +72,26 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     };
     support::eventually("the inbox", || device.inbox.is_dir()).await;
 
-    // Install: a unit is written and started.
-    let v1 = rig.release("1.0.0", 1, Build::SERVE, |_| {});
+    // Install: a unit is written and started. The service tries what a
+    // compromised one would: the agent's state, configuration, trust key and
+    // units, its own release; and its own directory.
+    let targets = [
+        ("/var/lib/ferry/state.json", "denied"),
+        ("/var/lib/ferry/planted", "denied"),
+        ("/etc/ferry/agent.toml", "denied"),
+        ("/etc/ferry/ops.pub", "denied"),
+        ("/etc/systemd/system/planted.service", "denied"),
+        ("/var/lib/ferry/services/api/current/etc.conf", "denied"),
+        ("/srv/ferry-test/v1", "denied"),
+        ("/tmp/private", "ok"),
+        ("/var/lib/ferry-api/cache", "ok"),
+    ];
+    let v1 = rig.release("1.0.0", 1, Build::SERVE, |m| {
+        m.run.args = targets
+            .iter()
+            .map(|(p, _)| format!("--try-write={p}"))
+            .collect();
+    });
     assert_eq!(device.install(&v1, "v1").await["outcome"], "installed");
     let pid1 = device.main_pid();
     assert!(
@@ -83,16 +107,37 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
     )
     .unwrap();
     assert!(
-        unit.contains("ExecStart=\"/var/lib/ferry/services/api/current/bin/api\"\n"),
+        unit.contains("ExecStart=\"/var/lib/ferry/services/api/current/bin/api\" \"--try-write="),
         "{unit}"
     );
     let enabled = device
         .container
         .exec(&["systemctl", "is-enabled", "ferry-api.service"]);
     assert_eq!(String::from_utf8_lossy(&enabled.stdout).trim(), "enabled");
+    support::eventually("the service to try every path", || {
+        rig.values("write", pid1).len() == targets.len()
+    })
+    .await;
+    let expected: Vec<String> = targets.iter().map(|(p, r)| format!("{r} {p}")).collect();
+    assert_eq!(rig.values("write", pid1), expected);
+    assert!(
+        !device
+            .container
+            .host_path("/var/lib/ferry/planted")
+            .exists()
+    );
+    let uid: u32 = rig.values("uid", pid1)[0].parse().unwrap();
+    assert!(
+        (61184..=65519).contains(&uid),
+        "not a user of its own: {uid}"
+    );
 
-    // Upgrade: systemd restarts it with the new binary.
-    let v2 = rig.release("2.0.0", 2, Build::SERVE, |_| {});
+    // Upgrade: systemd restarts it with the new binary; the manifest lets
+    // it write one more path.
+    let v2 = rig.release("2.0.0", 2, Build::SERVE, |m| {
+        m.run.writable = vec![ferry_protocol::DevicePath::new("/srv/ferry-test").unwrap()];
+        m.run.args = vec!["--try-write=/srv/ferry-test/v2".into()];
+    });
     assert_eq!(device.install(&v2, "v2").await["outcome"], "installed");
     let pid2 = device.main_pid();
     assert_ne!(pid1, pid2);
@@ -100,6 +145,10 @@ async fn under_a_real_systemd_the_agent_installs_upgrades_rolls_back_and_reloads
         rig.records()
             .contains(&("start".into(), "2.0.0".into(), pid2))
     );
+    support::eventually("v2 to write where it may", || {
+        rig.values("write", pid2) == ["ok /srv/ferry-test/v2"]
+    })
+    .await;
 
     // A release that exits at once: rolled back, v2 serves again.
     let crash = rig.release("3.0.0", 3, Build::CRASH, |m| m.health.window_secs = 3);

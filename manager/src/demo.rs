@@ -232,8 +232,10 @@ async fn start_agent(
     http: std::net::SocketAddr,
 ) -> Result<DemoAgent> {
     let data_dir = dir.join(format!("agent-{id}"));
+    // The demo's directory is the user's own (and may be private): its
+    // services run as the user who started it.
     let text = format!(
-        "device_id = \"{id}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nhealth_interval = \"2s\"\n\
+        "device_id = \"{id}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nisolate_services = false\nhealth_interval = \"2s\"\n\
          [broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\nmanager_url = \"http://{}\"\n\
          [trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),

@@ -40,6 +40,6 @@ pub use digest::Sha256Digest;
 pub use envelope::Envelope;
 pub use keys::{KeyId, PublicKey, SecretKey};
 pub use manifest::Manifest;
-pub use names::{DeviceId, EnvName, NameError, RelPath, ServiceName, Target, UserName};
+pub use names::{DeviceId, DevicePath, EnvName, NameError, RelPath, ServiceName, Target, UserName};
 pub use time::Timestamp;
 pub use trust::{Checks, TrustPolicy, VerifiedRelease, VerifyError};

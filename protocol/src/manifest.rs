@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::{DecodeError, check_schema, decode_json};
 use crate::digest::Sha256Digest;
-use crate::names::{EnvName, RelPath, ServiceName, Target, UserName};
+use crate::names::{DevicePath, EnvName, RelPath, ServiceName, Target, UserName};
 use crate::text::string_type;
 use crate::time::Timestamp;
 
@@ -83,9 +83,16 @@ pub struct RunSettings {
     /// The working directory, inside the release [default: its root].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<RelPath>,
-    /// The user to run as, by name on the device [default: the agent's].
+    /// The user to run as, by name on the device [default: a user of the
+    /// service's own: systemd's `DynamicUser=`, or a dedicated uid under
+    /// the agent's supervisor]. `root` runs it as root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<UserName>,
+    /// Paths on the device the service may write besides its state
+    /// directory (`$STATE_DIRECTORY`); under systemd the rest of the file
+    /// system is read-only to it (`ProtectSystem=strict`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable: Vec<DevicePath>,
     /// The signal that asks the service to stop [default: SIGTERM].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<ServiceSignal>,
@@ -122,9 +129,12 @@ impl RunSettings {
     /// The rules JSON alone cannot say: sizes, and no NUL byte anywhere (a
     /// C string would end there, and a systemd unit line would break).
     fn check(&self) -> Result<(), String> {
-        if self.args.len() > MAX_RUN_ITEMS || self.env.len() > MAX_RUN_ITEMS {
+        if self.args.len() > MAX_RUN_ITEMS
+            || self.env.len() > MAX_RUN_ITEMS
+            || self.writable.len() > MAX_RUN_ITEMS
+        {
             return Err(format!(
-                "run: at most {MAX_RUN_ITEMS} arguments and {MAX_RUN_ITEMS} environment variables"
+                "run: at most {MAX_RUN_ITEMS} arguments, environment variables and writable paths"
             ));
         }
         let values = self.args.iter().chain(self.env.values());
@@ -511,6 +521,7 @@ pub(crate) mod tests {
             env: [(EnvName::new("LOG_LEVEL").unwrap(), "info".into())].into(),
             workdir: Some(RelPath::new("var").unwrap()),
             user: Some(UserName::new("api").unwrap()),
+            writable: vec![DevicePath::new("/var/spool/api").unwrap()],
             stop_signal: Some(ServiceSignal::Quit),
             stop_timeout_secs: Some(30),
         };
@@ -522,6 +533,12 @@ pub(crate) mod tests {
             ("\"LOG_LEVEL\"", "\"LOG-LEVEL\""),
             ("\"LOG_LEVEL\"", "\"1LOG\""),
             ("\"user\": \"api\"", "\"user\": \"Root\""),
+            ("\"/var/spool/api\"", "\"/var/../etc\""),
+            ("\"/var/spool/api\"", "\"var/spool\""),
+            (
+                "\"/var/spool/api\"",
+                "\"/var/spool\\nExecStartPre=/bin/sh\"",
+            ),
             ("\"workdir\": \"var\"", "\"workdir\": \"../var\""),
             ("\"SIGQUIT\"", "\"SIGKILL\""),
             ("\"stop_timeout_secs\": 30", "\"stop_timeout_secs\": 0"),

@@ -126,6 +126,13 @@ checked_name! {
     UserName, kind = "user name", pattern = "^[a-z_][a-z0-9_-]{0,31}$", check = check_user_name
 }
 
+checked_name! {
+    /// An absolute path on the device, such as `/var/spool/sensor`: `/`, then
+    /// components of ASCII letters, digits, `.`, `_`, `-`, `+` and `@`, none
+    /// empty, `.` or `..`. Plain enough to stand unquoted on a unit line.
+    DevicePath, kind = "device path", pattern = "^(/[A-Za-z0-9._+@-]+)+$", check = check_device_path
+}
+
 /// The target of the devices Ferry was built for.
 pub const ARMV7_TARGET: &str = "armv7-unknown-linux-gnueabihf";
 
@@ -242,6 +249,31 @@ fn check_rel_path(s: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+fn check_device_path(s: &str) -> Result<(), &'static str> {
+    let Some(rest) = s.strip_prefix('/') else {
+        return Err("must be absolute (start with '/')");
+    };
+    if s.len() > MAX_PATH {
+        return Err("must be at most 4096 bytes");
+    }
+    for part in rest.split('/') {
+        match part {
+            "" => return Err("must not contain an empty component (or be '/' alone)"),
+            "." | ".." => return Err("must not contain '.' or '..' components"),
+            _ if !part.bytes().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'+' | b'@')
+            }) =>
+            {
+                return Err(
+                    "may contain only ASCII letters, digits, '.', '_', '-', '+' and '@' between the '/'",
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl RelPath {
     /// The path's components, in order.
     pub fn components(&self) -> impl Iterator<Item = &str> {
@@ -252,6 +284,30 @@ impl RelPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_paths() {
+        for ok in ["/var/spool/sensor", "/a", "/run/x_y-1.2+b@c"] {
+            assert!(DevicePath::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/",
+            "relative/path",
+            "/a//b",
+            "/a/",
+            "/a/../etc",
+            "/./a",
+            "/a b",
+            "/a\nb",
+            "/a\"b",
+            "/a%i",
+            "/a$b",
+            "/a\\b",
+        ] {
+            assert!(DevicePath::new(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn device_ids() {

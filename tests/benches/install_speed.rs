@@ -112,7 +112,7 @@ fn ferry_install(p: &Payload, agent: &Path, trust: &Path, scratch: &Path) -> f64
     std::fs::write(
         &config,
         format!(
-            "device_id = \"bench\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\n[trust]\nkeys = [\"{}\"]\n",
+            "device_id = \"bench\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nisolate_services = false\n[trust]\nkeys = [\"{}\"]\n",
             data.display(),
             trust.display()
         ),

@@ -514,9 +514,11 @@ pub fn agent_config(
         .unwrap_or_default();
     // QEMU_LD_PREFIX: on this machine an ARM agent's dynamically linked ARM
     // services find their C library through it, as a device's would at `/`.
+    // The tests' directories are private (0700), out of reach of a service
+    // user of its own: the services run as the agent.
     format!(
         "device_id = \"{device}\"\ndata_dir = \"{}\"\nsupervisor = \"{supervisor}\"\n{health}\
-         pass_env = [\"QEMU_LD_PREFIX\"]\n{}[trust]\nkeys = [\"{}\"]\n",
+         pass_env = [\"QEMU_LD_PREFIX\"]\nisolate_services = false\n{}[trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),
         at.broker_table(password),
         trust.display()

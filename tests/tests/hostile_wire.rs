@@ -184,7 +184,7 @@ async fn malformed_desired_states_are_refused_with_a_reason_and_the_agent_goes_o
     let dir = tempfile::tempdir().unwrap();
     let acl = "pattern write ferry/v1/devices/%u/#\npattern read ferry/v1/devices/%u/desired\n\
                user tester\ntopic write ferry/v1/devices/+/desired\ntopic read ferry/v1/devices/+/events\n\
-               topic read ferry/v1/devices/+/health\n";
+               topic read ferry/v1/devices/+/health\ntopic read ferry/v1/devices/+/status\n";
     let broker = Mosquitto::start(
         dir.path(),
         &[("gw-h", "device-pw"), ("tester", "tester-pw")],
@@ -199,9 +199,12 @@ async fn malformed_desired_states_are_refused_with_a_reason_and_the_agent_goes_o
         .subscribe("ferry/v1/devices/gw-h/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    // The agent is up once it reports health.
-    wait_publish(&mut events, "the agent's first health report", |t, _| {
-        t.ends_with("/health")
+    // The agent listens once it says it is online: it subscribes to its
+    // desired state before it publishes that (a health report can come
+    // earlier: it may be queued before the connection is up).
+    wait_publish(&mut events, "the agent online", |t, payload| {
+        t.ends_with("/status")
+            && serde_json::from_slice::<Value>(payload).is_ok_and(|s| s["state"] == "online")
     })
     .await;
 

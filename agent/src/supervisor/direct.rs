@@ -12,7 +12,8 @@
 //! tells a leftover process from an unrelated one that reused its pid.
 //!
 //! Its output goes through a pipe to `logs/<service>.log`, capped and
-//! rotated ([`service_log`]).
+//! rotated ([`service_log`]). It runs as the user [`service_user`] gives it:
+//! by default a uid of its own, which cannot write the agent's files.
 
 use std::collections::HashMap;
 use std::fs;
@@ -30,7 +31,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{ServiceSpec, ServiceStatus, SupervisorError, service_log};
+use super::{ServiceSpec, ServiceStatus, SupervisorError, service_log, service_user};
 use crate::layout::Layout;
 
 /// How long a service a previous agent left running gets between SIGTERM
@@ -109,6 +110,7 @@ impl Direct {
         });
         let runner = Runner {
             spec: spec.clone(),
+            layout: self.layout.clone(),
             pid_file: self.layout.run_dir().join(format!("{}.pid", spec.service)),
             log_file: self.layout.logs().join(format!("{}.log", spec.service)),
             log_bytes: self.log_bytes,
@@ -191,6 +193,7 @@ impl Direct {
 /// The task that owns one service's process.
 struct Runner {
     spec: ServiceSpec,
+    layout: Layout,
     pid_file: PathBuf,
     log_file: PathBuf,
     log_bytes: u64,
@@ -285,23 +288,13 @@ impl Runner {
                 .current_dir(&self.spec.workdir)
                 .stdin(Stdio::null())
                 .process_group(0);
-            if let Some(name) = &self.spec.user {
-                // As systemd's User= does: the user's ids (supplementary
-                // groups dropped), and HOME, USER, LOGNAME.
-                let user = nix::unistd::User::from_name(name)
-                    .map_err(std::io::Error::from)?
-                    .ok_or_else(|| {
-                        std::io::Error::other(format!("user {name} does not exist on this device"))
-                    })?;
-                command
-                    .uid(user.uid.as_raw())
-                    .gid(user.gid.as_raw())
-                    .env("HOME", &user.dir)
-                    .env("USER", name)
-                    .env("LOGNAME", name);
-                // The release's own variables still win.
-                command.envs(self.spec.env.iter().skip(1).map(|(k, v)| (k, v)));
+            let identity = service_user::prepare(&self.layout, &self.spec)?;
+            if let Some((uid, gid)) = identity.ids {
+                command.uid(uid.as_raw()).gid(gid.as_raw());
             }
+            command.envs(identity.env);
+            // The release's own variables still win.
+            command.envs(self.spec.env.iter().skip(1).map(|(k, v)| (k, v)));
             let (output, input) = service_log::pipe()?;
             let err = input.try_clone()?;
             let child = command

@@ -11,6 +11,7 @@
 
 pub mod direct;
 pub mod service_log;
+pub mod service_user;
 #[cfg(feature = "simulator")]
 pub mod simulated;
 pub mod systemd;
@@ -37,8 +38,10 @@ pub struct ServiceSpec {
     pub env: Vec<(String, String)>,
     /// Its working directory, also through `current`.
     pub workdir: PathBuf,
-    /// The user it runs as; the agent's when `None`.
-    pub user: Option<String>,
+    /// The user it runs as.
+    pub user: RunAs,
+    /// Paths it may write besides its state directory.
+    pub writable: Vec<PathBuf>,
     /// The signal that asks it to stop.
     pub stop_signal: Signal,
     /// How long it has between that signal and SIGKILL.
@@ -46,7 +49,7 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    /// A service run with no arguments, `PATH` only, as the agent's user,
+    /// A service run with no arguments, `PATH` only, as a user of its own,
     /// stopped with SIGTERM and 10 s: a manifest's defaults.
     pub fn plain(service: ServiceName, exec: PathBuf, workdir: PathBuf) -> Self {
         Self {
@@ -55,13 +58,30 @@ impl ServiceSpec {
             args: Vec::new(),
             env: environment(&[], &Default::default()),
             workdir,
-            user: None,
+            user: RunAs::Own,
+            writable: Vec::new(),
             stop_signal: Signal::SIGTERM,
             stop_timeout: std::time::Duration::from_secs(u64::from(
                 ferry_protocol::manifest::DEFAULT_STOP_TIMEOUT_SECS,
             )),
         }
     }
+}
+
+/// Which user a service runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunAs {
+    /// A user of the service's own, so that a compromised service cannot
+    /// write the agent's state, configuration or keys, nor another
+    /// service's: `DynamicUser=` under systemd, a dedicated uid under the
+    /// direct supervisor (when the agent runs as root; its own user
+    /// otherwise, having no other to give).
+    Own,
+    /// The agent's own user: the device's configuration turned isolation
+    /// off (`isolate_services = false`).
+    Agent,
+    /// The user the manifest names.
+    Named(String),
 }
 
 /// `PATH` for every service, as systemd gives its services.

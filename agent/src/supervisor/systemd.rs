@@ -8,7 +8,7 @@ use ferry_protocol::messages::ServiceState;
 use nix::sys::signal::Signal;
 use tokio::process::Command;
 
-use super::{ServiceSpec, ServiceStatus, SupervisorError};
+use super::{RunAs, ServiceSpec, ServiceStatus, SupervisorError};
 use crate::durable;
 
 const TEMPLATE: &str = include_str!("../../../systemd/ferry-service.service.in");
@@ -40,11 +40,19 @@ pub fn render_unit(spec: &ServiceSpec) -> String {
             format!("Environment={assignment}\n")
         })
         .collect();
-    let user = spec
-        .user
-        .as_ref()
-        .map(|u| format!("User={u}\n"))
-        .unwrap_or_default();
+    let identity = match &spec.user {
+        RunAs::Own => "DynamicUser=yes\n".to_owned(),
+        RunAs::Agent => String::new(),
+        RunAs::Named(name) => format!("User={name}\n"),
+    };
+    // `-`: a path missing on this device is no reason not to start. The
+    // paths are plain (see `DevicePath`): no quoting needed, only `%`
+    // would be special and cannot occur.
+    let writable: String = spec
+        .writable
+        .iter()
+        .map(|path| format!("ReadWritePaths=-{}\n", path.display()))
+        .collect();
     TEMPLATE
         .replace("@SERVICE@", spec.service.as_str())
         .replace("@EXEC@", &exec)
@@ -55,7 +63,8 @@ pub fn render_unit(spec: &ServiceSpec) -> String {
             &spec.workdir.display().to_string().replace('%', "%%"),
         )
         .replace("@ENVIRONMENT@", &environment)
-        .replace("@USER@", &user)
+        .replace("@IDENTITY@", &identity)
+        .replace("@WRITABLE@", &writable)
         .replace("@KILL_SIGNAL@", spec.stop_signal.as_str())
         .replace("@STOP_TIMEOUT@", &spec.stop_timeout.as_secs().to_string())
 }
@@ -316,6 +325,39 @@ mod tests {
     }
 
     #[test]
+    fn a_service_gets_its_own_user_and_a_read_only_system_by_default() {
+        let mut spec = ServiceSpec::plain(
+            ServiceName::new("api").unwrap(),
+            "/d/current/bin/api".into(),
+            "/d/current".into(),
+        );
+        let unit = render_unit(&spec);
+        for line in [
+            "DynamicUser=yes",
+            "StateDirectory=ferry-api",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
+        }
+        assert!(!unit.contains("ReadWritePaths"), "{unit}");
+        // Writable paths from the manifest; isolation turned off by the device.
+        spec.writable = vec!["/var/spool/api".into(), "/run/api".into()];
+        spec.user = RunAs::Agent;
+        let unit = render_unit(&spec);
+        assert!(
+            unit.contains("ReadWritePaths=-/var/spool/api\nReadWritePaths=-/run/api\n"),
+            "{unit}"
+        );
+        assert!(
+            !unit.contains("DynamicUser") && !unit.contains("User="),
+            "{unit}"
+        );
+        assert!(unit.contains("ProtectSystem=strict\n"), "{unit}");
+    }
+
+    #[test]
     fn every_argument_and_variable_is_one_quoted_word() {
         let mut spec = ServiceSpec::plain(
             ServiceName::new("api").unwrap(),
@@ -332,7 +374,7 @@ mod tests {
         ];
         spec.env
             .push(("GREETING".into(), "a $b %i \"c\"\nUser=root".into()));
-        spec.user = Some("api".into());
+        spec.user = RunAs::Named("api".into());
         spec.stop_signal = Signal::SIGQUIT;
         let unit = render_unit(&spec);
         let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
@@ -348,7 +390,11 @@ mod tests {
             unit.contains("WorkingDirectory=/d/current/var 100%%\n"),
             "{unit}"
         );
-        assert!(unit.contains("User=api\nExecReload="), "{unit}");
+        assert!(
+            unit.contains("User=api\nStateDirectory=ferry-api\n"),
+            "{unit}"
+        );
+        assert!(!unit.contains("DynamicUser"), "{unit}");
         assert!(unit.contains("KillSignal=SIGQUIT\n"), "{unit}");
         // Nothing a value held became a line of its own.
         assert_eq!(unit.lines().filter(|l| l.starts_with("User=")).count(), 1);

@@ -94,6 +94,11 @@ pub struct Release {
     pub tree: Option<PathBuf>,
 }
 
+/// The rigs' temporary directories are private (0700), out of reach of a
+/// service user of its own: most tests run the services as the agent
+/// ([`Rig::isolated`] does not).
+const SHARED_AGENT_USER: &str = "isolate_services = false\n";
+
 pub struct Rig {
     pub tmp: tempfile::TempDir,
     pub key: SecretKey,
@@ -114,17 +119,35 @@ impl Rig {
 
     /// A device that says it is `target`.
     pub fn with_target(target: &str) -> Self {
-        Self::build(target, |_| {})
+        Self::build(target, SHARED_AGENT_USER, |_| {})
+    }
+
+    /// A device with the default isolation: a service whose manifest names
+    /// no user runs as a user of its own (the agent must run as root). The
+    /// rig's directory is opened to others for that user to reach its
+    /// program, and its record file made writable to it.
+    pub fn isolated() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let rig = Self::build(ferry_agent::BUILD_TARGET, "", |data| {
+            let tmp = data.parent().unwrap();
+            fs::set_permissions(tmp, fs::Permissions::from_mode(0o755)).unwrap();
+            let out = tmp.join("service.out");
+            fs::write(&out, "").unwrap();
+            fs::set_permissions(&out, fs::Permissions::from_mode(0o666)).unwrap();
+        });
+        fs::set_permissions(rig.data(), fs::Permissions::from_mode(0o755)).unwrap();
+        rig
     }
 
     /// A rig whose data directory is prepared by `prepare` (given its path,
     /// not yet created) before the agent first opens it: a small filesystem
     /// mounted there, say.
     pub fn with_data_dir(prepare: impl FnOnce(&Path)) -> Self {
-        Self::build(ferry_agent::BUILD_TARGET, prepare)
+        Self::build(ferry_agent::BUILD_TARGET, SHARED_AGENT_USER, prepare)
     }
 
-    fn build(target: &str, prepare: impl FnOnce(&Path)) -> Self {
+    /// `extra` goes to the top of the agent's configuration.
+    fn build(target: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         prepare(&tmp.path().join("data"));
         let key = SecretKey::from_seed(&[42; 32]);
@@ -134,7 +157,7 @@ impl Rig {
         fs::write(
             &config_path,
             format!(
-                "device_id = \"test-device\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\ntarget = \"{target}\"\n[trust]\nkeys = [\"{}\"]\n",
+                "device_id = \"test-device\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\ntarget = \"{target}\"\n{extra}[trust]\nkeys = [\"{}\"]\n",
                 tmp.path().join("data").display(),
                 pub_path.display()
             ),
@@ -489,6 +512,7 @@ pub fn run_settings() -> ferry_protocol::manifest::RunSettings {
         .collect(),
         workdir: Some(RelPath::new("bin").unwrap()),
         user: None,
+        writable: Vec::new(),
         stop_signal: Some(ferry_protocol::manifest::ServiceSignal::Quit),
         stop_timeout_secs: Some(3),
     }

@@ -6,7 +6,10 @@
  * It records "start" when it starts, then its working directory ("cwd"),
  * each argument ("arg") and each environment variable ("env"), with "\\"
  * and newlines escaped; "hup" on every SIGHUP; and "stop SIGNAME" when
- * SIGTERM, SIGINT or SIGQUIT ends it.
+ * SIGTERM, SIGINT or SIGQUIT ends it. It records its user id ("uid"), and
+ * for each argument --try-write=PATH whether it could open PATH for writing
+ * ("write ok PATH" or "write denied PATH"): what a compromised service
+ * would try.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -60,6 +63,17 @@ int main(int argc, char **argv) {
     if (getcwd(cwd, sizeof cwd)) record_value("cwd", cwd);
     for (int i = 1; i < argc; i++) record_value("arg", argv[i]);
     for (char **e = environ; *e; e++) record_value("env", *e);
+    char uid[32];
+    snprintf(uid, sizeof uid, "%d", (int)getuid());
+    record_value("uid", uid);
+    for (int i = 1; i < argc; i++) {
+        if (strncmp(argv[i], "--try-write=", 12) != 0) continue;
+        FILE *w = fopen(argv[i] + 12, "a");
+        char result[4200];
+        snprintf(result, sizeof result, "%s %s", w ? "ok" : "denied", argv[i] + 12);
+        if (w) fclose(w);
+        record_value("write", result);
+    }
     for (;;) {
         pause();
         while (hups > 0) { hups--; record("hup"); }

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use ferry_protocol::manifest::{
     BuildInfo, HealthSettings, Probe, ReloadRule, RunSettings, ServiceSignal,
 };
-use ferry_protocol::{EnvName, RelPath, ServiceName, Timestamp, UserName};
+use ferry_protocol::{DevicePath, EnvName, RelPath, ServiceName, Timestamp, UserName};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReleaseArgs {
@@ -48,9 +48,16 @@ pub(crate) struct ReleaseArgs {
     /// The program's working directory, inside the release [default: the release's root].
     #[arg(long, value_name = "PATH")]
     pub workdir: Option<RelPath>,
-    /// The user the program runs as on the device [default: the agent's].
+    /// The user the program runs as on the device [default: a user of the
+    /// service's own, which can write only its state directory]; `root` for
+    /// root.
     #[arg(long, value_name = "NAME")]
     pub user: Option<UserName>,
+    /// An absolute path on the device the program may write besides its
+    /// state directory ($STATE_DIRECTORY); the rest of the system is
+    /// read-only to it under systemd. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub writable: Vec<DevicePath>,
     /// The signal that asks the program to stop [default: SIGTERM].
     #[arg(long, value_name = "SIGNAL")]
     pub stop_signal: Option<ServiceSignal>,
@@ -140,6 +147,7 @@ impl ReleaseArgs {
             env,
             workdir: self.workdir.clone(),
             user: self.user.clone(),
+            writable: self.writable.clone(),
             stop_signal: self.stop_signal,
             stop_timeout_secs: self.stop_timeout,
         })
