@@ -14,6 +14,7 @@
 //! username = "gw-0042"
 //! password = "..."
 //! manager_url = "http://manager.local:8080"  # the only origin the password is sent to
+//! ca_pem = """-----BEGIN CERTIFICATE-----..."""  # the fleet CA: the only one trusted
 //! [trust]
 //! keys = ["/etc/ferry/ops.pub"]       # public key files
 //! threshold = 1
@@ -208,6 +209,11 @@ pub struct BrokerConfig {
     /// signed) is fetched without them. Unset: no download carries them.
     #[serde(default)]
     pub manager_url: Option<String>,
+    /// The fleet CA's certificate (PEM), as `ferry device add` writes it:
+    /// the only CA trusted for `mqtts://` and HTTPS downloads. Unset: the
+    /// system's roots.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 impl BrokerConfig {

@@ -107,7 +107,7 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         limits: config.limits.into(),
         supervisor: std::sync::Arc::new(supervisor),
         reporter,
-        http: http_client()?,
+        http: http_client(config.broker.as_ref().and_then(|b| b.ca_pem.as_deref()))?,
         credentials,
         transfer: config.transfer,
         passed_env: config
@@ -123,11 +123,17 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
     })
 }
 
-/// The HTTP client for downloads and probes: rustls with the ring provider.
-pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+/// The HTTP client for downloads and probes: rustls with the ring provider;
+/// with the fleet CA (`ca_pem`), trusting that CA alone (see [`crate::tls`]).
+pub fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client, reqwest::Error> {
     // Installing the provider twice is harmless; the first one stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let builder = match ca_pem {
+        Some(pem) => reqwest::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(pem.as_bytes())?),
+        None => reqwest::Client::builder(),
+    };
+    builder
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(std::time::Duration::from_secs(30))
         // Downloads are rare: an idle connection kept for the next one would

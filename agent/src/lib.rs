@@ -30,6 +30,7 @@ pub mod reload;
 pub mod report;
 pub mod state;
 pub mod supervisor;
+pub mod tls;
 pub mod unpack;
 
 /// The agent's version, as reported to the manager.

@@ -107,7 +107,12 @@ pub fn options(config: &Config) -> Result<Option<MqttOptions>, String> {
     ));
     if address.tls {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        options.set_transport(Transport::tls_with_default_config());
+        options.set_transport(match &broker.ca_pem {
+            Some(pem) => Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                std::sync::Arc::new(crate::tls::pinned_client_config(pem)?),
+            )),
+            None => Transport::tls_with_default_config(),
+        });
     }
     Ok(Some(options))
 }

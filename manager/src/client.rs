@@ -1,10 +1,14 @@
 //! The CLI's connection to a manager: where it is and the operator token.
 //!
-//! Found in this order: `--url` / `--token`; `FERRY_URL` / `FERRY_TOKEN`; the
-//! config file (`FERRY_CONFIG`, else `~/.config/ferry/cli.json`, with
-//! `url` and `token` or `token_file`); and last the manager `ferry serve`
-//! last started on this machine, which records itself in
-//! `~/.config/ferry/local-manager.json`.
+//! Found in this order: `--url` / `--token` / `--ca`; `FERRY_URL` /
+//! `FERRY_TOKEN` / `FERRY_CA`; the config file (`FERRY_CONFIG`, else
+//! `~/.config/ferry/cli.json`, with `url`, `token` or `token_file`, and
+//! `ca_file`); and last the manager `ferry serve` last started on this
+//! machine, which records itself in `~/.config/ferry/local-manager.json`.
+//!
+//! A file's token and CA go only with that file's URL: a URL from the
+//! command line never gets the local manager's token sent to it. With a CA,
+//! it is the only one trusted for the manager (pinned).
 
 use std::path::PathBuf;
 
@@ -24,6 +28,25 @@ struct ClientFile {
     url: Option<String>,
     token: Option<String>,
     token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+}
+
+impl ClientFile {
+    fn token(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
+            self.token_file
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|t| t.trim().to_owned())
+        })
+    }
+
+    /// Whether this file speaks of the manager at `url`.
+    fn is_for(&self, url: &str) -> bool {
+        self.url
+            .as_deref()
+            .is_some_and(|u| u.trim_end_matches('/') == url.trim_end_matches('/'))
+    }
 }
 
 fn read_file(path: Option<PathBuf>) -> ClientFile {
@@ -42,35 +65,43 @@ fn config_dir_file(name: &str) -> Option<PathBuf> {
 impl Manager {
     /// Resolves the manager from flags (which clap already filled from the
     /// environment) and files.
-    pub fn resolve(url: Option<String>, token: Option<String>) -> Result<Self> {
+    pub fn resolve(
+        url: Option<String>,
+        token: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Result<Self> {
         let configured = read_file(
             std::env::var_os("FERRY_CONFIG")
                 .map(PathBuf::from)
                 .or_else(|| config_dir_file("cli.json")),
         );
         let local = read_file(crate::serve::local_manager_file());
-        let token_from_file = |f: &ClientFile| {
-            f.token.clone().or_else(|| {
-                f.token_file
-                    .as_ref()
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .map(|t| t.trim().to_owned())
-            })
-        };
         let url = url
             .or(configured.url.clone())
             .or(local.url.clone())
             .context(
                 "no manager URL: pass --url, set FERRY_URL, or start `ferry serve` on this machine",
             )?;
+        // The file that names this URL, if one does: its token and CA (a
+        // config file that names no URL is the operator's for any).
+        let source = [&configured, &local]
+            .into_iter()
+            .find(|f| f.is_for(&url))
+            .or((configured.url.is_none()).then_some(&configured));
         let token = token
-            .or_else(|| token_from_file(&configured))
-            .or_else(|| token_from_file(&local))
+            .or_else(|| source.and_then(ClientFile::token))
             .context("no operator token: pass --token or set FERRY_TOKEN (the manager writes it to operator.token in its data directory)")?;
+        let ca = ca.or_else(|| source.and_then(|f| f.ca_file.clone()));
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .build()
-            .context("cannot build the HTTP client")?;
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = &ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the manager's CA {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{} holds no CA certificate", path.display()))?;
+            http = http.tls_certs_only(certs);
+        }
+        let http = http.build().context("cannot build the HTTP client")?;
         Ok(Self {
             url: url.trim_end_matches('/').to_owned(),
             token,
@@ -89,7 +120,7 @@ impl Manager {
         let response = request
             .send()
             .await
-            .with_context(|| format!("cannot reach the manager at {}", self.url))?;
+            .map_err(|e| reach_error(&self.url, e))?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
@@ -142,7 +173,7 @@ impl Manager {
             .request(reqwest::Method::HEAD, path)
             .send()
             .await
-            .with_context(|| format!("cannot reach the manager at {}", self.url))?;
+            .map_err(|e| reach_error(&self.url, e))?;
         Ok(response.status().is_success())
     }
 
@@ -154,5 +185,25 @@ impl Manager {
                 .body(body),
         )
         .await
+    }
+}
+
+/// Why the manager could not be reached, with the TLS cause spelled out:
+/// a certificate the pinned CA did not sign is an impostor or another
+/// manager, not a network problem.
+fn reach_error(url: &str, error: reqwest::Error) -> anyhow::Error {
+    let mut causes = Vec::new();
+    let mut cause: Option<&dyn std::error::Error> = Some(&error);
+    while let Some(c) = cause {
+        causes.push(c.to_string());
+        cause = c.source();
+    }
+    let text = causes.join(": ");
+    if text.to_lowercase().contains("certificate") {
+        anyhow::anyhow!(
+            "cannot reach the manager at {url}: its TLS certificate is not signed by the CA trusted for it ({text}); pass that manager's ca.pem with --ca"
+        )
+    } else {
+        anyhow::anyhow!("cannot reach the manager at {url}: {text}")
     }
 }

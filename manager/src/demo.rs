@@ -92,16 +92,26 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         offline_after: Duration::from_secs(30),
         http_limits: Default::default(),
         device_limits: Default::default(),
+        // The demo is TLS like any manager: its agents and this process
+        // trust its fleet CA and nothing else.
+        tls: true,
+        public_names: Vec::new(),
     };
     let manager_task = tokio::spawn(serve(serve_config, async {
         let _ = manager_stopped.await;
     }));
-    let url = format!("http://{}", loopback(config.http_listen));
+    let url = format!("https://{}", loopback(config.http_listen));
+    let ca_file = data_dir.join("ca.pem");
     wait_for_manager(&url, &data_dir, &manager_task).await?;
     let token = std::fs::read_to_string(token_file(&data_dir))?
         .trim()
         .to_owned();
-    let manager = Manager::resolve(Some(url.clone()), Some(token.clone()))?;
+    let manager = Manager::resolve(
+        Some(url.clone()),
+        Some(token.clone()),
+        Some(ca_file.clone()),
+    )?;
+    let ca_pem = std::fs::read_to_string(&ca_file)?;
 
     step("creating a release key (ops.pub; the secret key stays in memory)");
     let mut seed = [0u8; 32];
@@ -116,8 +126,12 @@ pub async fn run(config: DemoConfig) -> Result<()> {
             .post("/v1/devices", &json!({ "device_id": id, "tags": [tag] }))
             .await?;
         let password = created["password"].as_str().unwrap_or_default().to_owned();
-        agents
-            .push(start_agent(&dir, id, &password, config.mqtt_listen, config.http_listen).await?);
+        let at = Endpoints {
+            mqtt: config.mqtt_listen,
+            http: config.http_listen,
+            ca_pem: &ca_pem,
+        };
+        agents.push(start_agent(&dir, id, &password, &at).await?);
     }
 
     let mut services = vec![Sample::C];
@@ -203,14 +217,26 @@ async fn wait_for_manager(
     data_dir: &Path,
     task: &tokio::task::JoinHandle<Result<()>>,
 ) -> Result<()> {
-    let client = reqwest::Client::new();
+    let ca_file = data_dir.join("ca.pem");
     for _ in 0..200 {
         if task.is_finished() {
             bail!("the manager did not start (ports busy? try --http-listen and --mqtt-listen)");
         }
-        if client.get(format!("{url}/healthz")).send().await.is_ok()
-            && token_file(data_dir).exists()
-        {
+        // Its CA is written before it listens; trusted alone.
+        let client = std::fs::read(&ca_file)
+            .ok()
+            .and_then(|pem| reqwest::Certificate::from_pem_bundle(&pem).ok())
+            .and_then(|certs| {
+                reqwest::Client::builder()
+                    .tls_certs_only(certs)
+                    .build()
+                    .ok()
+            });
+        let up = match client {
+            Some(client) => client.get(format!("{url}/healthz")).send().await.is_ok(),
+            None => false,
+        };
+        if up && token_file(data_dir).exists() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -224,23 +250,31 @@ struct DemoAgent {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Where the demo's agents reach the manager, and the CA they trust.
+struct Endpoints<'a> {
+    mqtt: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    ca_pem: &'a str,
+}
+
 async fn start_agent(
     dir: &Path,
     id: &str,
     password: &str,
-    mqtt: std::net::SocketAddr,
-    http: std::net::SocketAddr,
+    at: &Endpoints<'_>,
 ) -> Result<DemoAgent> {
     let data_dir = dir.join(format!("agent-{id}"));
     // The demo's directory is the user's own (and may be private): its
     // services run as the user who started it.
     let text = format!(
         "device_id = \"{id}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nisolate_services = false\nhealth_interval = \"2s\"\n\
-         [broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\nmanager_url = \"http://{}\"\n\
+         [broker]\nurl = \"mqtts://{}\"\npassword = \"{password}\"\nmanager_url = \"https://{}\"\n\
+         ca_pem = \"\"\"\n{}\"\"\"\n\
          [trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),
-        loopback(mqtt),
-        loopback(http),
+        loopback(at.mqtt),
+        loopback(at.http),
+        at.ca_pem,
         dir.join("ops.pub").display()
     );
     std::fs::write(dir.join(format!("agent-{id}.toml")), &text)?;

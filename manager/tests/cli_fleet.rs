@@ -127,14 +127,19 @@ fn device_publish_deploy_and_views_through_the_cli() {
     let config = ferry_agent::config::Config::parse(&text).unwrap();
     assert_eq!(config.device_id.as_str(), "gw-2");
     let broker = config.broker.unwrap();
+    // TLS by default: the device trusts this manager's CA alone.
     assert_eq!(
         broker.manager_url.as_deref(),
-        Some(format!("http://127.0.0.1:{http}").as_str())
+        Some(format!("https://127.0.0.1:{http}").as_str())
     );
     assert!(
-        broker.url.starts_with("mqtt://127.0.0.1:"),
+        broker.url.starts_with("mqtts://127.0.0.1:"),
         "{}",
         broker.url
+    );
+    assert_eq!(
+        broker.ca_pem.as_deref(),
+        Some(std::fs::read_to_string(d.join("data/ca.pem")).unwrap().as_str())
     );
     assert_eq!(broker.password.unwrap().len(), 48);
     let mode = std::fs::metadata(d.join("gw-2.toml"))
@@ -201,18 +206,24 @@ fn device_publish_deploy_and_views_through_the_cli() {
     assert!(events.as_array().unwrap().is_empty());
 
     // The environment works too, and a wrong token is named.
-    let url = format!("http://127.0.0.1:{http}");
+    let url = format!("https://127.0.0.1:{http}");
+    let ca = d.join("data/ca.pem");
+    let ca = ca.to_str().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let token = std::fs::read_to_string(d.join("data/operator.token")).unwrap();
     let run = ferry_env(
         elsewhere.path(),
-        &[("FERRY_URL", &url), ("FERRY_TOKEN", token.trim())],
+        &[
+            ("FERRY_URL", &url),
+            ("FERRY_TOKEN", token.trim()),
+            ("FERRY_CA", ca),
+        ],
         &["devices", "--json"],
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
     let run = ferry_env(
         elsewhere.path(),
-        &[("FERRY_URL", &url), ("FERRY_TOKEN", "wrong")],
+        &[("FERRY_URL", &url), ("FERRY_TOKEN", "wrong"), ("FERRY_CA", ca)],
         &["devices"],
     );
     assert_eq!(run.code, 1);
@@ -520,7 +531,8 @@ fn named_tokens_do_what_their_scope_allows_until_revoked() {
     let d = tmp.path();
     let (_serve, http) = start_serve(d);
     ok(d, &["device", "add", "gw-1"]);
-    let url = format!("http://127.0.0.1:{http}");
+    let url = format!("https://127.0.0.1:{http}");
+    let ca = d.join("data/ca.pem");
     let made = |name: &str, scope: &str| -> String {
         let out: serde_json::Value = serde_json::from_str(&ok(
             d,
@@ -535,7 +547,11 @@ fn named_tokens_do_what_their_scope_allows_until_revoked() {
     let with = |token: &str, args: &[&str]| {
         ferry_env(
             elsewhere.path(),
-            &[("FERRY_URL", &url), ("FERRY_TOKEN", token)],
+            &[
+                ("FERRY_URL", &url),
+                ("FERRY_TOKEN", token),
+                ("FERRY_CA", ca.to_str().unwrap()),
+            ],
             args,
         )
     };

@@ -110,6 +110,7 @@ fn simulate(args: &[String]) {
     let at = Endpoints {
         mqtt: mqtt.parse().unwrap(),
         http: http.parse().ok(),
+        ca_pem: None,
     };
     let fleet = SimulatedFleet::start(Path::new(root), at, &devices, Path::new(trust), 2);
     let _ = std::io::stdin().read_to_end(&mut Vec::new());

@@ -42,6 +42,8 @@ pub struct Manager {
     pub mqtt: SocketAddr,
     pub data_dir: PathBuf,
     pub token: String,
+    /// The fleet CA (PEM) when the manager serves TLS.
+    pub ca_pem: Option<String>,
     running: Running,
     client: reqwest::Client,
 }
@@ -99,12 +101,34 @@ pub fn release_ferry_binary() -> PathBuf {
     )
 }
 
+/// A manager's configuration for tests: the defaults, without TLS.
+pub fn plaintext_config(
+    data_dir: &Path,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    broker: Option<String>,
+) -> ServeConfig {
+    ServeConfig {
+        mqtt_listen: mqtt,
+        http_listen: http,
+        data_dir: data_dir.to_owned(),
+        broker,
+        public_url: None,
+        offline_after: Duration::from_secs(90),
+        http_limits: Default::default(),
+        device_limits: Default::default(),
+        tls: false,
+        public_names: Vec::new(),
+    }
+}
+
 impl Manager {
     /// Where its devices connect, on its embedded broker.
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
             mqtt: self.mqtt,
             http: Some(self.http),
+            ca_pem: self.ca_pem.clone(),
         }
     }
 
@@ -185,9 +209,19 @@ impl Manager {
             .unwrap_or(0.0)
     }
 
-    /// Starts a manager with the embedded broker, keeping state in `data_dir`.
+    /// Starts a manager with the embedded broker, keeping state in `data_dir`,
+    /// without TLS (`--insecure-plaintext`: most tests are not about TLS,
+    /// and talk MQTT to its broker themselves).
     pub async fn start(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
         Self::start_with(data_dir, mqtt, http, None).await
+    }
+
+    /// Starts a manager as `ferry serve` starts by default: MQTT and HTTP
+    /// over TLS with its own fleet CA.
+    pub async fn start_tls(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
+        let mut config = plaintext_config(data_dir, mqtt, http, None);
+        config.tls = true;
+        Self::start_configured(config).await
     }
 
     /// Starts a manager; with `broker`, against that external broker.
@@ -197,27 +231,18 @@ impl Manager {
         http: SocketAddr,
         broker: Option<String>,
     ) -> Self {
-        Self::start_configured(ServeConfig {
-            mqtt_listen: mqtt,
-            http_listen: http,
-            data_dir: data_dir.to_owned(),
-            broker,
-            public_url: None,
-            offline_after: Duration::from_secs(90),
-            http_limits: Default::default(),
-            device_limits: Default::default(),
-        })
-        .await
+        Self::start_configured(plaintext_config(data_dir, mqtt, http, broker)).await
     }
 
     /// Starts a manager with exactly this configuration.
     pub async fn start_configured(config: ServeConfig) -> Self {
         // The manager and the HTTP clients in this process use rustls with ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (data_dir, mqtt, http) = (
+        let (data_dir, mqtt, http, tls) = (
             config.data_dir.clone(),
             config.mqtt_listen,
             config.http_listen,
+            config.tls,
         );
         // The manager gets a runtime of its own, as it would a process of its
         // own: stopping it ends every task and connection it had.
@@ -241,7 +266,7 @@ impl Manager {
             stop: Some(stop),
             thread: Some(thread),
         };
-        Self::when_up(data_dir, mqtt, http, running).await
+        Self::when_up(data_dir, mqtt, http, tls, running).await
     }
 
     /// Starts `ferry serve` (the binary from [`ferry_binary`]) as a process,
@@ -258,6 +283,7 @@ impl Manager {
             .arg("serve")
             .args(["--mqtt-listen", &mqtt.to_string()])
             .args(["--http-listen", &http.to_string()])
+            .arg("--insecure-plaintext")
             .arg("--data-dir")
             .arg(data_dir)
             .stdout(std::process::Stdio::null())
@@ -270,21 +296,42 @@ impl Manager {
             )
             .spawn()
             .unwrap();
-        Self::when_up(data_dir.to_owned(), mqtt, http, Running::Process(child)).await
+        Self::when_up(
+            data_dir.to_owned(),
+            mqtt,
+            http,
+            false,
+            Running::Process(child),
+        )
+        .await
     }
 
     async fn when_up(
         data_dir: PathBuf,
         mqtt: SocketAddr,
         http: SocketAddr,
+        tls: bool,
         running: Running,
     ) -> Self {
         // HTTP clients in this process use rustls with ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::new();
-        let url = format!("http://{http}/healthz");
+        let mut client = reqwest::Client::new();
+        let mut ca_pem = None;
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://{http}/healthz");
         for _ in 0..400 {
-            if client.get(&url).send().await.is_ok() {
+            // With TLS, its CA (written before it listens) is trusted alone.
+            if tls && ca_pem.is_none() {
+                if let Ok(pem) = std::fs::read_to_string(data_dir.join("ca.pem")) {
+                    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).unwrap();
+                    client = reqwest::Client::builder()
+                        .tls_certs_only(certs)
+                        .build()
+                        .unwrap();
+                    ca_pem = Some(pem);
+                }
+            }
+            if (!tls || ca_pem.is_some()) && client.get(&url).send().await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -298,6 +345,7 @@ impl Manager {
             mqtt,
             data_dir,
             token,
+            ca_pem,
             running,
             client,
         }
@@ -333,7 +381,12 @@ impl Manager {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}{path}", self.http)
     }
 
     /// An authenticated request.
@@ -463,15 +516,21 @@ pub struct Agent {
 /// address when there is one (the only origin the agent sends its password
 /// to; without it, artifacts come over MQTT). `mqtt` alone, or
 /// `(mqtt, http)`, converts into one.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Endpoints {
     pub mqtt: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// The fleet CA (PEM) of a manager serving TLS.
+    pub ca_pem: Option<String>,
 }
 
 impl From<SocketAddr> for Endpoints {
     fn from(mqtt: SocketAddr) -> Self {
-        Self { mqtt, http: None }
+        Self {
+            mqtt,
+            http: None,
+            ca_pem: None,
+        }
     }
 }
 
@@ -480,19 +539,25 @@ impl From<(SocketAddr, SocketAddr)> for Endpoints {
         Self {
             mqtt,
             http: Some(http),
+            ca_pem: None,
         }
     }
 }
 
 impl Endpoints {
-    /// The agent's `[broker]` table for this device.
+    /// The agent's `[broker]` table for this device: over TLS, trusting
+    /// the fleet CA alone, when there is one.
     pub fn broker_table(&self, password: &str) -> String {
+        let (mqtt, http, ca) = match &self.ca_pem {
+            Some(pem) => ("mqtts", "https", format!("ca_pem = \"\"\"\n{pem}\"\"\"\n")),
+            None => ("mqtt", "http", String::new()),
+        };
         let manager_url = self
             .http
-            .map(|http| format!("manager_url = \"http://{http}\"\n"))
+            .map(|addr| format!("manager_url = \"{http}://{addr}\"\n"))
             .unwrap_or_default();
         format!(
-            "[broker]\nurl = \"mqtt://{}\"\npassword = \"{password}\"\n{manager_url}",
+            "[broker]\nurl = \"{mqtt}://{}\"\npassword = \"{password}\"\n{manager_url}{ca}",
             self.mqtt
         )
     }
@@ -1086,16 +1151,12 @@ impl Site {
         let data = root.join("manager");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = |mqtt_port: u16, broker: Option<String>| {
-            let mut config = ServeConfig {
-                mqtt_listen: SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
-                http_listen: http,
-                data_dir: data.clone(),
+            let mut config = plaintext_config(
+                &data,
+                SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+                http,
                 broker,
-                public_url: None,
-                offline_after: Duration::from_secs(90),
-                http_limits: Default::default(),
-                device_limits: Default::default(),
-            };
+            );
             configure(&mut config);
             config
         };
@@ -1157,6 +1218,7 @@ impl Site {
         Endpoints {
             mqtt: self.mqtt,
             http: Some(self.manager.http),
+            ca_pem: self.manager.ca_pem.clone(),
         }
     }
 

@@ -67,7 +67,7 @@ impl SimulatedFleet {
         let failed = Arc::new(AtomicUsize::new(0));
         let mut agents = Vec::with_capacity(devices.len());
         for (device, password) in devices {
-            let config = simulated_config(&root.join(device), device, password, at, trust);
+            let config = simulated_config(&root.join(device), device, password, at.clone(), trust);
             let (mut stopped, failed) = (stopped.clone(), failed.clone());
             agents.push(runtime.spawn(async move {
                 let shutdown = async move {

@@ -469,14 +469,8 @@ async fn a_device_that_falls_silent_is_marked_offline() {
     let fleet = Fleet::new();
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
     let manager = Manager::start_configured(ferry::serve::ServeConfig {
-        mqtt_listen: mqtt,
-        http_listen: http,
-        data_dir: fleet.dir.path().join("manager"),
-        broker: None,
-        public_url: None,
         offline_after: Duration::from_secs(3),
-        http_limits: Default::default(),
-        device_limits: Default::default(),
+        ..ferry_e2e::plaintext_config(&fleet.dir.path().join("manager"), mqtt, http, None)
     })
     .await;
     let password = manager.add_device("gw-1", &[]).await;

@@ -303,18 +303,17 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let manager = Manager::start_configured(ferry::serve::ServeConfig {
-        mqtt_listen: addr(free_port()),
-        http_listen: addr(free_port()),
-        data_dir: dir.path().join("m"),
-        broker: None,
-        public_url: None,
-        offline_after: Duration::from_secs(90),
         http_limits: ferry::serve::http::HttpLimits {
             max_connections: 8,
             header_read: Duration::from_secs(1),
             idle: Duration::from_secs(2),
         },
-        device_limits: Default::default(),
+        ..ferry_e2e::plaintext_config(
+            &dir.path().join("m"),
+            addr(free_port()),
+            addr(free_port()),
+            None,
+        )
     })
     .await;
     let password = manager.add_device("gw-1", &[]).await;

@@ -126,6 +126,7 @@ fn agent_toml(created: &Value) -> String {
          username = \"{user}\"\n\
          password = \"{password}\"\n\
          manager_url = \"{manager}\"\n\
+         {ca}\
          \n\
          [trust]\n\
          keys = [\"/etc/ferry/ops.pub\"]\n\
@@ -135,6 +136,11 @@ fn agent_toml(created: &Value) -> String {
         user = s("username"),
         password = s("password"),
         manager = s("manager_url"),
+        // The fleet CA, the only one the device trusts for its manager.
+        ca = created["ca_pem"]
+            .as_str()
+            .map(|pem| format!("ca_pem = \"\"\"\n{pem}\"\"\"\n"))
+            .unwrap_or_default(),
     )
 }
 

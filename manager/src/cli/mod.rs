@@ -20,6 +20,7 @@ mod tokens;
 mod verify;
 
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,11 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+
+    /// The manager's CA certificate (its data directory's ca.pem): the only
+    /// CA trusted for it [default: the one recorded with the URL's manager].
+    #[arg(long, global = true, env = "FERRY_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -171,7 +177,7 @@ pub fn main() -> ExitCode {
         }),
         remote => runtime().and_then(|rt| {
             rt.block_on(async {
-                let manager = Manager::resolve(cli.url, cli.token)?;
+                let manager = Manager::resolve(cli.url, cli.token, cli.ca)?;
                 match remote {
                     Command::Device(args) => fleet::device(&manager, args).await,
                     Command::Devices => fleet::devices(&manager).await,

@@ -20,12 +20,26 @@ pub(crate) struct Args {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// Address of the embedded MQTT broker [default: 0.0.0.0:1883].
+    /// Address of the embedded MQTT broker [default: 0.0.0.0:8883, or
+    /// 0.0.0.0:1883 with --insecure-plaintext].
     #[arg(long, value_name = "ADDR")]
     mqtt_listen: Option<SocketAddr>,
-    /// Address of the HTTP API and artifact store [default: 0.0.0.0:8080].
+    /// Address of the HTTP API and artifact store [default: 0.0.0.0:8443, or
+    /// 0.0.0.0:8080 with --insecure-plaintext].
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
+    /// A name (host name or address) devices and operators reach this
+    /// manager by, for its TLS certificate; repeatable. Loopback, this
+    /// machine's host name and the --public-url host are always covered.
+    #[arg(long = "public-name", value_name = "NAME")]
+    #[serde(default)]
+    public_names: Vec<String>,
+    /// Serve MQTT and HTTP without TLS: the operator token, device
+    /// passwords and releases cross the network in clear. For a test bench
+    /// or behind a TLS-terminating proxy only.
+    #[arg(long)]
+    #[serde(default)]
+    insecure_plaintext: bool,
     /// Where the database, artifacts and operator token live [default: ferry-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -56,6 +70,12 @@ impl Args {
             config: None,
             mqtt_listen: self.mqtt_listen.or(file.mqtt_listen),
             http_listen: self.http_listen.or(file.http_listen),
+            public_names: if self.public_names.is_empty() {
+                file.public_names
+            } else {
+                self.public_names
+            },
+            insecure_plaintext: self.insecure_plaintext || file.insecure_plaintext,
             data_dir: self.data_dir.or(file.data_dir),
             broker: self.broker.or(file.broker),
             public_url: self.public_url.or(file.public_url),
@@ -88,13 +108,17 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
     };
     let default_limits = HttpLimits::default();
     let device_limits = device_limits(&args)?;
+    let tls = !args.insecure_plaintext;
+    let (mqtt_port, http_port) = if tls { (8883, 8443) } else { (1883, 8080) };
     let config = ServeConfig {
         mqtt_listen: args
             .mqtt_listen
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 1883))),
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], mqtt_port))),
         http_listen: args
             .http_listen
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], http_port))),
+        tls,
+        public_names: args.public_names,
         data_dir: args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-data")),
         broker: args.broker,
         public_url: args.public_url,

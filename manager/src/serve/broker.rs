@@ -63,6 +63,7 @@ impl Sessions {
 /// Messages dropped for a full queue are counted in `dropped`.
 pub async fn start(
     listen: SocketAddr,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     store: Arc<Store>,
     manager: ManagerLogin,
     dropped: prometheus::IntCounter,
@@ -105,9 +106,13 @@ pub async fn start(
     }
     register.start().await;
 
+    let with_tls = tls.is_some();
+    let (cert, key) = tls.unzip();
     let listener = Builder::new()
-        .name("ferry/tcp")
+        .name(if with_tls { "ferry/tls" } else { "ferry/tcp" })
         .laddr(listen)
+        .tls_cert(cert.map(|p| p.display().to_string()))
+        .tls_key(key.map(|p| p.display().to_string()))
         .allow_anonymous(false)
         // A restarted manager must get its port back while old connections linger in TIME_WAIT.
         .reuseaddr(Some(true))
@@ -115,9 +120,13 @@ pub async fn start(
         .max_mqueue_len(MAX_QUEUED)
         .max_packet_size(1024 * 1024)
         .bind()
-        .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?
-        .tcp()
         .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?;
+    let listener = if with_tls {
+        listener.tls()
+    } else {
+        listener.tcp()
+    }
+    .map_err(|e| anyhow::anyhow!("MQTT listener on {listen}: {e}"))?;
     let sessions = Sessions(scx.clone());
     let server = MqttServer::new(scx).listener(listener).build();
     Ok((sessions, async move {

@@ -49,16 +49,19 @@ impl Default for HttpLimits {
     }
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown` resolves;
-/// then lets requests under way finish (for at most 5 s).
+/// Serves `router` on `listener` (over TLS with `tls`) within `limits`
+/// until `shutdown` resolves; then lets requests under way finish (for at
+/// most 5 s).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -81,18 +84,43 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(IdleTimeout::new(stream, limits.idle));
+        let stream = IdleTimeout::new(stream, limits.idle);
         // The client's address goes with each request (failed sign-ins are
         // counted by it).
         let service =
             TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer.ip()))));
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read)
-            .serve_connection(io, service);
-        let connection = graceful.watch(connection);
+        let builder = {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read);
+            b
+        };
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let served = match tls {
+                // The handshake gets the time a request's headers get.
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(builder.serve_connection(TokioIo::new(stream), service))
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake with {peer} failed: {e}");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    }
+                }
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!("HTTP connection ended: {e}");
             }
             drop(slot);

@@ -33,10 +33,12 @@ pub struct BrokerLogin {
     pub username: Option<String>,
     /// Password.
     pub password: Option<String>,
+    /// The CA to trust for TLS (the embedded broker's); plain MQTT without.
+    pub ca_pem: Option<String>,
 }
 
 /// The manager's MQTT client and its event loop, not yet connected.
-pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
+pub fn client(login: &BrokerLogin) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let client_id = format!("ferry-manager-{}", std::process::id());
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
     options.set_keep_alive(Duration::from_secs(30));
@@ -45,7 +47,13 @@ pub fn client(login: &BrokerLogin) -> (AsyncClient, EventLoop) {
     if let (Some(user), Some(password)) = (&login.username, &login.password) {
         options.set_credentials(user, password);
     }
-    AsyncClient::new(options, 1024)
+    if let Some(pem) = &login.ca_pem {
+        let config = ferry_agent::tls::pinned_client_config(pem).map_err(anyhow::Error::msg)?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+    }
+    Ok(AsyncClient::new(options, 1024))
 }
 
 /// Runs the client until the process ends: reconnects with backoff, and on

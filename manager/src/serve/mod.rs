@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod rollout;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -48,6 +49,11 @@ pub struct ServeConfig {
     pub http_limits: http::HttpLimits,
     /// What one device may publish.
     pub device_limits: limits::DeviceLimits,
+    /// Serve MQTT and HTTP over TLS with the fleet CA ([`tls`]); off only
+    /// with `--insecure-plaintext`.
+    pub tls: bool,
+    /// More names the server certificate covers (`--public-name`).
+    pub public_names: Vec<String>,
 }
 
 /// The operator token file in a data directory.
@@ -89,6 +95,26 @@ pub async fn serve(
     if created {
         tracing::info!(file = %token_path.display(), "created the operator token");
     }
+    let pki = if config.tls {
+        let names = tls::server_names(
+            &[config.http_listen, config.mqtt_listen],
+            config.public_url.as_deref(),
+            &config.public_names,
+        );
+        let pki = tls::load_or_create(&config.data_dir, &names)?;
+        tracing::info!(
+            ca = %pki.ca_file.display(),
+            fingerprint = %pki.fingerprint,
+            names = %names.join(", "),
+            "serving MQTT and HTTP over TLS"
+        );
+        Some(pki)
+    } else {
+        tracing::warn!(
+            "--insecure-plaintext: tokens, passwords and releases cross the network in clear"
+        );
+        None
+    };
 
     let metrics = metrics::Metrics::new()?;
     let changes = Arc::new(tokio::sync::watch::channel(0u64).0);
@@ -115,6 +141,8 @@ pub async fn serve(
             let backlog = Arc::new(blocks::Backlog::default());
             let (sessions, task) = broker::start(
                 config.mqtt_listen,
+                pki.as_ref()
+                    .map(|p| (p.cert_file.clone(), p.key_file.clone())),
                 store.clone(),
                 manager.clone(),
                 metrics.broker_dropped.clone(),
@@ -132,6 +160,7 @@ pub async fn serve(
                 port: config.mqtt_listen.port(),
                 username: Some(manager.username),
                 password: Some(manager.password),
+                ca_pem: pki.as_ref().map(|p| p.ca_pem.clone()),
             };
             (login, Some(task), Some((sessions, backlog)))
         }
@@ -142,7 +171,7 @@ pub async fn serve(
     }
     let (outgoing_tx, outgoing_rx) = mpsc::unbounded_channel();
     let wake = Arc::new(tokio::sync::Notify::new());
-    let mqtt = ingest::client(&login);
+    let mqtt = ingest::client(&login)?;
     let (block_tx, block_rx) = mpsc::channel(1024);
     let block_server = blocks::BlockServer::new(
         store.clone(),
@@ -191,10 +220,11 @@ pub async fn serve(
         } else {
             http_addr.ip().to_string()
         };
-        format!("http://{host}:{}", http_addr.port())
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{host}:{}", http_addr.port())
     });
     let public_url_shared = Arc::new(public_url.clone());
-    let broker_url = Arc::new(device_broker_url(&config, &public_url));
+    let broker_url = Arc::new(device_broker_url(&config, &public_url, pki.is_some()));
     let engine = rollout::Engine {
         store: store.clone(),
         outgoing: outgoing_tx.clone(),
@@ -214,8 +244,13 @@ pub async fn serve(
         metrics,
         sessions,
         failures: Default::default(),
+        ca_pem: pki.as_ref().map(|p| Arc::new(p.ca_pem.clone())),
     };
-    remember_local_manager(&public_url, &token_path);
+    remember_local_manager(
+        &public_url,
+        &token_path,
+        pki.as_ref().map(|p| p.ca_file.as_path()),
+    );
     tracing::info!(
         "dashboard: {public_url}/ (sign in with the token in {})",
         token_path.display()
@@ -226,14 +261,21 @@ pub async fn serve(
         token = %token_path.display(),
         "ferry manager running"
     );
-    http::serve(listener, api::router(state), config.http_limits, shutdown).await;
+    http::serve(
+        listener,
+        pki.map(|p| p.server),
+        api::router(state),
+        config.http_limits,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
 /// Where devices reach the broker: the external one as configured (without
 /// the manager's credentials), or the embedded one on the host of the
 /// public URL.
-fn device_broker_url(config: &ServeConfig, public_url: &str) -> String {
+fn device_broker_url(config: &ServeConfig, public_url: &str, tls: bool) -> String {
     if let Some(url) = &config.broker {
         let address = url.strip_prefix("mqtt://").unwrap_or(url);
         let address = address.rsplit_once('@').map_or(address, |(_, a)| a);
@@ -248,7 +290,8 @@ fn device_broker_url(config: &ServeConfig, public_url: &str) -> String {
         None => rest.split(['/', ':']).next().map(str::to_owned),
     }
     .unwrap_or_else(|| "127.0.0.1".into());
-    format!("mqtt://{host}:{}", config.mqtt_listen.port())
+    let scheme = if tls { "mqtts" } else { "mqtt" };
+    format!("{scheme}://{host}:{}", config.mqtt_listen.port())
 }
 
 /// `mqtt://[user:pass@]host[:port]`.
@@ -276,6 +319,7 @@ fn parse_external(url: &str) -> Result<ingest::BrokerLogin> {
         port,
         username,
         password,
+        ca_pem: None,
     })
 }
 
@@ -287,12 +331,15 @@ pub fn local_manager_file() -> Option<PathBuf> {
     Some(base.join("ferry").join("local-manager.json"))
 }
 
-fn remember_local_manager(url: &str, token_file: &Path) {
+fn remember_local_manager(url: &str, token_file: &Path, ca_file: Option<&Path>) {
     let Some(path) = local_manager_file() else {
         return;
     };
-    let token_file = std::fs::canonicalize(token_file).unwrap_or_else(|_| token_file.to_owned());
-    let text = serde_json::json!({ "url": url, "token_file": token_file }).to_string();
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let text = serde_json::json!({
+        "url": url, "token_file": absolute(token_file), "ca_file": ca_file.map(absolute),
+    })
+    .to_string();
     let written = path
         .parent()
         .map(std::fs::create_dir_all)

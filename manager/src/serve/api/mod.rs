@@ -69,6 +69,8 @@ pub struct AppState {
     pub public_url: Arc<String>,
     /// How devices reach the broker (`mqtt://HOST:PORT`, no credentials).
     pub broker_url: Arc<String>,
+    /// The fleet CA devices trust (PEM); none with `--insecure-plaintext`.
+    pub ca_pem: Option<Arc<String>>,
     /// The rollout engine (woken when a rollout changes).
     pub rollouts: super::rollout::Engine,
     /// The manager's own counters, and the `/metrics` renderer.
@@ -261,6 +263,7 @@ async fn add_device(
         Json(json!({
             "device_id": id, "username": id, "password": password, "tags": new.tags,
             "broker_url": state.broker_url.as_str(), "manager_url": state.public_url.as_str(),
+            "ca_pem": state.ca_pem.as_deref(),
         })),
     ))
 }

@@ -1,0 +1,242 @@
+//! TLS by default: the fleet's own certificate authority and the manager's
+//! server certificate.
+//!
+//! On first start `ferry serve` creates a CA (ECDSA P-256; `ca.key`, 0600,
+//! and `ca.pem` in its data directory). On every start it issues a fresh
+//! server certificate from it (`server.pem`, `server.key` 0600) for the
+//! names devices and operators reach it by, and serves MQTT and HTTP over
+//! TLS with it. Devices and the CLI trust that CA and nothing else for this
+//! manager (pinning): a certificate a public CA issued for the same name
+//! does not impersonate it.
+//!
+//! The HTTP listener and the manager's own clients use rustls with ring;
+//! the embedded broker's listener is rmqtt's, which builds its TLS with
+//! aws-lc-rs (on the manager only: the agent stays ring-only).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
+
+use crate::files::{Existing, write_atomic};
+
+/// How long the fleet CA is valid.
+const CA_DAYS: i64 = 20 * 365;
+/// How long a server certificate is valid (a new one every start).
+const SERVER_DAYS: i64 = 397;
+
+/// The manager's TLS material.
+pub struct Pki {
+    /// The CA certificate, PEM: what devices and the CLI trust.
+    pub ca_pem: String,
+    /// Where it is.
+    pub ca_file: PathBuf,
+    /// The server certificate and key files (for the broker's listener).
+    pub cert_file: PathBuf,
+    /// The server key file.
+    pub key_file: PathBuf,
+    /// The HTTPS listener's configuration (ring).
+    pub server: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the CA certificate (DER), hex: to compare by eye.
+    pub fingerprint: String,
+}
+
+/// The CA's subject, from its key: the same on every start, so that the
+/// issuer rebuilt from it and the key matches the certificate devices hold;
+/// and another fleet's CA has another name.
+fn ca_params(key: &KeyPair) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    let id = hex::encode(&Sha256::digest(key.public_key_raw())[..8]);
+    name.push(DnType::OrganizationName, "Ferry");
+    name.push(DnType::CommonName, format!("Ferry fleet CA {id}"));
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+fn days_from_now(days: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + time::Duration::days(days)
+}
+
+/// Loads the fleet CA from `data_dir` (creating it on first start) and
+/// issues a server certificate for `names` (host names or IP addresses).
+pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
+    let ca_file = data_dir.join("ca.pem");
+    let ca_key_file = data_dir.join("ca.key");
+    let (ca_pem, ca_key) = match std::fs::read_to_string(&ca_key_file) {
+        Ok(key_pem) => {
+            let key = KeyPair::from_pem(&key_pem)
+                .with_context(|| format!("{} is not a key", ca_key_file.display()))?;
+            let pem = std::fs::read_to_string(&ca_file)
+                .with_context(|| format!("cannot read {}", ca_file.display()))?;
+            (pem, key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate().context("cannot make the CA key")?;
+            let mut params = ca_params(&key);
+            params.not_before = days_from_now(-1);
+            params.not_after = days_from_now(CA_DAYS);
+            let cert = params.self_signed(&key).context("cannot make the CA")?;
+            // The key first: a certificate without its key is useless.
+            write_atomic(
+                &ca_key_file,
+                key.serialize_pem().as_bytes(),
+                0o600,
+                Existing::Keep,
+            )?;
+            write_atomic(&ca_file, cert.pem().as_bytes(), 0o644, Existing::Replace)?;
+            tracing::info!(file = %ca_file.display(), "created the fleet CA");
+            (cert.pem(), key)
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", ca_key_file.display()));
+        }
+    };
+    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ca_file.display()))?;
+    let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+
+    let key = KeyPair::generate().context("cannot make the server key")?;
+    let mut params = CertificateParams::new(names.to_vec())
+        .context("a --public-name is not a valid host name or address")?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Ferry manager");
+    params.not_before = days_from_now(-1);
+    params.not_after = days_from_now(SERVER_DAYS);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .context("cannot issue the server certificate")?;
+    let cert_file = data_dir.join("server.pem");
+    let key_file = data_dir.join("server.key");
+    write_atomic(
+        &key_file,
+        key.serialize_pem().as_bytes(),
+        0o600,
+        Existing::Replace,
+    )?;
+    // The chain: server, then CA.
+    let chain_pem = format!("{}{}", cert.pem(), ca_pem);
+    write_atomic(&cert_file, chain_pem.as_bytes(), 0o644, Existing::Replace)?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), ca_der.clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .context("the server certificate does not fit its key")?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Pki {
+        fingerprint: hex::encode(Sha256::digest(ca_der.as_ref())),
+        ca_pem,
+        ca_file,
+        cert_file,
+        key_file,
+        server: Arc::new(server),
+    })
+}
+
+/// The names the server certificate covers: loopback, this machine's host
+/// name, the listen addresses when specific, the public URL's host, and
+/// the operator's `--public-name`s.
+pub fn server_names(
+    listens: &[std::net::SocketAddr],
+    public_url: Option<&str>,
+    public_names: &[String],
+) -> Vec<String> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(host.trim().to_owned());
+    }
+    for listen in listens {
+        if !listen.ip().is_unspecified() {
+            names.push(listen.ip().to_string());
+        }
+    }
+    if let Some(host) = public_url
+        .and_then(|u| reqwest::Url::parse(u).ok())
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()))
+    {
+        names.push(host);
+    }
+    names.extend(public_names.iter().cloned());
+    names.retain(|n| !n.is_empty());
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ca_is_made_once_and_signs_every_server_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let first = load_or_create(dir.path(), &names).unwrap();
+        let second = load_or_create(dir.path(), &names).unwrap();
+        assert_eq!(first.ca_pem, second.ca_pem);
+        assert_eq!(first.fingerprint, second.fingerprint);
+        use std::os::unix::fs::PermissionsExt;
+        for secret in ["ca.key", "server.key"] {
+            let mode = std::fs::metadata(dir.path().join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        // The server certificate verifies against the CA alone.
+        let chain = std::fs::read(&second.cert_file).unwrap();
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(&chain)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let ca =
+            rustls::pki_types::CertificateDer::from_pem_slice(first.ca_pem.as_bytes()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        verifier
+            .verify_server_cert(
+                &certs[0],
+                &certs[1..],
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .unwrap();
+        let other = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(
+                    &certs[0],
+                    &certs[1..],
+                    &other,
+                    &[],
+                    rustls::pki_types::UnixTime::now()
+                )
+                .is_err()
+        );
+    }
+}
