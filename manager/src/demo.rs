@@ -179,12 +179,15 @@ pub async fn run(config: DemoConfig) -> Result<()> {
 
     say("");
     say("The demo is running. Try, in another terminal:");
-    say(&format!("  ferry --url {url} --token {token} devices"));
+    let ca = ca_file.display();
     say(&format!(
-        "  ferry --url {url} --token {token} events --follow"
+        "  ferry --url {url} --token {token} --ca {ca} devices"
     ));
     say(&format!(
-        "  curl -H 'Authorization: Bearer {token}' {url}/v1/devices"
+        "  ferry --url {url} --token {token} --ca {ca} events --follow"
+    ));
+    say(&format!(
+        "  curl --cacert {ca} -H 'Authorization: Bearer {token}' {url}/v1/devices"
     ));
     say(&format!(
         "Service output: {}/agent-demo-1/logs/hello.log",

@@ -102,15 +102,32 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
         );
     }
 
-    // It serves: the operator token it wrote works against its API.
+    // It serves, over TLS with the CA it made: the operator token it wrote
+    // works against its API.
     let token_path = container.host_path("/var/lib/ferry-manager/operator.token");
+    let ca_path = container.host_path("/var/lib/ferry-manager/ca.pem");
     let deadline = Instant::now() + Duration::from_secs(60);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{http}");
+    let mut client = None;
+    let base = format!("https://127.0.0.1:{http}");
     loop {
-        let up = client.get(format!("{base}/healthz")).send().await;
-        if up.is_ok_and(|r| r.status().is_success()) && token_path.exists() {
+        if client.is_none() {
+            client = std::fs::read(&ca_path).ok().map(|pem| {
+                reqwest::Client::builder()
+                    .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
+                    .build()
+                    .unwrap()
+            });
+        }
+        let up = match &client {
+            Some(client) => client
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+            None => false,
+        };
+        if up && token_path.exists() {
             break;
         }
         assert!(
@@ -120,6 +137,7 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let client = client.unwrap();
     let token = std::fs::read_to_string(&token_path).unwrap();
     let added = client
         .post(format!("{base}/v1/devices"))
@@ -131,9 +149,12 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
     assert!(added.status().is_success(), "{}", added.status());
     assert!(std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_ok());
 
-    // Its secrets are its own: the token is 0600, owned by the unit's user.
+    // Its secrets are its own: the token and the CA key are 0600, owned by
+    // the unit's user.
     let meta = std::fs::metadata(&token_path).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600);
+    let key = std::fs::metadata(container.host_path("/var/lib/ferry-manager/ca.key")).unwrap();
+    assert_eq!((key.mode() & 0o777, key.uid()), (0o600, meta.uid()));
     let passwd = std::fs::read_to_string(container.host_path("/etc/passwd")).unwrap();
     let ferry_uid: u32 = passwd
         .lines()
