@@ -238,7 +238,12 @@ impl BrokerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrustConfig {
     /// Public key files (`ferry keygen` writes them).
+    #[serde(default)]
     pub keys: Vec<PathBuf>,
+    /// Instead of `keys`: a signed trust root file (`ferry root`), whose
+    /// release keys the device trusts and which newer roots replace.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
     /// Distinct keys that must sign a release.
     #[serde(default = "default_threshold")]
     pub threshold: usize,
@@ -338,6 +343,9 @@ pub enum ConfigError {
     /// A setting that parsed but cannot be used.
     #[error("{0}")]
     Invalid(String),
+    /// The trust root cannot be loaded.
+    #[error("trust root: {0}")]
+    Root(#[from] crate::trust_root::LoadError),
 }
 
 impl Config {
@@ -377,6 +385,38 @@ impl Config {
 
     /// Reads the trust key files into a policy.
     pub fn trust_policy(&self) -> Result<TrustPolicy, ConfigError> {
+        let policy = match &self.trust.root {
+            Some(_) => self.trust_root()?.map(|held| held.root.release_policy()),
+            None => None,
+        };
+        let policy = match policy {
+            Some(from_root) => {
+                from_root.map_err(|e| ConfigError::Invalid(format!("trust root: {e}")))?
+            }
+            None => self.key_policy()?,
+        };
+        Ok(match &self.trust.services {
+            Some(services) => policy.only_services(services.iter().cloned()),
+            None => policy,
+        })
+    }
+
+    /// The trust root the device holds, when it is set up with one: the
+    /// newer of the provisioned file and the one accepted since.
+    pub fn trust_root(&self) -> Result<Option<crate::trust_root::HeldRoot>, ConfigError> {
+        let Some(provisioned) = &self.trust.root else {
+            return Ok(None);
+        };
+        if !self.trust.keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "trust: name either keys or a root, not both".into(),
+            ));
+        }
+        let layout = crate::layout::Layout::new(&self.data_dir);
+        Ok(Some(crate::trust_root::load(provisioned, &layout)?))
+    }
+
+    fn key_policy(&self) -> Result<TrustPolicy, ConfigError> {
         let mut keys = Vec::new();
         for path in &self.trust.keys {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Key {
@@ -389,11 +429,7 @@ impl Config {
             })?;
             keys.push(key);
         }
-        let policy = TrustPolicy::new(keys, self.trust.threshold)?;
-        Ok(match &self.trust.services {
-            Some(services) => policy.only_services(services.iter().cloned()),
-            None => policy,
-        })
+        Ok(TrustPolicy::new(keys, self.trust.threshold)?)
     }
 }
 

@@ -314,6 +314,8 @@ async fn worker(
 /// release failed in a way worth retrying (a download, say).
 async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
     let mut retry = false;
+    // A newer trust root first: the releases may be signed by its keys.
+    installer.accept_roots(&desired.roots, desired.rollout.as_deref());
     for release in &desired.releases {
         let manifest = match release.envelope.unverified_manifest() {
             Ok(manifest) => manifest,
@@ -363,6 +365,15 @@ async fn reconcile(installer: &mut Installer, desired: &Desired) -> bool {
 }
 
 async fn process_inbox(installer: &mut Installer, dir: &Path) {
+    // Roots first: a release in the same drop may be signed by a new key.
+    let roots = inbox::scan_roots(dir);
+    if !roots.is_empty() {
+        let offered: Vec<_> = roots.iter().map(|(_, root)| root.clone()).collect();
+        installer.accept_roots(&offered, None);
+        for (path, _) in roots {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     for dropped in inbox::scan(dir) {
         tracing::info!(name = %dropped.name, "installing a release from the inbox");
         let result = installer

@@ -116,6 +116,8 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
             .filter_map(|name| Some((name.to_string(), std::env::var(name.as_str()).ok()?)))
             .collect(),
         isolate_services: config.isolate_services,
+        root: config.trust_root()?,
+        services: config.trust.services.clone(),
     })
     .map_err(|error| SetupError::DataDir {
         path: config.data_dir.clone(),

@@ -7,6 +7,9 @@
 //! name and rename). Names starting with `.` are ignored. After the install
 //! the pair is removed and `NAME.result.json` says how it ended.
 //!
+//! A trust root (`NAME.root.json`, see [`crate::trust_root`]) dropped there
+//! is offered to the device like one in a desired state, and removed.
+//!
 //! Whoever can write to the inbox is not trusted with more than dropping
 //! files: both must be regular files (a link is not followed, so a link to
 //! `/dev/zero` or to a file elsewhere is ignored), the envelope is read
@@ -69,6 +72,34 @@ pub fn scan(inbox: &Path) -> Vec<Dropped> {
         })
         .collect();
     found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
+}
+
+const ROOT_SUFFIX: &str = ".root.json";
+
+/// The trust roots in `inbox` that parse (a root still being copied does
+/// not yet), with their files, oldest name first.
+pub fn scan_roots(inbox: &Path) -> Vec<(PathBuf, ferry_protocol::root::SignedRoot)> {
+    let Ok(entries) = fs::read_dir(inbox) else {
+        return Vec::new();
+    };
+    let mut found: Vec<_> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let file_name = entry.file_name().into_string().ok()?;
+            let name = file_name.strip_suffix(ROOT_SUFFIX)?;
+            if name.is_empty() || name.starts_with('.') {
+                return None;
+            }
+            let path = entry.path();
+            let bytes =
+                crate::durable::read_limited(&path, ferry_protocol::root::MAX_ROOT_BYTES as u64)
+                    .ok()?;
+            let root = ferry_protocol::root::SignedRoot::from_json(&bytes).ok()?;
+            Some((path, root))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
     found
 }
 

@@ -112,6 +112,11 @@ pub struct Installer {
     blocks: Option<BlockLink>,
     passed_env: Vec<(String, String)>,
     isolate_services: bool,
+    /// The trust root held, on a device set up with one.
+    root: Option<crate::trust_root::HeldRoot>,
+    /// The services the device runs (`[trust] services`), kept to apply to
+    /// the release keys of every new root.
+    services: Option<Vec<ServiceName>>,
     state: State,
     /// When a desired state last arrived that matched what runs here.
     desired_confirmed_at: Option<Timestamp>,
@@ -142,6 +147,11 @@ pub struct InstallerParts {
     pub passed_env: Vec<(String, String)>,
     /// Whether a service whose manifest names no user gets one of its own.
     pub isolate_services: bool,
+    /// The trust root held, on a device set up with one (`policy` holds its
+    /// release keys).
+    pub root: Option<crate::trust_root::HeldRoot>,
+    /// The only services the device runs, if the configuration says.
+    pub services: Option<Vec<ServiceName>>,
 }
 
 impl Installer {
@@ -163,6 +173,8 @@ impl Installer {
             blocks: None,
             passed_env: parts.passed_env,
             isolate_services: parts.isolate_services,
+            root: parts.root,
+            services: parts.services,
             state,
             desired_confirmed_at: None,
         })
@@ -177,6 +189,82 @@ impl Installer {
             services: self.state.reported_services(),
             last_result: self.state.last_result.clone(),
             desired_confirmed_at: self.desired_confirmed_at,
+            root_version: self.root.as_ref().map(|held| held.root.version),
+        }
+    }
+
+    /// Walks the trust roots `offered` (with a desired state, or from the
+    /// inbox) from the one held, one version at a time. Each root accepted
+    /// is written durably, then its release keys replace the old ones, and
+    /// an event says so; a refused one is reported and changes nothing.
+    /// Without a root of its own (`[trust] keys`), a device ignores roots.
+    pub fn accept_roots(
+        &mut self,
+        offered: &[ferry_protocol::root::SignedRoot],
+        rollout: Option<&str>,
+    ) {
+        let Some(held) = &self.root else {
+            return;
+        };
+        let (accepted, refused) = ferry_protocol::root::walk(&held.root, offered);
+        for (root, signed) in accepted {
+            let policy = match root.release_policy() {
+                Ok(policy) => policy,
+                Err(e) => {
+                    self.reporter.step(
+                        None,
+                        rollout,
+                        Step::Trust,
+                        StepStatus::Failed,
+                        Some(e.to_string()),
+                    );
+                    return;
+                }
+            };
+            if let Err(e) = crate::trust_root::keep(&self.layout, &signed) {
+                // Not kept, not trusted: after a restart the device would
+                // be back on the old root.
+                self.reporter.step(
+                    None,
+                    rollout,
+                    Step::Trust,
+                    StepStatus::Failed,
+                    Some(format!(
+                        "cannot keep trust root version {}: {e}",
+                        root.version
+                    )),
+                );
+                return;
+            }
+            let keys: Vec<String> = policy.key_ids().map(ToString::to_string).collect();
+            self.policy = match &self.services {
+                Some(services) => policy.only_services(services.iter().cloned()),
+                None => policy,
+            };
+            self.reporter.step(
+                None,
+                rollout,
+                Step::Trust,
+                StepStatus::Succeeded,
+                Some(format!(
+                    "trust root version {} accepted: release keys {} (threshold {})",
+                    root.version,
+                    keys.join(", "),
+                    root.release_threshold
+                )),
+            );
+            tracing::info!(version = root.version, "trust root accepted");
+            self.root = Some(crate::trust_root::HeldRoot { root, signed });
+            self.publish_state();
+        }
+        if let Some(e) = refused {
+            self.reporter.step(
+                None,
+                rollout,
+                Step::Trust,
+                StepStatus::Failed,
+                Some(e.to_string()),
+            );
         }
     }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! data_dir/
 //!   state.json                   committed state: what each service runs
+//!   root.json                    the newest trust root accepted, if the device has one
 //!   journal.json                 the install in flight, if any
 //!   downloads/<sha256>.part      artifact being fetched (kept for resume)
 //!   downloads/<sha256>.tar.gz    artifact fetched and checked
@@ -98,6 +99,11 @@ impl Layout {
     /// (its `$STATE_DIRECTORY`), owned by the user it runs as.
     pub fn service_state(&self, service: &ServiceName) -> PathBuf {
         self.root.join("service-state").join(service.as_str())
+    }
+
+    /// The newest trust root accepted (`[trust] root` devices).
+    pub fn root_file(&self) -> PathBuf {
+        self.root.join("root.json")
     }
 
     /// The uids given to services of their own (direct supervisor).

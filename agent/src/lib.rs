@@ -31,6 +31,7 @@ pub mod report;
 pub mod state;
 pub mod supervisor;
 pub mod tls;
+pub mod trust_root;
 pub mod unpack;
 
 /// The agent's version, as reported to the manager.

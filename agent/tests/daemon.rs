@@ -157,6 +157,7 @@ impl Watcher {
                     artifact_url: Some(url.to_string()),
                 })
                 .collect(),
+            roots: Vec::new(),
         };
         self.client
             .publish(

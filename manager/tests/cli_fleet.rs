@@ -139,7 +139,11 @@ fn device_publish_deploy_and_views_through_the_cli() {
     );
     assert_eq!(
         broker.ca_pem.as_deref(),
-        Some(std::fs::read_to_string(d.join("data/ca.pem")).unwrap().as_str())
+        Some(
+            std::fs::read_to_string(d.join("data/ca.pem"))
+                .unwrap()
+                .as_str()
+        )
     );
     assert_eq!(broker.password.unwrap().len(), 48);
     let mode = std::fs::metadata(d.join("gw-2.toml"))
@@ -223,7 +227,11 @@ fn device_publish_deploy_and_views_through_the_cli() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     let run = ferry_env(
         elsewhere.path(),
-        &[("FERRY_URL", &url), ("FERRY_TOKEN", "wrong"), ("FERRY_CA", ca)],
+        &[
+            ("FERRY_URL", &url),
+            ("FERRY_TOKEN", "wrong"),
+            ("FERRY_CA", ca),
+        ],
         &["devices"],
     );
     assert_eq!(run.code, 1);

@@ -576,3 +576,64 @@ fn package_and_verify_check_programs_as_devices_do() {
         run.stderr
     );
 }
+
+#[test]
+fn a_trust_root_is_made_and_signed_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in ["root-a", "root-b", "ops"] {
+        ok(d, &["keygen", "--out", name]);
+    }
+    let made = ok(
+        d,
+        &[
+            "root",
+            "new",
+            "--version",
+            "1",
+            "--root-key",
+            "root-a.pub",
+            "--root-key",
+            "root-b.pub",
+            "--root-threshold",
+            "2",
+            "--release-key",
+            "ops.pub",
+            "-o",
+            "root-1.json",
+        ],
+    );
+    assert!(made.contains("unsigned"), "{made}");
+    let read = || {
+        ferry_protocol::root::SignedRoot::from_json(&std::fs::read(d.join("root-1.json")).unwrap())
+            .unwrap()
+    };
+    // One of two root keys is not enough; both are.
+    ok(d, &["root", "sign", "root-1.json", "--key", "root-a.key"]);
+    assert!(ferry_protocol::root::verify_first(&read()).is_err());
+    let signed = ok(d, &["root", "sign", "root-1.json", "--key", "root-b.key"]);
+    assert!(signed.contains("2 signature(s)"), "{signed}");
+    let root = ferry_protocol::root::verify_first(&read()).unwrap();
+    assert_eq!((root.version, root.root_threshold), (1, 2));
+    // A release key can never be a root key too; nothing is written.
+    let refused = fails(
+        d,
+        &[
+            "root",
+            "new",
+            "--version",
+            "2",
+            "--root-key",
+            "ops.pub",
+            "--release-key",
+            "ops.pub",
+            "-o",
+            "root-2.json",
+        ],
+    );
+    assert!(
+        refused.contains("both a root key and a release key"),
+        "{refused}"
+    );
+    assert!(!d.join("root-2.json").exists());
+}

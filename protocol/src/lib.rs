@@ -9,6 +9,7 @@
 //! - [`manifest`]: what a release is.
 //! - [`keys`], [`envelope`], [`trust`]: how a release is signed and how a
 //!   device decides whether to believe it.
+//! - [`root`]: the versioned trust root that rotates release keys.
 //! - [`digest`]: SHA-256 digests and the streaming artifact check.
 //! - [`elf`]: whether an executable's ELF header fits a target.
 //! - [`messages`]: desired, reported, events, health, status and block
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod manifest;
 pub mod messages;
 pub mod names;
+pub mod root;
 #[cfg(feature = "schema")]
 pub mod schema;
 mod text;

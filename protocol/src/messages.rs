@@ -81,6 +81,11 @@ pub struct Desired {
     pub rollout: Option<String>,
     /// One signed release per service.
     pub releases: Vec<DesiredRelease>,
+    /// The trust roots the manager holds, oldest first: a device walks
+    /// from the version it holds to the newest, one version at a time
+    /// (each checked against the one before; see [`crate::root`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<crate::root::SignedRoot>,
 }
 message!(Desired, Desired, "desired state", 1024 * 1024);
 
@@ -118,6 +123,10 @@ pub struct Reported {
     /// means the desired state it was last given was not the one it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_confirmed_at: Option<Timestamp>,
+    /// The version of the trust root the device holds, when it is set up
+    /// with one (`[trust] root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_version: Option<u64>,
 }
 message!(Reported, Reported, "reported state", 256 * 1024);
 
@@ -226,6 +235,8 @@ pub enum Step {
     Recover,
     /// Applying a config change without a restart.
     Reload,
+    /// Accepting a new version of the trust root.
+    Trust,
 }
 
 /// Where a step is.
@@ -511,6 +522,7 @@ mod tests {
                 envelope: Envelope::sign(sample().to_json(), &[&key]).unwrap(),
                 artifact_url: None,
             }],
+            roots: Vec::new(),
         };
         assert_eq!(Desired::decode(&desired.encode()).unwrap(), desired);
 
@@ -525,6 +537,7 @@ mod tests {
             }],
             last_result: Some(result.clone()),
             desired_confirmed_at: Some(t),
+            root_version: Some(2),
         };
         assert_eq!(Reported::decode(&reported.encode()).unwrap(), reported);
 

@@ -613,6 +613,24 @@ impl Agent {
         Self::start_with(dir, device, password, at, trust, "")
     }
 
+    /// Starts an agent whose `[trust]` table is `trust` (say, a trust root
+    /// instead of a key file), watching `inbox`.
+    pub fn start_trusting(
+        dir: &Path,
+        device: &str,
+        password: &str,
+        at: impl Into<Endpoints>,
+        trust: &str,
+        inbox: &Path,
+    ) -> Self {
+        let data_dir = dir.join(format!("agent-{device}"));
+        let placeholder = Path::new("TRUST");
+        let text = format!("inbox = \"{}\"\n", inbox.display())
+            + &direct_agent_config(&data_dir, device, password, at.into(), placeholder)
+                .replace("[trust]\nkeys = [\"TRUST\"]\n", trust);
+        Self::start_text(data_dir, &text)
+    }
+
     /// Starts an agent whose configuration ends with `extra` (TOML tables,
     /// e.g. `[limits]`): a device that differs from the others.
     pub fn start_with(
@@ -625,7 +643,11 @@ impl Agent {
     ) -> Self {
         let data_dir = dir.join(format!("agent-{device}"));
         let text = direct_agent_config(&data_dir, device, password, at.into(), trust) + extra;
-        let config = ferry_agent::config::Config::parse(&text).unwrap();
+        Self::start_text(data_dir, &text)
+    }
+
+    fn start_text(data_dir: PathBuf, text: &str) -> Self {
+        let config = ferry_agent::config::Config::parse(text).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             ferry_agent::daemon::run_with(config, None, async {

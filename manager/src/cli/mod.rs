@@ -14,6 +14,7 @@ mod publish;
 mod release_args;
 mod releases;
 mod rollout;
+mod root;
 mod serve;
 mod sign;
 mod tokens;
@@ -97,6 +98,10 @@ enum Command {
     /// Named operator tokens with a scope (create, list, revoke).
     #[command(subcommand)]
     Token(tokens::Args),
+    /// The trust root: which release keys devices believe (new, sign,
+    /// publish, list).
+    #[command(subcommand)]
+    Root(root::Args),
     /// Recent health reports (`--follow` for new ones).
     Health(fleet::HistoryArgs),
     /// Recent deployment events (`--follow` for new ones).
@@ -157,6 +162,7 @@ pub fn main() -> ExitCode {
         Command::Build(args) => build::run(args),
         Command::Sign(args) => sign::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Root(args) if args.offline() => root::run_offline(args),
         Command::Serve(args) => {
             init_logging();
             runtime().and_then(|rt| rt.block_on(serve::run(args)))
@@ -189,6 +195,7 @@ pub fn main() -> ExitCode {
                     Command::Deployments => deployments::list(&manager).await,
                     Command::Rollout(args) => rollout::run(&manager, args, json).await,
                     Command::Token(args) => tokens::run(&manager, args).await,
+                    Command::Root(args) => root::run(&manager, args).await,
                     Command::Health(args) => fleet::history(&manager, "health", args, json).await,
                     Command::Events(args) => fleet::history(&manager, "events", args, json).await,
                     _ => unreachable!("local commands are handled above"),

@@ -7,6 +7,7 @@
 
 use ferry_protocol::Envelope;
 use ferry_protocol::messages::{Desired, DesiredRelease, MESSAGE_SCHEMA, Message};
+use ferry_protocol::root::SignedRoot;
 
 use super::store::{Store, StoreError};
 
@@ -43,6 +44,28 @@ pub fn with_release(
         schema: MESSAGE_SCHEMA,
         rollout: Some(label.to_owned()),
         releases,
+        roots: roots(store)?,
     };
     Ok(String::from_utf8_lossy(&message.encode()).into_owned())
+}
+
+/// The trust roots published, oldest first: every desired state carries
+/// the chain, so a device walks from whatever version it holds.
+pub fn roots(store: &Store) -> Result<Vec<SignedRoot>, StoreError> {
+    store
+        .roots()?
+        .iter()
+        .map(|text| {
+            SignedRoot::from_json(text.as_bytes())
+                .map_err(|e| StoreError::Invalid(format!("a stored trust root: {e}")))
+        })
+        .collect()
+}
+
+/// `payload` (a desired state) with `roots` in place of the chain it had;
+/// `None` when it does not read.
+pub fn with_roots(payload: &str, roots: &[SignedRoot]) -> Option<String> {
+    let mut desired = Desired::decode(payload.as_bytes()).ok()?;
+    desired.roots = roots.to_vec();
+    Some(String::from_utf8_lossy(&desired.encode()).into_owned())
 }

@@ -304,6 +304,8 @@ mod tests {
             (&get, "/v1/tokens", Operator(Admin)),
             (&post, "/v1/tokens", Operator(Admin)),
             (&delete, "/v1/tokens/{name}", Operator(Admin)),
+            (&get, "/v1/roots", Operator(Read)),
+            (&post, "/v1/roots", Operator(Admin)),
             (&post, "/v1/something-new", Operator(Admin)),
         ] {
             assert_eq!(access(method, route), expected, "{method} {route}");

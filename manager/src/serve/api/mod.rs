@@ -20,6 +20,7 @@
 //! | `GET /`, `/dashboard.js`, `/dashboard.css` | anyone | the dashboard (it asks for the token) |
 //! | `GET /metrics` | operator | Prometheus text format: fleet aggregates, per-device health, the manager's own figures |
 //! | `GET/POST /v1/tokens`, `DELETE /v1/tokens/{name}` | operator (admin) | named tokens with a scope |
+//! | `GET /v1/roots` (read), `POST /v1/roots` (admin) | operator | the trust root chain; a new version goes to every device |
 //!
 //! "operator" means a bearer token whose scope the route allows: the table
 //! is [`auth::access`], applied by the [`auth::authorize`] middleware before
@@ -48,6 +49,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 pub mod auth;
 mod dashboard;
 mod rollouts;
+mod roots;
 mod tokens;
 
 use super::ingest::Outgoing;
@@ -156,6 +158,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/dashboard.js", get(dashboard::script))
         .route("/dashboard.css", get(dashboard::style))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/roots", get(roots::list).post(roots::publish))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::revoke))
         // Outermost first: time every matched request, refusals included.
         .route_layer(axum::middleware::from_fn_with_state(

@@ -218,6 +218,8 @@ impl Store {
              CREATE TABLE IF NOT EXISTS tokens (
                  name TEXT PRIMARY KEY, scope TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
                  created TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS roots (
+                 version INTEGER PRIMARY KEY, signed TEXT NOT NULL, created TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS rollout_devices (
                  rollout_id INTEGER NOT NULL, device_id TEXT NOT NULL,
                  position INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT,
@@ -555,6 +557,48 @@ impl Store {
             .releases()?
             .into_iter()
             .find(|r| r.service == service && r.version == version))
+    }
+
+    /// The trust roots published (signed JSON), oldest first.
+    pub fn roots(&self) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT signed FROM roots ORDER BY version")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Adds trust root `version` (checked by the caller to follow the
+    /// newest) and rewrites every device's desired state with `rewrite`,
+    /// in one transaction; the rewritten payloads, to send.
+    pub fn add_root(
+        &self,
+        version: u64,
+        signed: &str,
+        rewrite: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<(String, String)>> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO roots (version, signed, created) VALUES (?1, ?2, ?3)",
+            params![version as i64, signed, now()],
+        )?;
+        let all: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT device_id, payload FROM desired")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        let mut changed = Vec::new();
+        for (device, payload) in all {
+            if let Some(new) = rewrite(&payload) {
+                tx.execute(
+                    "UPDATE desired SET payload = ?2 WHERE device_id = ?1",
+                    params![device, new],
+                )?;
+                changed.push((device, new));
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// Every device's desired state payload, in device order.
