@@ -55,11 +55,16 @@ fn read_file(path: Option<PathBuf>) -> ClientFile {
         .unwrap_or_default()
 }
 
-fn config_dir_file(name: &str) -> Option<PathBuf> {
+/// `~/.config/ferry` (or under `XDG_CONFIG_HOME`).
+pub fn config_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    Some(base.join("ferry").join(name))
+    Some(base.join("ferry"))
+}
+
+fn config_dir_file(name: &str) -> Option<PathBuf> {
+    config_dir().map(|dir| dir.join(name))
 }
 
 impl Manager {

@@ -253,6 +253,37 @@ async fn the_cli_pins_the_managers_ca_and_keeps_its_token_for_it() {
         "devices",
     ]);
     assert!(right.status.success(), "{right:?}");
+
+    // `ferry login` with the fingerprint their log prints: their CA is
+    // fetched, checked and kept; then no --url or --ca is needed. A wrong
+    // fingerprint keeps nothing.
+    let their_pem = std::fs::read_to_string(&their_ca).unwrap();
+    let fingerprint = ferry::serve::tls::fingerprint(&their_pem).unwrap();
+    let wrong = ferry(&["login", &theirs.url(""), "--fingerprint", &"ab".repeat(32)]);
+    assert!(!wrong.status.success());
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        said.contains("presents no certificate with fingerprint"),
+        "{said}"
+    );
+    assert!(!home.join(".config/ferry/cli.json").exists());
+    let login = ferry(&[
+        "login",
+        &theirs.url(""),
+        "--fingerprint",
+        &fingerprint,
+        "--token",
+        &theirs.token,
+    ]);
+    assert!(login.status.success(), "{login:?}");
+    let listed = ferry(&["devices", "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let kept = std::fs::read_dir(home.join(".config/ferry"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with("-ca.pem"))
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(kept.path()).unwrap(), their_pem);
     ours.stop().await;
     theirs.stop().await;
 }

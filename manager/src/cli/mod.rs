@@ -9,6 +9,7 @@ mod deployments;
 mod fleet;
 mod keygen;
 mod keys;
+mod login;
 mod package;
 mod publish;
 mod release_args;
@@ -63,6 +64,9 @@ struct Cli {
 enum Command {
     /// Create a release signing key pair (NAME.key and NAME.pub).
     Keygen(keygen::Args),
+    /// Remember a manager (URL, its CA, and --token if given) for this
+    /// user's commands.
+    Login(login::Args),
     /// Pack a directory into a reproducible release artifact and its unsigned manifest.
     Package(package::Args),
     /// Cross-compile a Go or C service for the ARMv7 devices and package it.
@@ -163,6 +167,7 @@ pub fn main() -> ExitCode {
         Command::Sign(args) => sign::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Root(args) if args.offline() => root::run_offline(args),
+        Command::Login(args) => runtime().and_then(|rt| rt.block_on(login::run(args, cli.token))),
         Command::Serve(args) => {
             init_logging();
             runtime().and_then(|rt| rt.block_on(serve::run(args)))

@@ -150,6 +150,14 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
     })
 }
 
+/// SHA-256 of the first certificate in `pem` (DER), hex: a CA's
+/// fingerprint as the manager logs it and `ferry login --fingerprint`
+/// takes it.
+pub fn fingerprint(pem: &str) -> Option<String> {
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    Some(hex::encode(Sha256::digest(der.as_ref())))
+}
+
 /// The names the server certificate covers: loopback, this machine's host
 /// name, the listen addresses when specific, the public URL's host, and
 /// the operator's `--public-name`s.
