@@ -65,10 +65,25 @@ pub struct Signature {
 
 /// The message a key signs for `manifest`: the domain tag, then the bytes.
 pub(crate) fn signed_message(manifest: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(SIGNATURE_DOMAIN.len() + manifest.len());
-    message.extend_from_slice(SIGNATURE_DOMAIN);
-    message.extend_from_slice(manifest);
+    domain_message(SIGNATURE_DOMAIN, manifest)
+}
+
+/// `domain` then `bytes`: what a key signs, so a signature made for one
+/// kind of document can never pass for another's.
+pub(crate) fn domain_message(domain: &[u8], bytes: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(domain.len() + bytes.len());
+    message.extend_from_slice(domain);
+    message.extend_from_slice(bytes);
     message
+}
+
+/// Adds `key`'s signature over `message` to `signatures`, replacing an
+/// earlier one by the same key.
+pub(crate) fn add_signature_to(signatures: &mut Vec<Signature>, key: &SecretKey, message: &[u8]) {
+    let key_id = key.public_key().id();
+    let sig = key.sign(message);
+    signatures.retain(|s| s.key_id != key_id);
+    signatures.push(Signature { key_id, sig });
 }
 
 impl Envelope {
@@ -90,10 +105,8 @@ impl Envelope {
     /// Adds `key`'s signature, replacing an earlier one by the same key.
     /// This is how signatures are gathered from operators who each hold one key.
     pub fn add_signature(&mut self, key: &SecretKey) {
-        let key_id = key.public_key().id();
-        let sig = key.sign(&signed_message(&self.manifest));
-        self.signatures.retain(|s| s.key_id != key_id);
-        self.signatures.push(Signature { key_id, sig });
+        let message = signed_message(&self.manifest);
+        add_signature_to(&mut self.signatures, key, &message);
     }
 
     /// Reads an envelope from JSON. Nothing is verified yet: pass it to
@@ -135,7 +148,9 @@ impl Envelope {
     }
 }
 
-mod base64_bytes {
+/// Bytes as base64 in JSON (`#[serde(with)]`), for signed documents
+/// that carry exact bytes.
+pub(crate) mod base64_bytes {
     use super::BASE64;
     use base64::Engine as _;
     use serde::{Deserialize, Deserializer, Serializer};

@@ -16,11 +16,10 @@
 
 use std::collections::BTreeSet;
 
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{DecodeError, check_schema, decode_json};
-use crate::envelope::Signature;
+use crate::envelope::{Signature, add_signature_to, domain_message};
 use crate::keys::{KeyId, PublicKey, SecretKey};
 use crate::trust::{PolicyError, TrustPolicy};
 
@@ -186,7 +185,7 @@ pub struct SignedRoot {
     /// Schema version: 1 for this format.
     pub schema: u32,
     /// The root's exact bytes, base64 on the wire.
-    #[serde(with = "root_bytes")]
+    #[serde(with = "crate::envelope::base64_bytes")]
     #[cfg_attr(feature = "schema", schemars(with = "String"))]
     root: Vec<u8>,
     /// Signatures over [`ROOT_SIGNATURE_DOMAIN`] and the root bytes.
@@ -194,7 +193,7 @@ pub struct SignedRoot {
 }
 
 fn signed_message(root: &[u8]) -> Vec<u8> {
-    [ROOT_SIGNATURE_DOMAIN, root].concat()
+    domain_message(ROOT_SIGNATURE_DOMAIN, root)
 }
 
 impl SignedRoot {
@@ -210,10 +209,8 @@ impl SignedRoot {
 
     /// Adds `key`'s signature, replacing an earlier one by the same key.
     pub fn add_signature(&mut self, key: &SecretKey) {
-        let key_id = key.public_key().id();
-        let sig = key.sign(&signed_message(&self.root));
-        self.signatures.retain(|s| s.key_id != key_id);
-        self.signatures.push(Signature { key_id, sig });
+        let message = signed_message(&self.root);
+        add_signature_to(&mut self.signatures, key, &message);
     }
 
     /// Reads a signed root from JSON; nothing is verified yet.
@@ -305,50 +302,34 @@ pub fn walk(
     trusted: &Root,
     offered: &[SignedRoot],
 ) -> (Vec<(Root, SignedRoot)>, Option<RootError>) {
+    // Each offered root read once; only the versions above the held one matter.
+    let newer: Vec<(u64, &SignedRoot)> = offered
+        .iter()
+        .filter_map(|s| s.unverified().ok().map(|r| (r.version, s)))
+        .filter(|(version, _)| *version > trusted.version)
+        .collect();
     let mut held = trusted.clone();
     let mut accepted = Vec::new();
     loop {
-        let next = offered.iter().find(|s| {
-            s.unverified()
-                .is_ok_and(|r| r.version == held.version.saturating_add(1))
-        });
-        let Some(next) = next else {
+        let wanted = held.version.saturating_add(1);
+        let Some((_, next)) = newer.iter().find(|(version, _)| *version == wanted) else {
             // A newer root that is not the next one: the chain has a gap.
-            let gap = offered
+            let gap = newer
                 .iter()
-                .filter_map(|s| s.unverified().ok())
-                .filter(|r| r.version > held.version)
-                .map(|r| RootError::NotNext {
-                    found: r.version,
+                .find(|(version, _)| *version > held.version)
+                .map(|(version, _)| RootError::NotNext {
+                    found: *version,
                     trusted: held.version,
-                })
-                .next();
+                });
             return (accepted, gap);
         };
         match verify_next(&held, next) {
             Ok(root) => {
                 held = root.clone();
-                accepted.push((root, next.clone()));
+                accepted.push((root, (*next).clone()));
             }
             Err(e) => return (accepted, Some(e)),
         }
-    }
-}
-
-mod root_bytes {
-    use super::BASE64;
-    use base64::Engine as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&BASE64.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        BASE64
-            .decode(text.as_bytes())
-            .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
     }
 }
 
