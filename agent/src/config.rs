@@ -290,6 +290,18 @@ impl From<LimitsConfig> for AgentLimits {
     }
 }
 
+/// `policy`, accepting releases of `services` only when the device names
+/// them (`[trust] services`).
+pub fn only_services(
+    policy: TrustPolicy,
+    services: Option<&[ferry_protocol::ServiceName]>,
+) -> TrustPolicy {
+    match services {
+        Some(services) => policy.only_services(services.iter().cloned()),
+        None => policy,
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -385,25 +397,25 @@ impl Config {
 
     /// Reads the trust key files into a policy.
     pub fn trust_policy(&self) -> Result<TrustPolicy, ConfigError> {
-        let policy = match &self.trust.root {
-            Some(_) => self.trust_root()?.map(|held| held.root.release_policy()),
-            None => None,
-        };
-        let policy = match policy {
-            Some(from_root) => {
-                from_root.map_err(|e| ConfigError::Invalid(format!("trust root: {e}")))?
-            }
-            None => self.key_policy()?,
-        };
-        Ok(match &self.trust.services {
-            Some(services) => policy.only_services(services.iter().cloned()),
-            None => policy,
-        })
+        self.trust().map(|(policy, _)| policy)
     }
 
-    /// The trust root the device holds, when it is set up with one: the
-    /// newer of the provisioned file and the one accepted since.
-    pub fn trust_root(&self) -> Result<Option<crate::trust_root::HeldRoot>, ConfigError> {
+    /// The release keys to trust, and the trust root they come from when
+    /// the device is set up with one (the newer of the provisioned file and
+    /// the one accepted since), read once.
+    pub fn trust(&self) -> Result<(TrustPolicy, Option<crate::trust_root::HeldRoot>), ConfigError> {
+        let held = self.held_root()?;
+        let policy = match &held {
+            Some(held) => held
+                .root
+                .release_policy()
+                .map_err(|e| ConfigError::Invalid(format!("trust root: {e}")))?,
+            None => self.key_policy()?,
+        };
+        Ok((only_services(policy, self.trust.services.as_deref()), held))
+    }
+
+    fn held_root(&self) -> Result<Option<crate::trust_root::HeldRoot>, ConfigError> {
         let Some(provisioned) = &self.trust.root else {
             return Ok(None);
         };

@@ -100,9 +100,10 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         },
         None => None,
     };
+    let (policy, root) = config.trust()?;
     Installer::new(InstallerParts {
         layout,
-        policy: config.trust_policy()?,
+        policy,
         target: config.target()?,
         limits: config.limits.into(),
         supervisor: std::sync::Arc::new(supervisor),
@@ -116,7 +117,7 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
             .filter_map(|name| Some((name.to_string(), std::env::var(name.as_str()).ok()?)))
             .collect(),
         isolate_services: config.isolate_services,
-        root: config.trust_root()?,
+        root,
         services: config.trust.services.clone(),
     })
     .map_err(|error| SetupError::DataDir {

@@ -207,40 +207,25 @@ impl Installer {
             return;
         };
         let (accepted, refused) = ferry_protocol::root::walk(&held.root, offered);
+        let failed = |reason: String| {
+            self.reporter
+                .step(None, rollout, Step::Trust, StepStatus::Failed, Some(reason));
+        };
         for (root, signed) in accepted {
             let policy = match root.release_policy() {
                 Ok(policy) => policy,
-                Err(e) => {
-                    self.reporter.step(
-                        None,
-                        rollout,
-                        Step::Trust,
-                        StepStatus::Failed,
-                        Some(e.to_string()),
-                    );
-                    return;
-                }
+                Err(e) => return failed(e.to_string()),
             };
             if let Err(e) = crate::trust_root::keep(&self.layout, &signed) {
                 // Not kept, not trusted: after a restart the device would
                 // be back on the old root.
-                self.reporter.step(
-                    None,
-                    rollout,
-                    Step::Trust,
-                    StepStatus::Failed,
-                    Some(format!(
-                        "cannot keep trust root version {}: {e}",
-                        root.version
-                    )),
-                );
-                return;
+                return failed(format!(
+                    "cannot keep trust root version {}: {e}",
+                    root.version
+                ));
             }
             let keys: Vec<String> = policy.key_ids().map(ToString::to_string).collect();
-            self.policy = match &self.services {
-                Some(services) => policy.only_services(services.iter().cloned()),
-                None => policy,
-            };
+            self.policy = crate::config::only_services(policy, self.services.as_deref());
             self.reporter.step(
                 None,
                 rollout,
@@ -258,13 +243,7 @@ impl Installer {
             self.publish_state();
         }
         if let Some(e) = refused {
-            self.reporter.step(
-                None,
-                rollout,
-                Step::Trust,
-                StepStatus::Failed,
-                Some(e.to_string()),
-            );
+            failed(e.to_string());
         }
     }
 
