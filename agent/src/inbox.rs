@@ -40,20 +40,24 @@ pub struct Dropped {
     pub artifact: PathBuf,
 }
 
+/// The files in `inbox` named `NAME{suffix}`, NAME neither empty nor
+/// starting with `.`: each NAME and its path.
+fn named<'a>(inbox: &Path, suffix: &'a str) -> impl Iterator<Item = (String, PathBuf)> + 'a {
+    fs::read_dir(inbox)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |entry| {
+            let file_name = entry.file_name().into_string().ok()?;
+            let name = file_name.strip_suffix(suffix)?;
+            (!name.is_empty() && !name.starts_with('.')).then(|| (name.to_owned(), entry.path()))
+        })
+}
+
 /// The complete releases in `inbox`, oldest name first.
 pub fn scan(inbox: &Path) -> Vec<Dropped> {
-    let Ok(entries) = fs::read_dir(inbox) else {
-        return Vec::new();
-    };
-    let mut found: Vec<Dropped> = entries
-        .flatten()
-        .filter_map(|entry| {
-            let file_name = entry.file_name().into_string().ok()?;
-            let name = file_name.strip_suffix(ENVELOPE_SUFFIX)?.to_owned();
-            if name.is_empty() || name.starts_with('.') {
-                return None;
-            }
-            let envelope_path = entry.path();
+    let mut found: Vec<Dropped> = named(inbox, ENVELOPE_SUFFIX)
+        .filter_map(|(name, envelope_path)| {
             let bytes =
                 crate::durable::read_limited(&envelope_path, MAX_ENVELOPE_BYTES as u64).ok()?;
             // An envelope still being copied does not parse yet.
@@ -80,18 +84,8 @@ const ROOT_SUFFIX: &str = ".root.json";
 /// The trust roots in `inbox` that parse (a root still being copied does
 /// not yet), with their files, oldest name first.
 pub fn scan_roots(inbox: &Path) -> Vec<(PathBuf, ferry_protocol::root::SignedRoot)> {
-    let Ok(entries) = fs::read_dir(inbox) else {
-        return Vec::new();
-    };
-    let mut found: Vec<_> = entries
-        .flatten()
-        .filter_map(|entry| {
-            let file_name = entry.file_name().into_string().ok()?;
-            let name = file_name.strip_suffix(ROOT_SUFFIX)?;
-            if name.is_empty() || name.starts_with('.') {
-                return None;
-            }
-            let path = entry.path();
+    let mut found: Vec<_> = named(inbox, ROOT_SUFFIX)
+        .filter_map(|(_, path)| {
             let bytes =
                 crate::durable::read_limited(&path, ferry_protocol::root::MAX_ROOT_BYTES as u64)
                     .ok()?;
