@@ -179,10 +179,9 @@ pub(crate) async fn list(manager: &Manager) -> Result<Outcome> {
             )
         })
         .collect();
-    let text = if lines.is_empty() {
-        "no deployments yet; make one with `ferry deploy`".to_owned()
-    } else {
-        lines.join("\n")
-    };
-    Ok(Outcome::ok(text, all))
+    Ok(Outcome::lines(
+        lines,
+        "no deployments yet; make one with `ferry deploy`",
+        all,
+    ))
 }

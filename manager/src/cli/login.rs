@@ -106,6 +106,11 @@ async fn fetch_ca(url: &reqwest::Url, fingerprint: &str) -> Result<String> {
     ))
 }
 
+/// Why the handshake of [`Recorder`] stops.
+fn reading_only() -> rustls::Error {
+    rustls::Error::General("only reading the chain".into())
+}
+
 /// Records the chain a server presents; accepts it only so the handshake
 /// gets that far (nothing is sent over the connection).
 #[derive(Debug)]
@@ -124,7 +129,7 @@ impl ServerCertVerifier for Recorder {
             seen.push(end_entity.clone().into_owned());
             seen.extend(intermediates.iter().map(|c| c.clone().into_owned()));
         }
-        Err(rustls::Error::General("only reading the chain".into()))
+        Err(reading_only())
     }
 
     fn verify_tls12_signature(
@@ -133,7 +138,7 @@ impl ServerCertVerifier for Recorder {
         _: &CertificateDer<'_>,
         _: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("only reading the chain".into()))
+        Err(reading_only())
     }
 
     fn verify_tls13_signature(
@@ -142,7 +147,7 @@ impl ServerCertVerifier for Recorder {
         _: &CertificateDer<'_>,
         _: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("only reading the chain".into()))
+        Err(reading_only())
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {

@@ -142,6 +142,17 @@ impl Outcome {
         }
     }
 
+    /// A listing: a line per item for people, or `empty` when there is
+    /// none; `json` for scripts.
+    pub(crate) fn lines(lines: Vec<String>, empty: &str, json: serde_json::Value) -> Self {
+        let text = if lines.is_empty() {
+            empty.to_owned()
+        } else {
+            lines.join("\n")
+        };
+        Self::ok(text, json)
+    }
+
     /// Puts `line` before the text for people.
     pub(crate) fn prepend_text(&mut self, line: &str) {
         self.text = format!("{line}\n{}", self.text);

@@ -417,12 +417,11 @@ async fn list(manager: &Manager) -> Result<Outcome> {
         .flatten()
         .map(headline)
         .collect();
-    let text = if lines.is_empty() {
-        "no rollouts yet; start one with `ferry rollout start`".to_owned()
-    } else {
-        lines.join("\n")
-    };
-    Ok(Outcome::ok(text, rollouts))
+    Ok(Outcome::lines(
+        lines,
+        "no rollouts yet; start one with `ferry rollout start`",
+        rollouts,
+    ))
 }
 
 async fn act(manager: &Manager, id: i64, action: &str) -> Result<Outcome> {

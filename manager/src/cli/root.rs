@@ -157,12 +157,7 @@ pub(crate) async fn run(manager: &Manager, args: Args) -> Result<Outcome> {
                     )
                 })
                 .collect();
-            let text = if lines.is_empty() {
-                "no trust root published".to_owned()
-            } else {
-                lines.join("\n")
-            };
-            Ok(Outcome::ok(text, chain))
+            Ok(Outcome::lines(lines, "no trust root published", chain))
         }
         offline => run_offline(offline),
     }

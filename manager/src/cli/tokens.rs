@@ -57,12 +57,11 @@ pub(crate) async fn run(manager: &Manager, args: Args) -> Result<Outcome> {
                     )
                 })
                 .collect();
-            let text = if lines.is_empty() {
-                "no named tokens; make one with `ferry token create NAME --scope read`".into()
-            } else {
-                lines.join("\n")
-            };
-            Ok(Outcome::ok(text, all))
+            Ok(Outcome::lines(
+                lines,
+                "no named tokens; make one with `ferry token create NAME --scope read`",
+                all,
+            ))
         }
         Args::Revoke { name } => {
             let revoked = manager.delete(&format!("/v1/tokens/{name}")).await?;
