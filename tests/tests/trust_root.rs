@@ -84,14 +84,18 @@ async fn release_keys_rotate_through_a_signed_root_and_the_old_key_is_refused() 
     let provisioned = dir.path().join("root.json");
     let inbox = dir.path().join("inbox");
     std::fs::write(&provisioned, v1.to_json()).unwrap();
-    let agent = Agent::start_trusting(
-        dir.path(),
-        "gw-1",
-        &password,
-        manager.endpoints(),
-        &format!("[trust]\nroot = \"{}\"\n", provisioned.display()),
-        &inbox,
-    );
+    // The device, as provisioned (started again below).
+    let start_agent = || {
+        Agent::start_trusting(
+            dir.path(),
+            "gw-1",
+            &password,
+            manager.endpoints(),
+            &format!("[trust]\nroot = \"{}\"\n", provisioned.display()),
+            &inbox,
+        )
+    };
+    let agent = start_agent();
     manager
         .wait_device("gw-1", "online on root 1", |d| {
             d["reported"]["root_version"] == 1
@@ -210,14 +214,7 @@ async fn release_keys_rotate_through_a_signed_root_and_the_old_key_is_refused() 
     // was provisioned with.
     let data_dir = agent.data_dir.clone();
     agent.stop().await;
-    let agent = Agent::start_trusting(
-        dir.path(),
-        "gw-1",
-        &password,
-        manager.endpoints(),
-        &format!("[trust]\nroot = \"{}\"\n", provisioned.display()),
-        &inbox,
-    );
+    let agent = start_agent();
     assert_eq!(agent.data_dir, data_dir);
     tokio::time::sleep(Duration::from_secs(2)).await;
     manager
