@@ -214,9 +214,21 @@ pub struct BrokerConfig {
     /// system's roots.
     #[serde(default)]
     pub ca_pem: Option<String>,
+    /// The one-time enrolment token `ferry device add` printed: with the
+    /// fleet CA, an `mqtts://` broker and no password, the device makes its
+    /// own key and gets a client certificate for it with this token; later
+    /// certificates come without it. Spent once used.
+    #[serde(default)]
+    pub enrol_token: Option<String>,
 }
 
 impl BrokerConfig {
+    /// Whether this device proves who it is with a client certificate: the
+    /// fleet CA known, TLS, and no password.
+    pub fn uses_certificate(&self) -> bool {
+        self.password.is_none() && self.ca_pem.is_some() && self.url.starts_with("mqtts://")
+    }
+
     /// The origin (scheme, host, port) of `manager_url`.
     pub fn manager_origin(&self) -> Result<Option<reqwest::Url>, String> {
         let Some(text) = &self.manager_url else {
@@ -379,7 +391,13 @@ impl Config {
             toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))?;
         config.transfer.check()?;
         if let Some(broker) = &config.broker {
-            broker.manager_origin()?;
+            let origin = broker.manager_origin()?;
+            if broker.uses_certificate() && origin.is_none() {
+                return Err(
+                    "a device with a client certificate gets it from its manager: set broker.manager_url"
+                        .into(),
+                );
+            }
         }
         if config.transfer.transport == Transport::Mqtt && config.broker.is_none() {
             return Err("transfer.transport = \"mqtt\" needs a [broker]".into());

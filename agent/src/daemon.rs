@@ -56,11 +56,15 @@ pub async fn run_with(
 ) -> Result<(), SetupError> {
     let _lock = device::lock_data_dir(&config)?;
     let (reporter, mut reports) = Reporter::channel();
-    let mut installer = device::installer(&config, reporter.clone())?;
+    // A device with a certificate keeps it current on its own, and says
+    // when a new one arrives (the session then reconnects at once).
+    let (renewed_tx, mut renewed_rx) = mpsc::unbounded_channel();
+    let certificate = keep_identity(&config, renewed_tx)?;
+    let mut installer = device::installer(&config, reporter.clone(), certificate.clone())?;
     let supervisor = installer.supervisor().clone();
     let (desired_tx, desired_rx) = watch::channel::<Option<Desired>>(None);
     let (work_tx, work_rx) = mpsc::unbounded_channel();
-    let mut session = Session::new(&config).map_err(|message| {
+    let mut session = Session::new(&config, certificate).map_err(|message| {
         SetupError::Config(crate::config::ConfigError::Parse {
             path: config_path.map(Path::to_owned).unwrap_or_default(),
             message,
@@ -154,6 +158,7 @@ pub async fn run_with(
             Some(()) = inbox_rx.recv() => {
                 let _ = work_tx.send(Work::InboxChanged);
             }
+            Some(()) = renewed_rx.recv() => session.retry_now(),
             Some(()) = config_rx.recv() => {
                 let Some(path) = config_path else { continue };
                 match Config::load(path) {
@@ -187,6 +192,41 @@ pub async fn run_with(
     }
     session.goodbye().await;
     Ok(())
+}
+
+/// Starts keeping the device's certificate current when it uses one
+/// ([`crate::identity`]); what its connections show.
+fn keep_identity(
+    config: &Config,
+    renewed: mpsc::UnboundedSender<()>,
+) -> Result<Option<std::sync::Arc<crate::tls::ClientCertificate>>, SetupError> {
+    let Some(broker) = config.broker.as_ref().filter(|b| b.uses_certificate()) else {
+        return Ok(None);
+    };
+    let Some(manager) = broker
+        .manager_origin()
+        .map_err(crate::config::ConfigError::Invalid)?
+    else {
+        return Ok(None);
+    };
+    let layout = crate::layout::Layout::new(&config.data_dir);
+    let identity =
+        crate::identity::Identity::load_or_create(&layout, &config.device_id).map_err(|error| {
+            SetupError::DataDir {
+                path: layout.identity(),
+                error,
+            }
+        })?;
+    let certificate = identity.client_certificate();
+    let http = device::http_client(broker.ca_pem.as_deref(), Some(certificate.clone()))?;
+    tokio::spawn(crate::identity::keep(
+        identity,
+        http,
+        manager,
+        broker.enrol_token.clone(),
+        renewed,
+    ));
+    Ok(Some(certificate))
 }
 
 /// Applies what can change while running: the trust keys and the health
@@ -419,8 +459,11 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 impl Session {
-    fn new(config: &Config) -> Result<Self, String> {
-        let mqtt = mqtt::options(config)?.map(|mut options| {
+    fn new(
+        config: &Config,
+        certificate: Option<std::sync::Arc<crate::tls::ClientCertificate>>,
+    ) -> Result<Self, String> {
+        let mqtt = mqtt::options(config, certificate)?.map(|mut options| {
             options.set_request_channel_capacity(256);
             AsyncClient::new(options, 256)
         });
@@ -451,8 +494,12 @@ impl Session {
         let Some((client, eventloop)) = &mut self.mqtt else {
             return std::future::pending().await;
         };
-        if let Some(at) = self.retry_at.take() {
+        // Cleared only once waited out: this future is dropped whenever
+        // another branch of the agent's loop fires first (a health tick),
+        // and the backoff must survive that.
+        if let Some(at) = self.retry_at {
             sleep_until(at).await;
+            self.retry_at = None;
         }
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
@@ -500,6 +547,13 @@ impl Session {
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 SessionEvent::Nothing
             }
+        }
+    }
+
+    /// Reconnects without waiting out the backoff (a new certificate came).
+    fn retry_now(&mut self) {
+        if self.retry_at.take().is_some() {
+            self.backoff = BACKOFF_MIN;
         }
     }
 

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
+use std::sync::Arc;
 
 use crate::config::{Config, ConfigError, SupervisorKind};
 use crate::fetch::http::Credentials;
@@ -11,6 +12,7 @@ use crate::install::{Installer, InstallerParts};
 use crate::layout::Layout;
 use crate::report::Reporter;
 use crate::supervisor::{Supervisor, direct::Direct, systemd::Systemd};
+use crate::tls::ClientCertificate;
 
 /// Why an agent could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +64,13 @@ pub fn lock_data_dir(config: &Config) -> Result<Flock<File>, SetupError> {
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| SetupError::Busy(root.clone()))
 }
 
-/// Builds the installer for `config`, reporting through `reporter`.
-pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, SetupError> {
+/// Builds the installer for `config`, reporting through `reporter`; its
+/// downloads show `certificate` when the manager asks for one.
+pub fn installer(
+    config: &Config,
+    reporter: Reporter,
+    certificate: Option<Arc<ClientCertificate>>,
+) -> Result<Installer, SetupError> {
     let layout = Layout::new(&config.data_dir);
     let supervisor = match config.supervisor {
         SupervisorKind::Systemd => Supervisor::Systemd(Systemd::new(&config.unit_dir)),
@@ -108,7 +115,10 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
         limits: config.limits.into(),
         supervisor: std::sync::Arc::new(supervisor),
         reporter,
-        http: http_client(config.broker.as_ref().and_then(|b| b.ca_pem.as_deref()))?,
+        http: http_client(
+            config.broker.as_ref().and_then(|b| b.ca_pem.as_deref()),
+            certificate,
+        )?,
         credentials,
         transfer: config.transfer,
         passed_env: config
@@ -126,14 +136,20 @@ pub fn installer(config: &Config, reporter: Reporter) -> Result<Installer, Setup
     })
 }
 
-/// The HTTP client for downloads and probes: rustls with the ring provider;
-/// with the fleet CA (`ca_pem`), trusting that CA alone (see [`crate::tls`]).
-pub fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client, reqwest::Error> {
+/// The HTTP client for downloads, probes and enrolment: rustls with the
+/// ring provider; with the fleet CA (`ca_pem`), trusting that CA alone and
+/// showing the device's `certificate` (see [`crate::tls`]).
+pub fn http_client(
+    ca_pem: Option<&str>,
+    certificate: Option<Arc<ClientCertificate>>,
+) -> Result<reqwest::Client, SetupError> {
     // Installing the provider twice is harmless; the first one stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let builder = match ca_pem {
-        Some(pem) => reqwest::Client::builder()
-            .tls_certs_only(reqwest::Certificate::from_pem_bundle(pem.as_bytes())?),
+        Some(pem) => reqwest::Client::builder().tls_backend_preconfigured(
+            crate::tls::pinned_client_config(pem, certificate)
+                .map_err(|e| ConfigError::Invalid(format!("broker.ca_pem: {e}")))?,
+        ),
         None => reqwest::Client::builder(),
     };
     builder
@@ -143,4 +159,5 @@ pub fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client, reqwest::Err
         // cost the device, and a manager serving thousands, a socket each.
         .pool_max_idle_per_host(0)
         .build()
+        .map_err(SetupError::Http)
 }

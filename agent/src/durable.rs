@@ -20,6 +20,12 @@ const MAX_JSON_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Replaces `path` with `bytes` atomically and durably.
 pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_file_mode(path, bytes, 0o644)
+}
+
+/// [`write_file`] with the file's mode (a key's 0600: never readable by
+/// anyone else, not even for an instant).
+pub fn write_file_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = parent(path)?;
     let temp = temp_name(path);
     let result = (|| {
@@ -33,7 +39,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .write(true)
             .create_new(true)
             .custom_flags(libc_nofollow())
-            .mode(0o644)
+            .mode(mode)
             .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;

@@ -106,6 +106,11 @@ impl Layout {
         self.root.join("root.json")
     }
 
+    /// The device's own key and certificate (enrolled devices).
+    pub fn identity(&self) -> PathBuf {
+        self.root.join("identity")
+    }
+
     /// The uids given to services of their own (direct supervisor).
     pub fn service_users(&self) -> PathBuf {
         self.root.join("service-users.json")

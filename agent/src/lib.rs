@@ -8,6 +8,8 @@
 //! - [`supervisor`]: systemd or direct process supervision.
 //! - [`unpack`], [`fetch`], [`health_gate`]: steps of the install path.
 //! - [`state`], [`journal`], [`durable`], [`layout`]: what is kept on disk, and how.
+//! - [`identity`], [`tls`]: the device's own key and client certificate,
+//!   and the fleet CA it trusts.
 //! - [`report`]: events and state changes for the MQTT session.
 //! - [`daemon`]: the long-running agent: MQTT session, install worker,
 //!   health reports ([`health`]), the inbox ([`inbox`]), hot reload
@@ -21,6 +23,7 @@ pub mod durable;
 pub mod fetch;
 pub mod health;
 pub mod health_gate;
+pub mod identity;
 pub mod inbox;
 pub mod install;
 pub mod journal;

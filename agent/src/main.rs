@@ -165,7 +165,7 @@ async fn install(config: &Config, envelope: PathBuf, artifact: PathBuf) -> Resul
         std::fs::read(&envelope).with_context(|| format!("cannot read {}", envelope.display()))?;
     let envelope =
         Envelope::from_json(&bytes).with_context(|| format!("{}", envelope.display()))?;
-    let mut installer = device::installer(config, Reporter::log_only())?;
+    let mut installer = device::installer(config, Reporter::log_only(), None)?;
     installer.recover().await;
     installer.start_installed().await;
     let result = installer

@@ -75,7 +75,11 @@ pub fn qos(kind: TopicKind) -> QoS {
 
 /// Session options for this device: client id and user are the device id
 /// unless configured, the last will marks the device offline (retained).
-pub fn options(config: &Config) -> Result<Option<MqttOptions>, String> {
+/// Over TLS the connection shows `certificate` when the server asks.
+pub fn options(
+    config: &Config,
+    certificate: Option<std::sync::Arc<crate::tls::ClientCertificate>>,
+) -> Result<Option<MqttOptions>, String> {
     let Some(broker) = &config.broker else {
         return Ok(None);
     };
@@ -91,12 +95,15 @@ pub fn options(config: &Config) -> Result<Option<MqttOptions>, String> {
             + 64 * 1024,
         256 * 1024,
     );
+    let user = broker
+        .username
+        .clone()
+        .unwrap_or_else(|| config.device_id.to_string());
     if let Some(password) = &broker.password {
-        let user = broker
-            .username
-            .clone()
-            .unwrap_or_else(|| config.device_id.to_string());
         options.set_credentials(user, password);
+    } else if broker.uses_certificate() {
+        // The certificate proves who this is; the user name says it.
+        options.set_credentials(user, "");
     }
     let status = Topic::new(config.device_id.clone(), TopicKind::Status);
     options.set_last_will(LastWill::new(
@@ -109,7 +116,7 @@ pub fn options(config: &Config) -> Result<Option<MqttOptions>, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         options.set_transport(match &broker.ca_pem {
             Some(pem) => Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                std::sync::Arc::new(crate::tls::pinned_client_config(pem)?),
+                std::sync::Arc::new(crate::tls::pinned_client_config(pem, certificate)?),
             )),
             None => Transport::tls_with_default_config(),
         });

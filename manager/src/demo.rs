@@ -96,6 +96,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         // trust its fleet CA and nothing else.
         tls: true,
         public_names: Vec::new(),
+        device_cert_lifetime: crate::serve::DEVICE_CERT_LIFETIME,
     };
     let manager_task = tokio::spawn(serve(serve_config, async {
         let _ = manager_stopped.await;
@@ -125,13 +126,16 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         let created = manager
             .post("/v1/devices", &json!({ "device_id": id, "tags": [tag] }))
             .await?;
-        let password = created["password"].as_str().unwrap_or_default().to_owned();
+        let token = created["enrol_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let at = Endpoints {
             mqtt: config.mqtt_listen,
             http: config.http_listen,
             ca_pem: &ca_pem,
         };
-        agents.push(start_agent(&dir, id, &password, &at).await?);
+        agents.push(start_agent(&dir, id, &token, &at).await?);
     }
 
     let mut services = vec![Sample::C];
@@ -263,7 +267,7 @@ struct Endpoints<'a> {
 async fn start_agent(
     dir: &Path,
     id: &str,
-    password: &str,
+    enrol_token: &str,
     at: &Endpoints<'_>,
 ) -> Result<DemoAgent> {
     let data_dir = dir.join(format!("agent-{id}"));
@@ -271,7 +275,7 @@ async fn start_agent(
     // services run as the user who started it.
     let text = format!(
         "device_id = \"{id}\"\ndata_dir = \"{}\"\nsupervisor = \"direct\"\nisolate_services = false\nhealth_interval = \"2s\"\n\
-         [broker]\nurl = \"mqtts://{}\"\npassword = \"{password}\"\nmanager_url = \"https://{}\"\n\
+         [broker]\nurl = \"mqtts://{}\"\nenrol_token = \"{enrol_token}\"\nmanager_url = \"https://{}\"\n\
          ca_pem = \"\"\"\n{}\"\"\"\n\
          [trust]\nkeys = [\"{}\"]\n",
         data_dir.display(),

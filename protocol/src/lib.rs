@@ -10,6 +10,7 @@
 //! - [`keys`], [`envelope`], [`trust`]: how a release is signed and how a
 //!   device decides whether to believe it.
 //! - [`root`]: the versioned trust root that rotates release keys.
+//! - [`enrol`]: how a device gets and renews its client certificate.
 //! - [`digest`]: SHA-256 digests and the streaming artifact check.
 //! - [`elf`]: whether an executable's ELF header fits a target.
 //! - [`messages`]: desired, reported, events, health, status and block
@@ -24,6 +25,7 @@ pub mod blocks;
 pub mod decode;
 pub mod digest;
 pub mod elf;
+pub mod enrol;
 pub mod envelope;
 pub mod keys;
 pub mod manifest;

@@ -119,7 +119,18 @@ pub fn plaintext_config(
         device_limits: Default::default(),
         tls: false,
         public_names: Vec::new(),
+        device_cert_lifetime: ferry::serve::DEVICE_CERT_LIFETIME,
     }
+}
+
+/// What a device proves itself with, from what `POST /v1/devices`
+/// answered: its enrolment token (a manager serving TLS), or its password.
+pub fn credential(created: &Value) -> String {
+    created["enrol_token"]
+        .as_str()
+        .or(created["password"].as_str())
+        .unwrap_or_else(|| panic!("no credential in {created}"))
+        .to_owned()
 }
 
 impl Manager {
@@ -177,7 +188,7 @@ impl Manager {
                     .json(&json!({ "device_id": id, "tags": [] }));
                 requests.spawn(async move {
                     let created: Value = request.send().await.unwrap().json().await.unwrap();
-                    (i, created["password"].as_str().unwrap().to_owned())
+                    (i, credential(&created))
                 });
             }
             let mut passwords = requests.join_all().await;
@@ -430,7 +441,7 @@ impl Manager {
         let created = self
             .post("/v1/devices", json!({ "device_id": id, "tags": tags }))
             .await;
-        created["password"].as_str().unwrap().to_owned()
+        credential(&created)
     }
 
     /// Uploads a release's artifact, then its envelope.
@@ -546,18 +557,24 @@ impl From<(SocketAddr, SocketAddr)> for Endpoints {
 
 impl Endpoints {
     /// The agent's `[broker]` table for this device: over TLS, trusting
-    /// the fleet CA alone, when there is one.
-    pub fn broker_table(&self, password: &str) -> String {
+    /// the fleet CA alone and enrolling with `credential` (its enrolment
+    /// token), when there is one; else with `credential` as its password.
+    pub fn broker_table(&self, credential: &str) -> String {
         let (mqtt, http, ca) = match &self.ca_pem {
             Some(pem) => ("mqtts", "https", format!("ca_pem = \"\"\"\n{pem}\"\"\"\n")),
             None => ("mqtt", "http", String::new()),
+        };
+        let proof = if self.ca_pem.is_some() {
+            format!("enrol_token = \"{credential}\"\n")
+        } else {
+            format!("password = \"{credential}\"\n")
         };
         let manager_url = self
             .http
             .map(|addr| format!("manager_url = \"{http}://{addr}\"\n"))
             .unwrap_or_default();
         format!(
-            "[broker]\nurl = \"{mqtt}://{}\"\npassword = \"{password}\"\n{manager_url}{ca}",
+            "[broker]\nurl = \"{mqtt}://{}\"\n{proof}{manager_url}{ca}",
             self.mqtt
         )
     }

@@ -165,7 +165,7 @@ impl Rig {
         .unwrap();
         let config = Config::load(&config_path).unwrap();
         let (reporter, events) = Reporter::channel();
-        let installer = device::installer(&config, reporter).unwrap();
+        let installer = device::installer(&config, reporter, None).unwrap();
         let out = tmp.path().join("service.out");
         Self {
             tmp,

@@ -1,4 +1,4 @@
-//! Fleet commands: `ferry device add|remove|tags|ID`, `ferry devices`,
+//! Fleet commands: `ferry device add|revoke|remove|tags|ID`, `ferry devices`,
 //! `ferry health`, `ferry events`; the device selector deployments and
 //! rollouts share.
 
@@ -20,8 +20,11 @@ pub(crate) struct DeviceArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum DeviceAction {
-    /// Register a device and print its MQTT and HTTP credentials (again for
-    /// a known device: a new password, and the old one's session ends).
+    /// Register a device and print its enrolment bundle: the fleet CA's
+    /// fingerprint and a one-time token with which the device gets a client
+    /// certificate for a key it makes itself (a password instead over plain
+    /// MQTT or an external broker). Again for a known device: new
+    /// credentials, and the old ones stop working at once.
     Add {
         /// The device id (letters, digits, '.', '_', '-').
         id: String,
@@ -29,9 +32,20 @@ enum DeviceAction {
         #[arg(long = "tag")]
         tags: Vec<String>,
         /// Also write the device's complete agent.toml here (mode 0600: it
-        /// holds the password; never replaces a file).
+        /// holds the token or password; never replaces a file).
         #[arg(long, value_name = "FILE")]
         agent_config: Option<std::path::PathBuf>,
+        /// A password instead of a certificate (for an external broker such
+        /// as mosquitto, or --insecure-plaintext).
+        #[arg(long)]
+        password: bool,
+    },
+    /// Revoke a device: its certificate, key and password are refused at
+    /// once by the broker and the API, its session ends; its record and
+    /// history stay. `ferry device add ID` lets it enrol again.
+    Revoke {
+        /// The device id.
+        id: String,
     },
     /// Forget a device: its credentials stop working and its session ends
     /// at once (on the embedded broker).
@@ -55,6 +69,7 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
                 id,
                 tags,
                 agent_config,
+                password,
             }),
             _,
         ) => {
@@ -63,14 +78,27 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
             if let Some(path) = agent_config.as_ref().filter(|p| p.exists()) {
                 anyhow::bail!("{} exists; name another file", path.display());
             }
-            let created = manager
-                .post("/v1/devices", &json!({ "device_id": id, "tags": tags }))
-                .await?;
-            let mut text = format!(
-                "device {id} added\nusername: {}\npassword: {}",
-                created["username"].as_str().unwrap_or_default(),
-                created["password"].as_str().unwrap_or_default()
-            );
+            let mut request = json!({ "device_id": id, "tags": tags });
+            if password {
+                request["credential"] = json!("password");
+            }
+            let created = manager.post("/v1/devices", &request).await?;
+            let s = |key: &str| created[key].as_str().unwrap_or_default().to_owned();
+            let mut text = if created["credential"] == "certificate" {
+                format!(
+                    "device {id} added\nenrolment token: {} (one use, until {})\nfleet CA fingerprint: {}\nmanager: {}",
+                    s("enrol_token"),
+                    s("enrol_expires"),
+                    s("ca_fingerprint"),
+                    s("manager_url"),
+                )
+            } else {
+                format!(
+                    "device {id} added\nusername: {}\npassword: {}",
+                    s("username"),
+                    s("password")
+                )
+            };
             match &agent_config {
                 Some(path) => {
                     let toml = agent_toml(&created);
@@ -81,12 +109,20 @@ pub(crate) async fn device(manager: &Manager, args: DeviceArgs) -> Result<Outcom
                     ));
                 }
                 None => text.push_str(
-                    "\n(put them in the device's agent.toml [broker], with manager_url = this manager's HTTP URL, or write the whole file with --agent-config FILE; the password is not shown again)",
+                    "\n(put them in the device's agent.toml [broker] with manager_url and the fleet CA as ca_pem, or write the whole file with --agent-config FILE; they are not shown again)",
                 ),
             }
+            Ok(Outcome::ok(text, created))
+        }
+        (Some(DeviceAction::Revoke { id }), _) => {
+            let revoked = manager
+                .post(&format!("/v1/devices/{id}/revoke"), &json!({}))
+                .await?;
             Ok(Outcome::ok(
-                text,
-                json!({ "device_id": created["device_id"], "username": created["username"], "password": created["password"] }),
+                format!(
+                    "device {id} revoked: its certificate and credentials are refused from now on (`ferry device add {id}` to enrol it again)"
+                ),
+                revoked,
             ))
         }
         (Some(DeviceAction::Remove { id }), _) => {
@@ -123,8 +159,7 @@ fn agent_toml(created: &Value) -> String {
          \n\
          [broker]\n\
          url = \"{broker}\"\n\
-         username = \"{user}\"\n\
-         password = \"{password}\"\n\
+         {proof}\
          manager_url = \"{manager}\"\n\
          {ca}\
          \n\
@@ -133,8 +168,17 @@ fn agent_toml(created: &Value) -> String {
          threshold = 1\n",
         id = s("device_id"),
         broker = s("broker_url"),
-        user = s("username"),
-        password = s("password"),
+        // A certificate device makes its key and enrols with the token;
+        // a password device signs in.
+        proof = if created["credential"] == "certificate" {
+            format!("enrol_token = \"{}\"\n", s("enrol_token"))
+        } else {
+            format!(
+                "username = \"{}\"\npassword = \"{}\"\n",
+                s("username"),
+                s("password")
+            )
+        },
         manager = s("manager_url"),
         // The fleet CA, the only one the device trusts for its manager.
         ca = created["ca_pem"]
@@ -192,6 +236,13 @@ fn describe_device(d: &Value) -> String {
         services(d),
         d["last_seen"].as_str().unwrap_or("never"),
     );
+    let credential = &d["credential"];
+    if let Some(kind) = credential["kind"].as_str() {
+        text.push_str(&format!("\ncredential: {kind}"));
+        if let Some(until) = credential["not_after"].as_str() {
+            text.push_str(&format!(" (valid until {until})"));
+        }
+    }
     text.push_str(&format!(
         "\ndesired state confirmed: {}",
         d["reported"]["desired_confirmed_at"]

@@ -40,6 +40,10 @@ pub(crate) struct Args {
     #[arg(long)]
     #[serde(default)]
     insecure_plaintext: bool,
+    /// How long a device certificate is valid, e.g. 24h; devices renew two
+    /// thirds into it [default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    device_cert_lifetime: Option<String>,
     /// Where the database, artifacts and operator token live [default: ferry-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -76,6 +80,7 @@ impl Args {
                 self.public_names
             },
             insecure_plaintext: self.insecure_plaintext || file.insecure_plaintext,
+            device_cert_lifetime: self.device_cert_lifetime.or(file.device_cert_lifetime),
             data_dir: self.data_dir.or(file.data_dir),
             broker: self.broker.or(file.broker),
             public_url: self.public_url.or(file.public_url),
@@ -106,6 +111,14 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
         }
         None => Duration::from_secs(90),
     };
+    let device_cert_lifetime = match &args.device_cert_lifetime {
+        Some(text) => humantime::parse_duration(text)
+            .with_context(|| format!("device_cert_lifetime {text:?}"))?,
+        None => crate::serve::DEVICE_CERT_LIFETIME,
+    };
+    if device_cert_lifetime < Duration::from_secs(60) {
+        anyhow::bail!("device_cert_lifetime must be at least a minute");
+    }
     let default_limits = HttpLimits::default();
     let device_limits = device_limits(&args)?;
     let tls = !args.insecure_plaintext;
@@ -119,6 +132,7 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], http_port))),
         tls,
         public_names: args.public_names,
+        device_cert_lifetime,
         data_dir: args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-data")),
         broker: args.broker,
         public_url: args.public_url,

@@ -1,7 +1,11 @@
 //! The embedded MQTT broker (rmqtt), with Ferry's authentication and ACL.
 //!
-//! - A device connects with its id as client id and user name, and the
-//!   password `ferry device add` printed; anyone else is refused.
+//! - A device connects with its id as client id and user name, and proves
+//!   it is that device with its client certificate (over TLS: the listener
+//!   takes no connection without one the fleet CA issued, and the hook
+//!   checks the store still stands behind it, so a revoked device is
+//!   refused at once), or, over plain MQTT only, with the password
+//!   `ferry device add` printed. Anyone else is refused.
 //! - A device may publish only under `ferry/v1/devices/{its id}/` on the
 //!   topics a device publishes (reported, events, health, status, fetch),
 //!   and may subscribe only to its own `desired` and `blocks` topics. The check is a hook on every
@@ -9,7 +13,8 @@
 //!   device can never read another's desired state.
 //! - A device's last will may only be its own `status` saying `offline`
 //!   (checked at CONNECT: rmqtt does not put wills through the publish ACL).
-//! - The manager's own client is a superuser with a password made at start.
+//! - The manager's own client is a superuser with a password made at start
+//!   (and, over TLS, a certificate of its own, known by its serial).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,11 +64,24 @@ impl Sessions {
     }
 }
 
+/// The broker's TLS: its certificate chain and key files, the CA that
+/// issues client certificates, and the serial of the manager's own.
+pub struct BrokerTls {
+    /// Server certificate chain (PEM file).
+    pub cert_file: std::path::PathBuf,
+    /// Its key (PEM file).
+    pub key_file: std::path::PathBuf,
+    /// The fleet CA (PEM file): client certificates must chain to it.
+    pub ca_file: std::path::PathBuf,
+    /// The manager's own client certificate's serial.
+    pub manager_serial: String,
+}
+
 /// Starts the broker on `listen`; runs until the returned future is dropped.
 /// Messages dropped for a full queue are counted in `dropped`.
 pub async fn start(
     listen: SocketAddr,
-    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    tls: Option<BrokerTls>,
     store: Arc<Store>,
     manager: ManagerLogin,
     dropped: prometheus::IntCounter,
@@ -89,6 +107,7 @@ pub async fn start(
     let guard = Arc::new(Guard {
         store,
         manager,
+        manager_serial: tls.as_ref().map(|t| t.manager_serial.clone()),
         dropped,
         policing,
         backlog,
@@ -107,12 +126,16 @@ pub async fn start(
     register.start().await;
 
     let with_tls = tls.is_some();
-    let (cert, key) = tls.unzip();
+    let path = |p: &std::path::PathBuf| p.display().to_string();
     let listener = Builder::new()
         .name(if with_tls { "ferry/tls" } else { "ferry/tcp" })
         .laddr(listen)
-        .tls_cert(cert.map(|p| p.display().to_string()))
-        .tls_key(key.map(|p| p.display().to_string()))
+        .tls_cert(tls.as_ref().map(|t| path(&t.cert_file)))
+        .tls_key(tls.as_ref().map(|t| path(&t.key_file)))
+        // Mutual TLS: no client certificate from the fleet CA, no session.
+        .tls_cross_certificate(with_tls)
+        .tls_client_ca_certs(tls.as_ref().map(|t| path(&t.ca_file)))
+        .collect_cert_info(with_tls)
         .allow_anonymous(false)
         // A restarted manager must get its port back while old connections linger in TIME_WAIT.
         .reuseaddr(Some(true))
@@ -141,6 +164,8 @@ pub async fn start(
 struct Guard {
     store: Arc<Store>,
     manager: ManagerLogin,
+    /// Over TLS, the manager's client certificate's serial.
+    manager_serial: Option<String>,
     dropped: prometheus::IntCounter,
     policing: Policing,
     backlog: Arc<Backlog>,
@@ -160,7 +185,10 @@ impl Handler for GuardHook {
                     .map(|p| String::from_utf8_lossy(p).into_owned())
                     .unwrap_or_default();
                 let client_id = info.client_id().to_string();
-                let mut result = self.0.authenticate(&user, &password, &client_id);
+                let serial = info.cert().and_then(|c| c.serial.clone());
+                let mut result =
+                    self.0
+                        .authenticate(&user, &password, &client_id, serial.as_deref());
                 // A will is a publish the broker makes later for the device,
                 // and rmqtt does not put it through the publish ACL: check it
                 // here, before the session exists.
@@ -291,9 +319,22 @@ fn user_of(session: &rmqtt::session::Session) -> String {
 }
 
 impl Guard {
-    fn authenticate(&self, user: &str, password: &str, client_id: &str) -> AuthResult {
+    /// Who may connect: the manager (its password, and over TLS its own
+    /// certificate); a device by the certificate the store stands behind
+    /// (over TLS), or by its password (plain MQTT).
+    fn authenticate(
+        &self,
+        user: &str,
+        password: &str,
+        client_id: &str,
+        serial: Option<&str>,
+    ) -> AuthResult {
         if user == self.manager.username {
-            return if password == self.manager.password {
+            let certificate_ok = match &self.manager_serial {
+                Some(own) => serial == Some(own.as_str()),
+                None => true,
+            };
+            return if certificate_ok && password == self.manager.password {
                 AuthResult::Allow(true, None)
             } else {
                 AuthResult::BadUsernameOrPassword
@@ -303,6 +344,26 @@ impl Guard {
         // device's session.
         if client_id != user {
             return AuthResult::NotAuthorized;
+        }
+        if self.manager_serial.is_some() {
+            // TLS: the certificate decides, and it must be this device's.
+            let Some(serial) = serial else {
+                return AuthResult::NotAuthorized;
+            };
+            return match self
+                .store
+                .certificate_device(serial, super::store::unix_now())
+            {
+                Ok(Some(device)) if device == user => AuthResult::Allow(false, None),
+                Ok(_) => {
+                    tracing::warn!(device = %user, %serial, "certificate refused: revoked, or another device's");
+                    AuthResult::NotAuthorized
+                }
+                Err(e) => {
+                    tracing::error!("certificate lookup failed: {e}");
+                    AuthResult::NotAuthorized
+                }
+            };
         }
         match self.store.password_hash_of(user) {
             Ok(Some(stored)) if verify_password(&stored, password) => {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::api::auth::ClientAddr;
+use super::api::auth::{ClientAddr, PeerCertificate};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -85,10 +85,7 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let stream = IdleTimeout::new(stream, limits.idle);
-        // The client's address goes with each request (failed sign-ins are
-        // counted by it).
-        let service =
-            TowerToHyperService::new(router.clone().layer(axum::Extension(ClientAddr(peer.ip()))));
+        let router = router.clone();
         let builder = {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new())
@@ -98,13 +95,33 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
+            // The client's address goes with each request (failed sign-ins are
+            // counted by it), and the certificate it showed, if any.
+            let service = |certificate: Option<PeerCertificate>| {
+                TowerToHyperService::new(
+                    router
+                        .layer(axum::Extension(ClientAddr(peer.ip())))
+                        .layer(axum::Extension(certificate)),
+                )
+            };
             let served = match tls {
                 // The handshake gets the time a request's headers get.
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.header_read, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
+                            let certificate = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(|cert| PeerCertificate::from_der(cert.as_ref()));
                             watcher
-                                .watch(builder.serve_connection(TokioIo::new(stream), service))
+                                .watch(
+                                    builder.serve_connection(
+                                        TokioIo::new(stream),
+                                        service(certificate),
+                                    ),
+                                )
                                 .await
                         }
                         Ok(Err(e)) => {
@@ -116,7 +133,7 @@ pub async fn serve(
                 }
                 None => {
                     watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .watch(builder.serve_connection(TokioIo::new(stream), service(None)))
                         .await
                 }
             };

@@ -35,6 +35,8 @@ pub struct BrokerLogin {
     pub password: Option<String>,
     /// The CA to trust for TLS (the embedded broker's); plain MQTT without.
     pub ca_pem: Option<String>,
+    /// The client certificate to show over TLS.
+    pub certificate: Option<Arc<ferry_agent::tls::ClientCertificate>>,
 }
 
 /// The manager's MQTT client and its event loop, not yet connected.
@@ -48,7 +50,8 @@ pub fn client(login: &BrokerLogin) -> anyhow::Result<(AsyncClient, EventLoop)> {
         options.set_credentials(user, password);
     }
     if let Some(pem) = &login.ca_pem {
-        let config = ferry_agent::tls::pinned_client_config(pem).map_err(anyhow::Error::msg)?;
+        let config = ferry_agent::tls::pinned_client_config(pem, login.certificate.clone())
+            .map_err(anyhow::Error::msg)?;
         options.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
         ));

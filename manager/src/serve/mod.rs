@@ -54,7 +54,12 @@ pub struct ServeConfig {
     pub tls: bool,
     /// More names the server certificate covers (`--public-name`).
     pub public_names: Vec<String>,
+    /// How long a device certificate is valid; devices renew at two thirds.
+    pub device_cert_lifetime: Duration,
 }
+
+/// A device certificate's lifetime unless configured.
+pub const DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// The operator token file in a data directory.
 pub fn token_file(data_dir: &Path) -> PathBuf {
@@ -139,10 +144,18 @@ pub async fn serve(
                 password: hex::encode(secret),
             };
             let backlog = Arc::new(blocks::Backlog::default());
+            // Over TLS the manager's own client shows a certificate too.
+            let own = pki.as_ref().map(manager_certificate).transpose()?;
             let (sessions, task) = broker::start(
                 config.mqtt_listen,
                 pki.as_ref()
-                    .map(|p| (p.cert_file.clone(), p.key_file.clone())),
+                    .zip(own.as_ref())
+                    .map(|(p, own)| broker::BrokerTls {
+                        cert_file: p.cert_file.clone(),
+                        key_file: p.key_file.clone(),
+                        ca_file: p.ca_file.clone(),
+                        manager_serial: own.serial.clone(),
+                    }),
                 store.clone(),
                 manager.clone(),
                 metrics.broker_dropped.clone(),
@@ -161,6 +174,7 @@ pub async fn serve(
                 username: Some(manager.username),
                 password: Some(manager.password),
                 ca_pem: pki.as_ref().map(|p| p.ca_pem.clone()),
+                certificate: own.map(|own| own.identity),
             };
             (login, Some(task), Some((sessions, backlog)))
         }
@@ -245,6 +259,9 @@ pub async fn serve(
         sessions,
         failures: Default::default(),
         ca_pem: pki.as_ref().map(|p| Arc::new(p.ca_pem.clone())),
+        device_ca: pki.as_ref().map(|p| p.ca.clone()),
+        device_cert_lifetime: config.device_cert_lifetime,
+        certificates_only: pki.is_some() && config.broker.is_none(),
     };
     remember_local_manager(
         &public_url,
@@ -270,6 +287,32 @@ pub async fn serve(
     )
     .await;
     Ok(())
+}
+
+/// The manager's own broker client certificate and its serial.
+struct ManagerCertificate {
+    serial: String,
+    identity: Arc<ferry_agent::tls::ClientCertificate>,
+}
+
+fn manager_certificate(pki: &tls::Pki) -> Result<ManagerCertificate> {
+    let key = rcgen::KeyPair::generate().context("cannot make the manager's client key")?;
+    // As long as the server certificate: both are made anew at each start.
+    let issued =
+        pki.ca
+            .issue_client("ferry-manager", &key, Duration::from_secs(397 * 24 * 3600))?;
+    let identity = Arc::new(ferry_agent::tls::ClientCertificate::default());
+    identity
+        .set(
+            vec![issued.der],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            None,
+        )
+        .map_err(anyhow::Error::msg)?;
+    Ok(ManagerCertificate {
+        serial: issued.serial,
+        identity,
+    })
 }
 
 /// Where devices reach the broker: the external one as configured (without
@@ -320,6 +363,7 @@ fn parse_external(url: &str) -> Result<ingest::BrokerLogin> {
         username,
         password,
         ca_pem: None,
+        certificate: None,
     })
 }
 

@@ -45,6 +45,103 @@ pub struct Pki {
     pub server: Arc<rustls::ServerConfig>,
     /// SHA-256 of the CA certificate (DER), hex: to compare by eye.
     pub fingerprint: String,
+    /// The CA's key, for device certificates.
+    pub ca: Arc<DeviceCa>,
+}
+
+/// The fleet CA as an issuer of client certificates: devices' (for the
+/// key each made itself) and the manager's own broker client's.
+pub struct DeviceCa {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate just issued.
+pub struct Issued {
+    /// PEM.
+    pub pem: String,
+    /// DER.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    /// Its serial, lowercase hex without leading zeros (as X.509 parsers
+    /// print it): what the store and the broker know it by.
+    pub serial: String,
+    /// Valid from (Unix seconds).
+    pub not_before: i64,
+    /// Valid until (Unix seconds).
+    pub not_after: i64,
+}
+
+/// A device's ed25519 public key, as rcgen takes a subject's key.
+struct Ed25519Key<'a>(&'a [u8; 32]);
+
+impl rcgen::PublicKeyData for Ed25519Key<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
+}
+
+/// How far back a certificate's validity starts: a device whose clock is
+/// a little behind still takes it (a tenth of its life, at most 5 min).
+fn backdate(lifetime: std::time::Duration) -> std::time::Duration {
+    (lifetime / 10).min(std::time::Duration::from_secs(300))
+}
+
+impl DeviceCa {
+    /// A client certificate for `device`'s ed25519 `public_key`, valid for
+    /// `lifetime`.
+    pub fn issue_device(
+        &self,
+        device: &ferry_protocol::DeviceId,
+        public_key: &[u8; 32],
+        lifetime: std::time::Duration,
+    ) -> Result<Issued> {
+        self.issue(device.as_str(), &Ed25519Key(public_key), lifetime)
+    }
+
+    /// A client certificate named `name` for `key` (the manager's own).
+    pub fn issue_client(
+        &self,
+        name: &str,
+        key: &KeyPair,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued> {
+        self.issue(name, key, lifetime)
+    }
+
+    fn issue(
+        &self,
+        name: &str,
+        key: &impl rcgen::PublicKeyData,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued> {
+        // 128 random bits, the top one clear (serials are positive) and the
+        // next set (no leading zero to print differently).
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        serial[0] = (serial[0] & 0x3f) | 0x40;
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(serial.to_vec().into());
+        params.not_before = now - backdate(lifetime);
+        params.not_after = now + lifetime;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(key, &self.issuer)
+            .context("cannot issue a client certificate")?;
+        Ok(Issued {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            serial: hex::encode(serial),
+            not_before: params.not_before.unix_timestamp(),
+            not_after: params.not_after.unix_timestamp(),
+        })
+    }
 }
 
 /// The CA's subject, from its key: the same on every start, so that the
@@ -131,9 +228,20 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
     write_atomic(&cert_file, chain_pem.as_bytes(), 0o644, Existing::Replace)?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Devices may present their certificate (artifact downloads);
+    // operators come without one and show a token instead.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.clone())?;
+    let client_auth = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("cannot set up client certificates")?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_auth)
         .with_single_cert(
             vec![cert.der().clone(), ca_der.clone()],
             rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
@@ -147,6 +255,9 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
         cert_file,
         key_file,
         server: Arc::new(server),
+        ca: Arc::new(DeviceCa {
+            issuer: Issuer::new(ca_params(&ca_key), ca_key),
+        }),
     })
 }
 

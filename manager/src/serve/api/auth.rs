@@ -6,8 +6,11 @@
 //!   a scope: `read` (views, `/metrics`, the dashboard's stream), `operate`
 //!   (publish, deploy, rollouts, tags) or `admin` (devices and tokens).
 //!   Named tokens are stored hashed, and revoked by deleting them.
-//! - Devices present HTTP basic auth with their broker credentials, only
-//!   to download artifacts.
+//! - Devices present their client certificate (checked against the store's
+//!   record at every request: a revoked one is refused at once), or HTTP
+//!   basic auth with their broker password, only to download artifacts.
+//!   Enrolment (`POST /v1/enrol`) is open: the request carries its own
+//!   proof (a one-time token, or the device's key on record).
 //! - A client address with many failed attempts is refused for a while, so
 //!   tokens and passwords cannot be guessed at network speed.
 
@@ -128,6 +131,24 @@ impl Failures {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub IpAddr);
 
+/// The certificate a client showed in its TLS handshake (one the fleet CA
+/// issued and still valid: the handshake checked that), by serial.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate {
+    /// Lowercase hex, as the store records it.
+    pub serial: String,
+}
+
+impl PeerCertificate {
+    /// Reads a certificate's serial; none if it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(Self {
+            serial: cert.serial.to_str_radix(16),
+        })
+    }
+}
+
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -147,6 +168,7 @@ pub fn access(method: &Method, route: &str) -> Access {
     let read = method == Method::GET || method == Method::HEAD;
     match route {
         "/healthz" | "/openapi.json" | "/" | "/dashboard.js" | "/dashboard.css" => Public,
+        "/v1/enrol" if !read => Public,
         "/v1/artifacts/{sha}" if read => DeviceOrRead,
         "/v1/artifacts/{sha}" => Operator(Operate),
         "/v1/tokens" | "/v1/tokens/{name}" => Operator(Admin),
@@ -176,9 +198,16 @@ pub async fn authorize(
         Access::Operator(needed) => operator(&state, request.headers(), from, needed).map(|op| {
             request.extensions_mut().insert(op);
         }),
-        Access::DeviceOrRead => device_or_operator(&state, request.headers(), from).map(|caller| {
-            request.extensions_mut().insert(caller);
-        }),
+        Access::DeviceOrRead => {
+            let certificate = request
+                .extensions()
+                .get::<Option<PeerCertificate>>()
+                .cloned()
+                .flatten();
+            device_or_operator(&state, request.headers(), certificate, from).map(|caller| {
+                request.extensions_mut().insert(caller);
+            })
+        }
     };
     match checked {
         Ok(()) => next.run(request).await,
@@ -237,13 +266,30 @@ fn operator(
     }
 }
 
-/// An operator (scope `read`) or a device with its basic-auth credentials.
+/// An operator (scope `read`) or a device with its certificate or its
+/// basic-auth credentials.
 fn device_or_operator(
     state: &AppState,
     headers: &HeaderMap,
+    certificate: Option<PeerCertificate>,
     from: Option<IpAddr>,
 ) -> ApiResult<Caller> {
     state.failures.check(from)?;
+    if let Some(certificate) = certificate {
+        return match state
+            .store
+            .certificate_device(&certificate.serial, crate::serve::store::unix_now())?
+        {
+            Some(device) => Ok(Caller::Device(device)),
+            None => {
+                state.failures.failed(from);
+                Err(bad(
+                    StatusCode::UNAUTHORIZED,
+                    "this device certificate is revoked",
+                ))
+            }
+        };
+    }
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -307,6 +353,9 @@ mod tests {
             (&get, "/v1/roots", Operator(Read)),
             (&post, "/v1/roots", Operator(Admin)),
             (&post, "/v1/something-new", Operator(Admin)),
+            (&post, "/v1/enrol", Public),
+            (&get, "/v1/enrol", Operator(Read)),
+            (&post, "/v1/devices/{id}/revoke", Operator(Admin)),
         ] {
             assert_eq!(access(method, route), expected, "{method} {route}");
         }

@@ -4,7 +4,9 @@
 //! |---|---|---|
 //! | `GET /healthz` | anyone | liveness |
 //! | `GET /openapi.json` | anyone | this table, as OpenAPI 3 |
-//! | `POST /v1/devices` | operator | register a device (again: a new password, the old session ended); returns its credentials |
+//! | `POST /v1/devices` | operator | register a device (again: new credentials, the old session ended); returns its enrolment token (TLS) or password |
+//! | `POST /v1/enrol` | a device (token or key on record) | a short-lived client certificate for the device's own key |
+//! | `POST /v1/devices/{id}/revoke` | operator (admin) | every credential of the device refused at once; record and history kept |
 //! | `GET /v1/devices`, `GET /v1/devices/{id}` | operator | fleet view |
 //! | `DELETE /v1/devices/{id}` | operator | forget a device; its session ends at once |
 //! | `PUT /v1/devices/{id}/tags` | operator | replace a device's tags |
@@ -48,6 +50,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 pub mod auth;
 mod dashboard;
+mod identity;
 mod rollouts;
 mod roots;
 mod tokens;
@@ -73,6 +76,14 @@ pub struct AppState {
     pub broker_url: Arc<String>,
     /// The fleet CA devices trust (PEM); none with `--insecure-plaintext`.
     pub ca_pem: Option<Arc<String>>,
+    /// The fleet CA as the issuer of device certificates; none with
+    /// `--insecure-plaintext`.
+    pub device_ca: Option<Arc<super::tls::DeviceCa>>,
+    /// How long a device certificate is valid.
+    pub device_cert_lifetime: std::time::Duration,
+    /// Whether devices must enrol for a certificate: the embedded broker
+    /// over TLS takes nothing else.
+    pub certificates_only: bool,
     /// The rollout engine (woken when a rollout changes).
     pub rollouts: super::rollout::Engine,
     /// The manager's own counters, and the `/metrics` renderer.
@@ -136,6 +147,11 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/devices", get(list_devices).post(add_device))
         .route("/v1/devices/{id}", get(show_device).delete(remove_device))
         .route("/v1/devices/{id}/tags", put(set_tags))
+        .route(
+            "/v1/devices/{id}/revoke",
+            axum::routing::post(identity::revoke),
+        )
+        .route("/v1/enrol", axum::routing::post(identity::enrol))
         .route(
             "/v1/artifacts/{sha}",
             put(upload_artifact).get(download_artifact),
@@ -243,6 +259,9 @@ struct NewDevice {
     device_id: String,
     #[serde(default)]
     tags: Vec<String>,
+    /// `certificate` or `password`; the manager's default when absent.
+    #[serde(default)]
+    credential: Option<String>,
 }
 
 async fn add_device(
@@ -253,6 +272,30 @@ async fn add_device(
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let id =
         DeviceId::new(new.device_id).map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // Certificates wherever the manager serves TLS; passwords over plain
+    // MQTT or for an external broker (mosquitto takes no fleet CA).
+    let certificate = match new.credential.as_deref() {
+        None => state.device_ca.is_some(),
+        Some("certificate") => true,
+        Some("password") if state.certificates_only => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "the embedded broker over TLS takes device certificates only; passwords are \
+                 for --insecure-plaintext or an external broker",
+            ));
+        }
+        Some("password") => false,
+        Some(other) => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                format!("credential {other:?}: expected certificate or password"),
+            ));
+        }
+    };
+    if certificate {
+        let created = identity::add_enrolling(&state, &id, &new.tags).await?;
+        return Ok((StatusCode::CREATED, Json(created)));
+    }
     let mut secret = [0u8; 24];
     getrandom::fill(&mut secret)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -264,7 +307,7 @@ async fn add_device(
     Ok((
         StatusCode::CREATED,
         Json(json!({
-            "device_id": id, "username": id, "password": password, "tags": new.tags,
+            "device_id": id, "credential": "password", "username": id, "password": password, "tags": new.tags,
             "broker_url": state.broker_url.as_str(), "manager_url": state.public_url.as_str(),
             "ca_pem": state.ca_pem.as_deref(),
         })),
@@ -292,7 +335,7 @@ async fn remove_device(
 
 /// Ends a device's broker session (the embedded broker's; an external
 /// broker's own credentials must be changed there).
-async fn end_session(state: &AppState, device: &str) {
+pub(super) async fn end_session(state: &AppState, device: &str) {
     if let Some(sessions) = &state.sessions {
         sessions.end(device).await;
     }
@@ -306,11 +349,14 @@ async fn show_device(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    state
+    let device = state
         .store
         .device(&id)?
-        .map(Json)
-        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no device {id}")))
+        .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no device {id}")))?;
+    let mut shown = serde_json::to_value(device)
+        .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    shown["credential"] = state.store.credential_of(&id)?.unwrap_or_default();
+    Ok(Json(shown))
 }
 
 async fn set_tags(

@@ -10,8 +10,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+mod identity;
 mod rollouts;
 
+pub use identity::{Enrolment, NO_PASSWORD, unix_now};
 pub use rollouts::{DeviceStep, RolloutDevice, RolloutRow};
 
 /// How many health reports and events are kept per device.
@@ -223,7 +225,13 @@ impl Store {
              CREATE TABLE IF NOT EXISTS rollout_devices (
                  rollout_id INTEGER NOT NULL, device_id TEXT NOT NULL,
                  position INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT,
-                 sent_at TEXT, updated TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id));",
+                 sent_at TEXT, updated TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id));
+             CREATE TABLE IF NOT EXISTS enrolments (
+                 device_id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL, expires INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS device_keys (
+                 device_id TEXT PRIMARY KEY, public_key TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS device_certs (
+                 serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, not_after INTEGER NOT NULL);",
         )?;
         Ok(Self { db: Mutex::new(db) })
     }
@@ -232,17 +240,22 @@ impl Store {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a device, or replaces its password and tags.
+    /// Registers a device with a password, or replaces its credentials
+    /// (a certificate it had included) and tags.
     pub fn add_device(&self, id: &DeviceId, password: &str, tags: &[String]) -> Result<()> {
+        self.add_device_with_hash(id, &password_hash(password), tags)?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        identity::forget_identity(&tx, id.as_str())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn add_device_with_hash(&self, id: &DeviceId, hash: &str, tags: &[String]) -> Result<()> {
         self.db().execute(
             "INSERT INTO devices (id, password_sha256, tags, created) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (id) DO UPDATE SET password_sha256 = ?2, tags = ?3",
-            params![
-                id.as_str(),
-                password_hash(password),
-                serde_json::to_string(tags)?,
-                now()
-            ],
+            params![id.as_str(), hash, serde_json::to_string(tags)?, now()],
         )?;
         Ok(())
     }
@@ -303,6 +316,7 @@ impl Store {
                 params![id],
             )?;
         }
+        identity::forget_identity(&tx, id)?;
         tx.commit()?;
         Ok(removed > 0)
     }
