@@ -113,11 +113,25 @@ fn device_publish_deploy_and_views_through_the_cli() {
     // No --url, no --token: the CLI finds the manager this machine started.
     let added: serde_json::Value =
         serde_json::from_str(&ok(d, &["device", "add", "gw-1", "--tag", "lab", "--json"])).unwrap();
-    let keys: Vec<&String> = added.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["device_id", "password", "username"]);
+    // Over TLS: an enrolment bundle, no password.
     assert_eq!(added["device_id"], "gw-1");
-    assert_eq!(added["username"], "gw-1");
-    assert!(added["password"].as_str().unwrap().len() >= 32);
+    assert_eq!(added["credential"], "certificate", "{added}");
+    assert!(added.get("password").is_none(), "{added}");
+    assert!(added["enrol_token"].as_str().unwrap().len() >= 32);
+    let ca = std::fs::read_to_string(d.join("data/ca.pem")).unwrap();
+    assert_eq!(
+        added["ca_fingerprint"].as_str(),
+        ferry::serve::tls::fingerprint(&ca).as_deref()
+    );
+    // The text form says what to do with it.
+    let text = ok(d, &["device", "add", "gw-3"]);
+    assert!(
+        text.contains("enrolment token: ") && text.contains("fleet CA fingerprint: "),
+        "{text}"
+    );
+    // A password device is refused by the embedded broker over TLS.
+    let line = fails(d, &["device", "add", "gw-4", "--password"]);
+    assert!(line.contains("certificates only"), "{line}");
 
     // The whole agent.toml for a device, ready to copy: it reads as an
     // agent configuration naming this manager, and is for root's eyes only.
@@ -145,7 +159,10 @@ fn device_publish_deploy_and_views_through_the_cli() {
                 .as_str()
         )
     );
-    assert_eq!(broker.password.unwrap().len(), 48);
+    // It makes its own key and enrols with the token: no password.
+    assert!(broker.uses_certificate());
+    assert!(broker.password.is_none());
+    assert_eq!(broker.enrol_token.unwrap().len(), 48);
     let mode = std::fs::metadata(d.join("gw-2.toml"))
         .unwrap()
         .permissions()
@@ -153,7 +170,7 @@ fn device_publish_deploy_and_views_through_the_cli() {
         & 0o777;
     assert_eq!(mode, 0o600);
     // Never over an existing file, and then the device is not added again
-    // (a new password would lock out the device holding the file).
+    // (a new token would lock out the device holding the file).
     let line = fails(d, &["device", "add", "gw-2", "--agent-config", "gw-2.toml"]);
     assert_eq!(line, "ferry: error: gw-2.toml exists; name another file");
     assert_eq!(std::fs::read_to_string(d.join("gw-2.toml")).unwrap(), text);

@@ -28,6 +28,12 @@
 //! each download beside the fleet's broker connections; its systemd unit
 //! raises the limit to 65,536).
 //!
+//! The manager serves TLS, as by default: each device makes its key,
+//! enrols for its certificate over HTTPS and connects to the broker with
+//! it. `FERRY_FLEET_TRANSPORT=plaintext` runs the same with passwords over
+//! plain MQTT and HTTP, for the cost of TLS: the manager's CPU while the
+//! fleet connects, per device, is printed for each.
+//!
 //! `cargo bench -p ferry-e2e --bench fleet_rollout`; `FERRY_FLEET_SIZES=1000`
 //! picks the sizes.
 
@@ -55,6 +61,14 @@ struct Simulators(Vec<Child>);
 impl Simulators {
     fn start(root: &Path, at: Endpoints, devices: &[(String, String)], trust: &Path) -> Self {
         let http = at.http.map_or_else(|| "-".to_owned(), |h| h.to_string());
+        let ca = match &at.ca_pem {
+            Some(pem) => {
+                let file = root.join("ca.pem");
+                std::fs::write(&file, pem).unwrap();
+                file.display().to_string()
+            }
+            None => "-".to_owned(),
+        };
         let me = std::env::current_exe().unwrap();
         let children = devices
             .chunks(DEVICES_PER_PROCESS)
@@ -70,6 +84,7 @@ impl Simulators {
                     .arg(&http)
                     .arg(trust)
                     .arg(&list)
+                    .arg(&ca)
                     .stdin(Stdio::piped())
                     .spawn()
                     .unwrap()
@@ -94,12 +109,13 @@ impl Simulators {
     }
 }
 
-/// A simulator process: `simulate ROOT MQTT HTTP TRUST LIST`, where LIST
-/// has a line `DEVICE PASSWORD` per device and HTTP is the manager's (or
-/// `-`); runs until stdin closes.
+/// A simulator process: `simulate ROOT MQTT HTTP TRUST LIST CA`, where
+/// LIST has a line `DEVICE CREDENTIAL` (enrolment token or password) per
+/// device, HTTP is the manager's (or `-`) and CA its fleet CA file (or `-`
+/// for plain text); runs until stdin closes.
 fn simulate(args: &[String]) {
-    let [root, mqtt, http, trust, list] = args else {
-        panic!("usage: simulate ROOT MQTT HTTP TRUST LIST");
+    let [root, mqtt, http, trust, list, ca] = args else {
+        panic!("usage: simulate ROOT MQTT HTTP TRUST LIST CA");
     };
     let devices: Vec<(String, String)> = std::fs::read_to_string(list)
         .unwrap()
@@ -110,7 +126,7 @@ fn simulate(args: &[String]) {
     let at = Endpoints {
         mqtt: mqtt.parse().unwrap(),
         http: http.parse().ok(),
-        ca_pem: None,
+        ca_pem: std::fs::read_to_string(ca).ok(),
     };
     let fleet = SimulatedFleet::start(Path::new(root), at, &devices, Path::new(trust), 2);
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
@@ -149,11 +165,12 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust: &Path) {
+async fn measure(root: &Path, size: usize, tls: bool, ferry: &Path, key: &SecretKey, trust: &Path) {
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
-    let manager =
-        Manager::start_process(ferry, &root.join(format!("manager-{size}")), mqtt, http).await;
+    let data = root.join(format!("manager-{size}-{}", transport(tls)));
+    let manager = Manager::start_process_with(ferry, &data, mqtt, http, tls).await;
     let pid = manager.pid().unwrap();
+    let manager_stat = PathBuf::from(format!("/proc/{pid}/stat"));
 
     let started = Instant::now();
     let ids: Vec<String> = (0..size).map(|i| format!("sim-{i:05}")).collect();
@@ -162,7 +179,8 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
     let (offline_rss, _) = memory_kib(pid);
 
     let started = Instant::now();
-    let devices_dir = root.join(format!("devices-{size}"));
+    let connect_cpu0 = cpu_secs(&manager_stat);
+    let devices_dir = root.join(format!("devices-{size}-{}", transport(tls)));
     std::fs::create_dir_all(&devices_dir).unwrap();
     let fleet = Simulators::start(&devices_dir, manager.endpoints(), &devices, trust);
     loop {
@@ -177,6 +195,10 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let connecting = started.elapsed();
+    // Everything the manager did to let the fleet in: with TLS, each
+    // device's enrolment (an HTTPS request, a signature check, a
+    // certificate issued and recorded) and its broker handshake.
+    let connect_cpu_ms = (cpu_secs(&manager_stat) - connect_cpu0) * 1000.0 / size as f64;
     // Let the first health reports and retained messages settle.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (online_rss, _) = memory_kib(pid);
@@ -234,9 +256,10 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
     );
     let per_device_kib = online_rss.saturating_sub(offline_rss) as f64 / size as f64;
     println!(
-        "{size:>6} devices | register {:>5.1} s | all online {:>5.1} s | broker connections {connections:>6} | \
+        "{size:>6} devices over {:<9} | register {:>5.1} s | all online {:>5.1} s, manager CPU {connect_cpu_ms:.2} ms/device | broker connections {connections:>6} | \
          manager RSS offline {:>6.1} MiB, online {:>6.1} MiB ({per_device_kib:>5.1} KiB/device), peak {:>6.1} MiB, CPU in rollout {manager_cpu:>5.1} s | \
          rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min) | simulator RSS {:>6.1} MiB, CPU in rollout {:>6.1} s | messages dropped by the broker {dropped}",
+        transport(tls),
         registering.as_secs_f64(),
         connecting.as_secs_f64(),
         mib(offline_rss),
@@ -250,6 +273,10 @@ async fn measure(root: &Path, size: usize, ferry: &Path, key: &SecretKey, trust:
     );
     fleet.stop();
     manager.stop().await;
+}
+
+fn transport(tls: bool) -> &'static str {
+    if tls { "TLS" } else { "plaintext" }
 }
 
 fn main() {
@@ -270,6 +297,11 @@ fn main() {
             })
             .collect(),
         Err(_) => DEFAULT_SIZES.to_vec(),
+    };
+    let tls = match std::env::var("FERRY_FLEET_TRANSPORT").as_deref() {
+        Ok("plaintext") => false,
+        Ok("tls") | Err(_) => true,
+        Ok(other) => panic!("FERRY_FLEET_TRANSPORT={other}: tls or plaintext"),
     };
     // Each device holds a broker connection and a lock file: well beyond
     // the usual soft limit of 1,024 descriptors, for the manager and the
@@ -300,7 +332,7 @@ fn main() {
     );
     runtime.block_on(async {
         for size in sizes {
-            measure(dir.path(), size, &ferry, &key, &trust).await;
+            measure(dir.path(), size, tls, &ferry, &key, &trust).await;
         }
     });
 }

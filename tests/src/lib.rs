@@ -288,13 +288,25 @@ impl Manager {
         mqtt: SocketAddr,
         http: SocketAddr,
     ) -> Self {
+        Self::start_process_with(binary, data_dir, mqtt, http, false).await
+    }
+
+    /// [`Manager::start_process`], serving TLS (as `ferry serve` does by
+    /// default) when `tls`.
+    pub async fn start_process_with(
+        binary: &Path,
+        data_dir: &Path,
+        mqtt: SocketAddr,
+        http: SocketAddr,
+        tls: bool,
+    ) -> Self {
         let log = data_dir.with_extension("log");
         std::fs::create_dir_all(data_dir).unwrap();
         let child = Command::new(binary)
             .arg("serve")
             .args(["--mqtt-listen", &mqtt.to_string()])
             .args(["--http-listen", &http.to_string()])
-            .arg("--insecure-plaintext")
+            .args((!tls).then_some("--insecure-plaintext"))
             .arg("--data-dir")
             .arg(data_dir)
             .stdout(std::process::Stdio::null())
@@ -311,7 +323,7 @@ impl Manager {
             data_dir.to_owned(),
             mqtt,
             http,
-            false,
+            tls,
             Running::Process(child),
         )
         .await
@@ -442,6 +454,25 @@ impl Manager {
             .post("/v1/devices", json!({ "device_id": id, "tags": tags }))
             .await;
         credential(&created)
+    }
+
+    /// Publishes `release`, deploys it to `device` and waits until the
+    /// device reports it installed.
+    pub async fn deploy_and_wait(&self, release: &Release, device: &str) -> Value {
+        self.publish(release).await;
+        let (service, version) = (
+            release.manifest.service.to_string(),
+            release.manifest.version.to_string(),
+        );
+        self.post(
+            "/v1/deployments",
+            json!({ "service": service, "version": version, "devices": [device] }),
+        )
+        .await;
+        self.wait_device(device, &format!("{service} {version} installed"), |d| {
+            installed_version(d, &service).as_deref() == Some(version.as_str())
+        })
+        .await
     }
 
     /// Uploads a release's artifact, then its envelope.
@@ -1268,6 +1299,21 @@ impl Site {
             .find(|(d, _)| d == device)
             .map(|(_, p)| p.as_str())
             .unwrap_or_else(|| panic!("{device} is not registered"))
+    }
+}
+
+/// Whether a client with `options` gets a CONNACK within 5 s (refused,
+/// or no answer: false).
+pub async fn mqtt_connects(options: rumqttc::MqttOptions) -> bool {
+    use rumqttc::{Event, Packet};
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 8);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return true,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
     }
 }
 

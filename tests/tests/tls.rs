@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_e2e::{Agent, Manager, ferry_binary, free_port, installed_version, release};
+use ferry_e2e::{Agent, Manager, ferry_binary, free_port, release};
 use ferry_protocol::SecretKey;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+use rumqttc::MqttOptions;
 use serde_json::json;
 
 fn addr(port: u16) -> SocketAddr {
@@ -21,15 +21,7 @@ fn addr(port: u16) -> SocketAddr {
 async fn plain_mqtt_connects(at: SocketAddr, user: &str, password: &str) -> bool {
     let mut options = MqttOptions::new(format!("probe-{user}"), "127.0.0.1", at.port());
     options.set_credentials(user, password);
-    let (_client, mut events) = AsyncClient::new(options, 8);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::time::timeout_at(deadline, events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return true,
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) | Err(_) => return false,
-        }
-    }
+    ferry_e2e::mqtt_connects(options).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,18 +102,7 @@ async fn by_default_the_manager_speaks_only_tls_and_devices_trust_only_its_ca() 
         .wait_device("gw-1", "online", |d| d["online"] == true)
         .await;
     let v1 = release(dir.path(), &key, "1.0.0", 1, &dir.path().join("out"));
-    manager.publish(&v1).await;
-    manager
-        .post(
-            "/v1/deployments",
-            json!({ "service": "api", "version": "1.0.0", "devices": ["gw-1"] }),
-        )
-        .await;
-    manager
-        .wait_device("gw-1", "v1 installed", |d| {
-            installed_version(d, "api").as_deref() == Some("1.0.0")
-        })
-        .await;
+    manager.deploy_and_wait(&v1, "gw-1").await;
     agent.stop().await;
     manager.stop().await;
 }

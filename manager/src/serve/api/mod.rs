@@ -272,10 +272,10 @@ async fn add_device(
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let id =
         DeviceId::new(new.device_id).map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
-    // Certificates wherever the manager serves TLS; passwords over plain
-    // MQTT or for an external broker (mosquitto takes no fleet CA).
+    // Certificates wherever the embedded broker serves TLS; passwords over
+    // plain MQTT or for an external broker (mosquitto checks no fleet CA).
     let certificate = match new.credential.as_deref() {
-        None => state.device_ca.is_some(),
+        None => state.certificates_only,
         Some("certificate") => true,
         Some("password") if state.certificates_only => {
             return Err(bad(

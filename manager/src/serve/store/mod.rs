@@ -231,7 +231,9 @@ impl Store {
              CREATE TABLE IF NOT EXISTS device_keys (
                  device_id TEXT PRIMARY KEY, public_key TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS device_certs (
-                 serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, not_after INTEGER NOT NULL);",
+                 serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, not_after INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS device_certs_by_device ON device_certs (device_id);
+             CREATE INDEX IF NOT EXISTS device_certs_by_expiry ON device_certs (not_after);",
         )?;
         Ok(Self { db: Mutex::new(db) })
     }
