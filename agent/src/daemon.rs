@@ -451,6 +451,9 @@ struct Session {
     mqtt: Option<(AsyncClient, EventLoop)>,
     /// Where artifact blocks go, once the worker has the other end.
     blocks: Option<BlockSink>,
+    /// Subscriptions of this connection not queued yet: the client's
+    /// queue can be full of what was published while the broker was away.
+    unsubscribed: Vec<(String, rumqttc::QoS)>,
     retry_at: Option<Instant>,
     backoff: Duration,
 }
@@ -471,6 +474,7 @@ impl Session {
             device: config.device_id.clone(),
             mqtt,
             blocks: None,
+            unsubscribed: Vec::new(),
             retry_at: None,
             backoff: BACKOFF_MIN,
         })
@@ -501,15 +505,25 @@ impl Session {
             sleep_until(at).await;
             self.retry_at = None;
         }
+        // Polling the event loop drains the queue: there is room now, or
+        // after the next packet.
+        self.unsubscribed
+            .retain(|(topic, qos)| client.try_subscribe(topic.clone(), *qos).is_err());
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 tracing::info!("connected to the broker");
                 self.backoff = BACKOFF_MIN;
-                let desired = Topic::new(self.device.clone(), TopicKind::Desired).to_string();
-                let blocks = Topic::new(self.device.clone(), TopicKind::Blocks).to_string();
+                // Without its subscriptions a connected device would never
+                // hear of a release: none may be lost to a full queue.
+                self.unsubscribed = [TopicKind::Desired, TopicKind::Blocks]
+                    .into_iter()
+                    .map(|kind| {
+                        let topic = Topic::new(self.device.clone(), kind).to_string();
+                        (topic, mqtt::qos(kind))
+                    })
+                    .filter(|(topic, qos)| client.try_subscribe(topic.clone(), *qos).is_err())
+                    .collect();
                 let status = Topic::new(self.device.clone(), TopicKind::Status).to_string();
-                let _ = client.try_subscribe(desired, mqtt::qos(TopicKind::Desired));
-                let _ = client.try_subscribe(blocks, mqtt::qos(TopicKind::Blocks));
                 if let Some(sink) = &self.blocks {
                     sink.connected();
                 }

@@ -153,10 +153,10 @@ fn main() {
         })
         .await;
         let mut clients = Vec::new();
-        for (id, password) in site.passwords.clone() {
-            let mqtt = site.mqtt;
+        for (id, _) in site.passwords.clone() {
+            let options = site.device_options(&id).await;
             let session = load.spawn(async move {
-                let (client, _task) = ferry_e2e::device_session(mqtt, &id, &password, |_| {}).await;
+                let (client, _task) = ferry_e2e::device_session(options, |_| {}).await;
                 client
             });
             clients.push(session.await.unwrap());

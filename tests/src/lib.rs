@@ -133,6 +133,23 @@ pub fn credential(created: &Value) -> String {
         .to_owned()
 }
 
+/// A manager's configuration for tests: as `ferry serve` runs by default,
+/// MQTT and HTTP over TLS with devices proving themselves by certificate;
+/// with an external `broker` (mosquitto here, which knows no fleet CA),
+/// plain text and passwords.
+pub fn test_config(
+    data_dir: &Path,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    broker: Option<String>,
+) -> ServeConfig {
+    let tls = broker.is_none();
+    ServeConfig {
+        tls,
+        ..plaintext_config(data_dir, mqtt, http, broker)
+    }
+}
+
 impl Manager {
     /// Where its devices connect, on its embedded broker.
     pub fn endpoints(&self) -> Endpoints {
@@ -220,29 +237,28 @@ impl Manager {
             .unwrap_or(0.0)
     }
 
-    /// Starts a manager with the embedded broker, keeping state in `data_dir`,
-    /// without TLS (`--insecure-plaintext`: most tests are not about TLS,
-    /// and talk MQTT to its broker themselves).
+    /// Starts a manager with the embedded broker, keeping state in
+    /// `data_dir`, over TLS as by default: its devices enrol for
+    /// certificates.
     pub async fn start(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
         Self::start_with(data_dir, mqtt, http, None).await
     }
 
-    /// Starts a manager as `ferry serve` starts by default: MQTT and HTTP
-    /// over TLS with its own fleet CA.
-    pub async fn start_tls(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
-        let mut config = plaintext_config(data_dir, mqtt, http, None);
-        config.tls = true;
-        Self::start_configured(config).await
+    /// Starts a manager with `--insecure-plaintext`: for what checks the
+    /// plain-text path itself (device passwords on the embedded broker).
+    pub async fn start_plaintext(data_dir: &Path, mqtt: SocketAddr, http: SocketAddr) -> Self {
+        Self::start_configured(plaintext_config(data_dir, mqtt, http, None)).await
     }
 
-    /// Starts a manager; with `broker`, against that external broker.
+    /// Starts a manager ([`test_config`]); with `broker`, against that
+    /// external broker.
     pub async fn start_with(
         data_dir: &Path,
         mqtt: SocketAddr,
         http: SocketAddr,
         broker: Option<String>,
     ) -> Self {
-        Self::start_configured(plaintext_config(data_dir, mqtt, http, broker)).await
+        Self::start_configured(test_config(data_dir, mqtt, http, broker)).await
     }
 
     /// Starts a manager with exactly this configuration.
@@ -281,14 +297,15 @@ impl Manager {
     }
 
     /// Starts `ferry serve` (the binary from [`ferry_binary`]) as a process,
-    /// with the embedded broker, keeping state in `data_dir`.
+    /// with the embedded broker, keeping state in `data_dir`, over TLS as
+    /// by default.
     pub async fn start_process(
         binary: &Path,
         data_dir: &Path,
         mqtt: SocketAddr,
         http: SocketAddr,
     ) -> Self {
-        Self::start_process_with(binary, data_dir, mqtt, http, false).await
+        Self::start_process_with(binary, data_dir, mqtt, http, true).await
     }
 
     /// [`Manager::start_process`], serving TLS (as `ferry serve` does by
@@ -410,6 +427,19 @@ impl Manager {
             "http"
         };
         format!("{scheme}://{}{path}", self.http)
+    }
+
+    /// A new HTTP client of its own (no connection shared with the
+    /// harness's) that trusts this manager's CA when it serves TLS.
+    pub fn new_client(&self) -> reqwest::Client {
+        let builder = reqwest::Client::builder();
+        match &self.ca_pem {
+            Some(pem) => builder
+                .tls_certs_only(reqwest::Certificate::from_pem_bundle(pem.as_bytes()).unwrap()),
+            None => builder,
+        }
+        .build()
+        .unwrap()
     }
 
     /// An authenticated request.
@@ -587,6 +617,45 @@ impl From<(SocketAddr, SocketAddr)> for Endpoints {
 }
 
 impl Endpoints {
+    /// MQTT options for a client of the test's own acting as `device`
+    /// (client id and user name): over TLS with the device's certificate,
+    /// its key kept in `data_dir` as an agent keeps it (an agent given
+    /// the same directory is the same device), enrolled with `credential`
+    /// (its enrolment token) or renewed; over plain MQTT with `credential`
+    /// as its password.
+    pub async fn device_options(
+        &self,
+        data_dir: &Path,
+        device: &str,
+        credential: &str,
+    ) -> rumqttc::MqttOptions {
+        let mut options = rumqttc::MqttOptions::new(device, "127.0.0.1", self.mqtt.port());
+        let Some(ca) = &self.ca_pem else {
+            options.set_credentials(device, credential);
+            return options;
+        };
+        let layout = ferry_agent::layout::Layout::new(data_dir);
+        let id = ferry_protocol::DeviceId::new(device).unwrap();
+        let mut identity = ferry_agent::identity::Identity::load_or_create(&layout, &id).unwrap();
+        let certificate = identity.client_certificate();
+        let http =
+            ferry_agent::device::http_client(Some(ca.as_str()), Some(certificate.clone())).unwrap();
+        let manager = format!(
+            "https://{}",
+            self.http.expect("a TLS manager's HTTP address")
+        );
+        identity
+            .enrol(&http, &manager.parse().unwrap(), Some(credential))
+            .await
+            .unwrap_or_else(|e| panic!("{device} cannot enrol: {e}"));
+        options.set_credentials(device, "");
+        let config = ferry_agent::tls::pinned_client_config(ca, Some(certificate)).unwrap();
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+        ));
+        options
+    }
+
     /// The agent's `[broker]` table for this device: over TLS, trusting
     /// the fleet CA alone and enrolling with `credential` (its enrolment
     /// token), when there is one; else with `credential` as its password.
@@ -1183,12 +1252,16 @@ pub enum BrokerKind {
     Mosquitto,
 }
 
-/// An in-process manager on either broker, with devices registered.
+/// An in-process manager on either broker, with devices registered: the
+/// embedded one over TLS (devices enrol), mosquitto in plain text
+/// (passwords).
 pub struct Site {
     pub manager: Manager,
+    /// Where devices keep their data (`agent-{id}` beneath).
+    pub root: PathBuf,
     /// Where devices connect.
     pub mqtt: SocketAddr,
-    /// Each device's broker password.
+    /// Each device's credential: its enrolment token, or its password.
     pub passwords: Vec<(String, String)>,
     /// The external broker, if that is the kind.
     pub mosquitto: Option<Mosquitto>,
@@ -1221,7 +1294,7 @@ impl Site {
         let data = root.join("manager");
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = |mqtt_port: u16, broker: Option<String>| {
-            let mut config = plaintext_config(
+            let mut config = test_config(
                 &data,
                 SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
                 http,
@@ -1240,6 +1313,7 @@ impl Site {
                 let mqtt = manager.mqtt;
                 Self {
                     manager,
+                    root: root.to_owned(),
                     mqtt,
                     passwords,
                     mosquitto: None,
@@ -1275,6 +1349,7 @@ impl Site {
                 .await;
                 Self {
                     manager,
+                    root: root.to_owned(),
                     mqtt: SocketAddr::from(([127, 0, 0, 1], broker.port)),
                     passwords,
                     mosquitto: Some(broker),
@@ -1292,7 +1367,30 @@ impl Site {
         }
     }
 
-    /// A registered device's password.
+    /// Where a device that reaches only the broker, at `mqtt`, connects
+    /// (over TLS it still enrols, once, over HTTPS).
+    pub fn broker_only(&self, mqtt: SocketAddr) -> Endpoints {
+        let tls = self.manager.ca_pem.is_some();
+        Endpoints {
+            mqtt,
+            http: tls.then_some(self.manager.http),
+            ca_pem: self.manager.ca_pem.clone(),
+        }
+    }
+
+    /// MQTT options for a client of the test's own acting as `device`,
+    /// with its credential ([`Endpoints::device_options`]).
+    pub async fn device_options(&self, device: &str) -> rumqttc::MqttOptions {
+        self.endpoints()
+            .device_options(
+                &self.root.join(format!("agent-{device}")),
+                device,
+                self.password(device),
+            )
+            .await
+    }
+
+    /// A registered device's credential (enrolment token, or password).
     pub fn password(&self, device: &str) -> &str {
         self.passwords
             .iter()
@@ -1321,14 +1419,11 @@ pub async fn mqtt_connects(options: rumqttc::MqttOptions) -> bool {
 /// connected: its event loop runs on a task of the current runtime and
 /// hands every incoming packet to `incoming`.
 pub async fn device_session(
-    mqtt: SocketAddr,
-    device: &str,
-    password: &str,
+    mut options: rumqttc::MqttOptions,
     mut incoming: impl FnMut(rumqttc::Packet) + Send + 'static,
 ) -> (rumqttc::AsyncClient, JoinHandle<()>) {
     use rumqttc::{Event, Packet};
-    let mut options = rumqttc::MqttOptions::new(device, "127.0.0.1", mqtt.port());
-    options.set_credentials(device, password);
+    let device = options.client_id();
     options.set_keep_alive(Duration::from_secs(60));
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1024);

@@ -14,7 +14,7 @@ fn addr(port: u16) -> SocketAddr {
 async fn every_documented_route_is_served_and_guarded() {
     let dir = tempfile::tempdir().unwrap();
     let manager = Manager::start(&dir.path().join("m"), addr(free_port()), addr(free_port())).await;
-    let client = reqwest::Client::new();
+    let client = manager.new_client();
     let doc: serde_json::Value = client
         .get(manager.url("/openapi.json"))
         .send()

@@ -43,7 +43,11 @@ impl Driver {
         Self { port, child }
     }
 
-    async fn browser(&self, profile: &std::path::Path) -> Client {
+    /// Chromium trusting, besides its own roots, certificates whose chain
+    /// holds the CA in `ca_pem` (the manager's fleet CA), by its key.
+    async fn browser(&self, profile: &std::path::Path, ca_pem: Option<&str>) -> Client {
+        let pin =
+            ca_pem.map(|pem| format!("--ignore-certificate-errors-spki-list={}", spki_sha256(pem)));
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -54,6 +58,7 @@ impl Driver {
                     "--disable-quic", "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--window-size=1280,1100",
                     format!("--user-data-dir={}", profile.display()),
+                    pin.unwrap_or_default(),
                 ],
             }),
         );
@@ -63,6 +68,18 @@ impl Driver {
             .await
             .expect("cannot start Chromium through chromedriver")
     }
+}
+
+/// Base64 of the SHA-256 of a certificate's public key (its
+/// SubjectPublicKeyInfo), the form Chromium's key pins take.
+fn spki_sha256(pem: &str) -> String {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::PemObject;
+    use sha2::Digest as _;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let digest = sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw);
+    base64::engine::general_purpose::STANDARD.encode(digest)
 }
 
 impl Drop for Driver {
@@ -138,7 +155,10 @@ async fn the_dashboard_shows_the_fleet_live_and_aborts_a_rollout() {
     }
 
     let driver = Driver::start();
-    let client = driver.browser(&dir.path().join("chromium")).await;
+    // Over HTTPS, as operators see it: the browser trusts the fleet CA.
+    let client = driver
+        .browser(&dir.path().join("chromium"), manager.ca_pem.as_deref())
+        .await;
     client
         .goto(&format!("{}/#token={}", manager.url(""), manager.token))
         .await

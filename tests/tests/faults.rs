@@ -74,8 +74,8 @@ async fn a_manager_killed_mid_deployment_and_a_device_away_through_it_all_conver
     let manager = Manager::start_process(&binary, &data, mqtt, http).await;
     let pw1 = manager.add_device("gw-1", &[]).await;
     let pw2 = manager.add_device("gw-2", &[]).await;
-    let a1 = Agent::start(dir.path(), "gw-1", &pw1, (mqtt, http), &trust);
-    let a2 = Agent::start(dir.path(), "gw-2", &pw2, (mqtt, http), &trust);
+    let a1 = Agent::start(dir.path(), "gw-1", &pw1, manager.endpoints(), &trust);
+    let a2 = Agent::start(dir.path(), "gw-2", &pw2, manager.endpoints(), &trust);
     let v1 = release("1.0.0", 1);
     manager.publish(&v1).await;
     let d1 = deploy_to_all(&manager, "1.0.0").await;
@@ -122,7 +122,7 @@ async fn a_manager_killed_mid_deployment_and_a_device_away_through_it_all_conver
     wait_status(&manager, &d3, "gw-1", "installed").await;
 
     // gw-2 comes back: straight to 3.0.0, never a step of 2.0.0.
-    let a2 = Agent::start(dir.path(), "gw-2", &pw2, (mqtt, http), &trust);
+    let a2 = Agent::start(dir.path(), "gw-2", &pw2, manager.endpoints(), &trust);
     wait_status(&manager, &d3, "gw-2", "installed").await;
     let gw2 = manager.get("/v1/devices/gw-2").await;
     assert_eq!(installed_version(&gw2, "api").as_deref(), Some("3.0.0"));

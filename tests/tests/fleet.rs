@@ -38,8 +38,20 @@ async fn publish_and_deploy_by_id_and_by_tag_then_survive_a_manager_restart() {
     let manager = Manager::start(&data, mqtt, http).await;
     let pw1 = manager.add_device("gw-1", &["lab"]).await;
     let pw2 = manager.add_device("gw-2", &["lab"]).await;
-    let a1 = Agent::start(fleet.dir.path(), "gw-1", &pw1, (mqtt, http), &fleet.trust);
-    let a2 = Agent::start(fleet.dir.path(), "gw-2", &pw2, (mqtt, http), &fleet.trust);
+    let a1 = Agent::start(
+        fleet.dir.path(),
+        "gw-1",
+        &pw1,
+        manager.endpoints(),
+        &fleet.trust,
+    );
+    let a2 = Agent::start(
+        fleet.dir.path(),
+        "gw-2",
+        &pw2,
+        manager.endpoints(),
+        &fleet.trust,
+    );
     manager
         .wait_device("gw-1", "online", |d| d["online"] == true)
         .await;
@@ -174,9 +186,11 @@ async fn connect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_refuses_strangers_and_keeps_devices_to_their_own_topics() {
+    // The password path (plain MQTT); over TLS with certificates the same
+    // refusals are in `device_identity.rs` and `hostile_device.rs`.
     let fleet = Fleet::new();
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
-    let manager = Manager::start(&fleet.dir.path().join("manager"), mqtt, http).await;
+    let manager = Manager::start_plaintext(&fleet.dir.path().join("manager"), mqtt, http).await;
     let pw1 = manager.add_device("gw-1", &[]).await;
     let _pw2 = manager.add_device("gw-2", &[]).await;
 
@@ -253,9 +267,10 @@ async fn the_broker_refuses_strangers_and_keeps_devices_to_their_own_topics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_checked_and_assigned_downloads_resume_with_range() {
+    // Devices' basic auth, the password path (certificates: `device_identity.rs`).
     let fleet = Fleet::new();
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
-    let manager = Manager::start(&fleet.dir.path().join("manager"), mqtt, http).await;
+    let manager = Manager::start_plaintext(&fleet.dir.path().join("manager"), mqtt, http).await;
     let password = manager.add_device("gw-1", &[]).await;
     let out = fleet.dir.path().join("service.out");
     let v1 = release(fleet.dir.path(), &fleet.key, "1.0.0", 1, &out);
@@ -450,7 +465,7 @@ async fn a_device_that_drops_off_is_marked_offline_by_its_last_will() {
         fleet.dir.path(),
         "gw-1",
         &password,
-        (mqtt, http),
+        manager.endpoints(),
         &fleet.trust,
     );
     manager
@@ -504,8 +519,9 @@ fn ferry(manager: &Manager, home: &std::path::Path, args: &[&str]) -> (i32, Stri
         .args(args)
         .env("HOME", home)
         .env_remove("XDG_CONFIG_HOME")
-        .env("FERRY_URL", format!("http://{}", manager.http))
+        .env("FERRY_URL", manager.url(""))
         .env("FERRY_TOKEN", &manager.token)
+        .env("FERRY_CA", manager.data_dir.join("ca.pem"))
         .output()
         .unwrap();
     (
@@ -528,7 +544,7 @@ async fn every_deployment_finishes_and_deploy_wait_says_how() {
             root,
             id,
             &password,
-            (mqtt, http),
+            manager.endpoints(),
             &fleet.trust,
         ));
     }
@@ -576,7 +592,7 @@ async fn every_deployment_finishes_and_deploy_wait_says_how() {
         root,
         "gw-3",
         &password,
-        (mqtt, http),
+        manager.endpoints(),
         &fleet.trust,
     ));
     let (code, _, err) = wait("2.0.0", &["--all"]).await;

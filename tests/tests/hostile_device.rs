@@ -1,6 +1,7 @@
-//! What someone holding one device's password can do to others over the
-//! broker, against the embedded broker and mosquitto with the ACL the README
-//! documents: each attack is tried for real and must change nothing that
+//! What someone holding one device's credentials can do to others over the
+//! broker, against the embedded broker (over TLS, with the device's
+//! certificate) and mosquitto with the ACL the README documents (with its
+//! password): each attack is tried for real and must change nothing that
 //! belongs to another device.
 
 use std::time::Duration;
@@ -12,9 +13,7 @@ use serde_json::json;
 /// Connects as `user` with `will`; true when the broker accepts. The
 /// connection is then cut without a DISCONNECT, which is what makes a
 /// broker publish the will.
-async fn connect_and_vanish(port: u16, user: &str, password: &str, will: LastWill) -> bool {
-    let mut options = MqttOptions::new(user, "127.0.0.1", port);
-    options.set_credentials(user, password);
+async fn connect_and_vanish(mut options: MqttOptions, will: LastWill) -> bool {
     options.set_last_will(will);
     let (_client, mut events) = AsyncClient::new(options, 8);
     let accepted = match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
@@ -26,11 +25,9 @@ async fn connect_and_vanish(port: u16, user: &str, password: &str, will: LastWil
     accepted
 }
 
-/// The retained message on `topic`, read as `user` (who may read it), if
-/// any arrives within a second.
-async fn retained(port: u16, user: &str, password: &str, topic: &str) -> Option<Vec<u8>> {
-    let mut options = MqttOptions::new(user, "127.0.0.1", port);
-    options.set_credentials(user, password);
+/// The retained message on `topic`, read by a client with `options` (who
+/// may read it), if any arrives within a second.
+async fn retained(mut options: MqttOptions, topic: &str) -> Option<Vec<u8>> {
     options.set_clean_session(true);
     let (client, mut events) = AsyncClient::new(options, 8);
     client.subscribe(topic, QoS::AtLeastOnce).await.ok()?;
@@ -61,7 +58,7 @@ const OFFLINE: &[u8] = br#"{"schema":1,"state":"offline"}"#;
 
 /// gw-1 tries wills on gw-2's topics; none may take effect. Returns how
 /// many of those connections the broker accepted.
-async fn wills_on_another_device(manager: &Manager, port: u16, pw1: &str, pw2: &str) -> usize {
+async fn wills_on_another_device(site: &Site) -> usize {
     let victim = "ferry/v1/devices/gw-2";
     let mut accepted = 0;
     for (topic, payload, qos, retain) in [
@@ -91,17 +88,21 @@ async fn wills_on_another_device(manager: &Manager, port: u16, pw1: &str, pw2: &
         ),
     ] {
         let will = LastWill::new(&topic, payload, qos, retain);
-        if connect_and_vanish(port, "gw-1", pw1, will).await {
+        if connect_and_vanish(site.device_options("gw-1").await, will).await {
             accepted += 1;
         }
     }
     // Wills fire at once when a connection drops: give them a moment, then
     // look at everything gw-2 owns.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let gw2 = manager.get("/v1/devices/gw-2").await;
+    let gw2 = site.manager.get("/v1/devices/gw-2").await;
     assert_ne!(gw2["reported"]["agent_version"], "forged", "{gw2}");
     assert_ne!(gw2["online"], true, "gw-1 made gw-2 look online: {gw2}");
-    let desired = retained(port, "gw-2", pw2, &format!("{victim}/desired")).await;
+    let desired = retained(
+        site.device_options("gw-2").await,
+        &format!("{victim}/desired"),
+    )
+    .await;
     assert!(
         desired.is_none_or(|d| d != FORGED_DESIRED),
         "gw-1 replaced gw-2's desired state"
@@ -113,11 +114,9 @@ async fn wills_on_another_device(manager: &Manager, port: u16, pw1: &str, pw2: &
 async fn a_will_is_only_ever_the_devices_own_offline_status_on_the_embedded_broker() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::start(dir.path(), BrokerKind::Embedded, &["gw-1", "gw-2"], None).await;
-    let (manager, mqtt) = (&site.manager, site.mqtt);
-    let (pw1, pw2) = (site.password("gw-1"), site.password("gw-2"));
 
     // On another device's topics: refused at CONNECT, every kind.
-    let accepted = wills_on_another_device(manager, mqtt.port(), pw1, pw2).await;
+    let accepted = wills_on_another_device(&site).await;
     assert_eq!(accepted, 0, "a will on gw-2's topics was accepted");
 
     // On its own topics, anything but an offline status is refused too.
@@ -162,21 +161,21 @@ async fn a_will_is_only_ever_the_devices_own_offline_status_on_the_embedded_brok
     ] {
         let will = LastWill::new(&topic, payload, qos, retain);
         assert!(
-            !connect_and_vanish(mqtt.port(), "gw-1", pw1, will).await,
+            !connect_and_vanish(site.device_options("gw-1").await, will).await,
             "will on {topic} accepted"
         );
     }
 
-    own_will_fires(manager, mqtt.port(), pw1).await;
+    own_will_fires(&site).await;
 }
 
 /// The agent's own will is accepted, and fires: gw-1 goes online, then its
 /// connection drops and the will marks it offline. (So a will that did
 /// not change another device's state was not merely slow.)
-async fn own_will_fires(manager: &Manager, port: u16, pw1: &str) {
+async fn own_will_fires(site: &Site) {
+    let manager = &site.manager;
     let status = "ferry/v1/devices/gw-1/status";
-    let mut options = MqttOptions::new("gw-1", "127.0.0.1", port);
-    options.set_credentials("gw-1", pw1);
+    let mut options = site.device_options("gw-1").await;
     options.set_last_will(LastWill::new(status, OFFLINE, QoS::AtLeastOnce, true));
     let (client, mut events) = AsyncClient::new(options, 8);
     client
@@ -198,13 +197,11 @@ async fn own_will_fires(manager: &Manager, port: u16, pw1: &str) {
 async fn mosquitto_with_the_documented_acl_keeps_wills_off_other_devices_topics() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::start(dir.path(), BrokerKind::Mosquitto, &["gw-1", "gw-2"], None).await;
-    let port = site.mqtt.port();
-    let (pw1, pw2) = (site.password("gw-1"), site.password("gw-2"));
     // mosquitto 2.0 accepts the CONNECT, and checks the will against the
     // write ACL when it would publish it: a denied will is dropped, so
     // nothing of gw-2's changes.
-    wills_on_another_device(&site.manager, port, pw1, pw2).await;
-    own_will_fires(&site.manager, port, pw1).await;
+    wills_on_another_device(&site).await;
+    own_will_fires(&site).await;
 }
 
 /// A device's session: its event loop runs on a task, and the handle tells
@@ -216,9 +213,8 @@ struct Session {
 }
 
 impl Session {
-    async fn open(port: u16, device: &str, password: &str) -> Self {
-        let mut options = MqttOptions::new(device, "127.0.0.1", port);
-        options.set_credentials(device, password);
+    async fn open(mut options: MqttOptions) -> Self {
+        let device = options.client_id();
         options.set_keep_alive(Duration::from_secs(60));
         options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(options, 1024);
@@ -261,7 +257,7 @@ impl Session {
     }
 }
 
-/// Whether the broker accepts these credentials now.
+/// Whether the broker accepts `device` with this password now.
 async fn accepted(port: u16, device: &str, password: &str) -> bool {
     let will = LastWill::new(
         format!("ferry/v1/devices/{device}/status"),
@@ -269,19 +265,30 @@ async fn accepted(port: u16, device: &str, password: &str) -> bool {
         QoS::AtLeastOnce,
         true,
     );
-    connect_and_vanish(port, device, password, will).await
+    connect_and_vanish(password_options(port, device, password), will).await
+}
+
+/// A client signing in as `device` with a password (plain MQTT).
+fn password_options(port: u16, device: &str, password: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(device, "127.0.0.1", port);
+    options.set_credentials(device, password);
+    options
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_given_a_new_password_or_removed_is_cut_off_at_once() {
+    // The password path (plain MQTT); certificates: `device_identity.rs`.
     let dir = tempfile::tempdir().unwrap();
-    let site = Site::start(dir.path(), BrokerKind::Embedded, &["gw-1", "gw-2"], None).await;
+    let site = Site::start_configured(dir.path(), BrokerKind::Embedded, &["gw-1", "gw-2"], |c| {
+        c.tls = false;
+    })
+    .await;
     let port = site.mqtt.port();
     let (old1, old2) = (site.password("gw-1"), site.password("gw-2"));
 
     // gw-1's password leaked: the operator adds gw-1 again. The session
     // holding the old password ends now, and the old password is refused.
-    let leaked = Session::open(port, "gw-1", old1).await;
+    let leaked = Session::open(password_options(port, "gw-1", old1)).await;
     let new1 = site.manager.add_device("gw-1", &[]).await;
     assert!(
         leaked.ended_by_the_broker().await,
@@ -295,7 +302,7 @@ async fn a_device_given_a_new_password_or_removed_is_cut_off_at_once() {
 
     // gw-2 is removed: its session ends, and neither the broker nor the
     // artifact store takes its credentials.
-    let gone = Session::open(port, "gw-2", old2).await;
+    let gone = Session::open(password_options(port, "gw-2", old2)).await;
     let status = |method: reqwest::Method| async {
         let response = site.manager.request(method, "/v1/devices/gw-2").send();
         response.await.unwrap().status()
@@ -330,7 +337,6 @@ async fn a_flood_is_cut_to_the_budget(kind: BrokerKind) {
         };
     })
     .await;
-    let port = site.mqtt.port();
     let manager = &site.manager;
     let publish_all = |session: &Session, topic: &str, payload: Vec<u8>, times: usize| {
         let (client, topic) = (session.client.clone(), topic.to_owned());
@@ -344,7 +350,7 @@ async fn a_flood_is_cut_to_the_budget(kind: BrokerKind) {
         }
     };
     let health = ferry_e2e::health_payload();
-    let messages = Session::open(port, "gw-1", site.password("gw-1")).await;
+    let messages = Session::open(site.device_options("gw-1").await).await;
     publish_all(
         &messages,
         "ferry/v1/devices/gw-1/health",
@@ -359,7 +365,7 @@ async fn a_flood_is_cut_to_the_budget(kind: BrokerKind) {
     })
     .to_string()
     .into_bytes();
-    let bytes = Session::open(port, "gw-3", site.password("gw-3")).await;
+    let bytes = Session::open(site.device_options("gw-3").await).await;
     publish_all(&bytes, "ferry/v1/devices/gw-3/events", big, 40).await;
 
     // The manager tells the operator, on each device, in its own event.
@@ -406,7 +412,7 @@ async fn a_flood_is_cut_to_the_budget(kind: BrokerKind) {
     );
     assert!(throttled >= 480.0, "only {throttled} throttled");
     // gw-2 is heard as before.
-    let other = Session::open(port, "gw-2", site.password("gw-2")).await;
+    let other = Session::open(site.device_options("gw-2").await).await;
     publish_all(&other, "ferry/v1/devices/gw-2/health", health, 1).await;
     loop_until(manager, "/v1/health?device=gw-2", |rows| !rows.is_empty()).await;
     let _ = (messages, bytes, other);

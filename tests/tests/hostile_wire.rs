@@ -31,9 +31,8 @@ fn garbage(cap: usize) -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-async fn connect(port: u16, user: &str, password: &str) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(user, "127.0.0.1", port);
-    options.set_credentials(user, password);
+async fn connect(mut options: MqttOptions) -> (AsyncClient, EventLoop) {
+    let user = options.client_id();
     options.set_max_packet_size(4 << 20, 4 << 20);
     let (client, mut events) = AsyncClient::new(options, 64);
     loop {
@@ -63,7 +62,7 @@ async fn wait_publish(events: &mut EventLoop, what: &str, until: impl Fn(&str, &
 async fn the_api_refuses_bad_tokens_huge_bodies_and_bad_json_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let manager = Manager::start(&dir.path().join("m"), addr(free_port()), addr(free_port())).await;
-    let client = reqwest::Client::new();
+    let client = manager.new_client();
     let posts = [
         "/v1/devices",
         "/v1/releases",
@@ -97,7 +96,8 @@ async fn the_api_refuses_bad_tokens_huge_bodies_and_bad_json_and_changes_nothing
             // A client of its own each time: the server answers 413 before
             // reading a huge body and closes the connection, which must not
             // be reused for the next request.
-            let response = reqwest::Client::new()
+            let response = manager
+                .new_client()
                 .post(manager.url(path))
                 .bearer_auth(&manager.token)
                 .body(body)
@@ -123,7 +123,11 @@ async fn malformed_device_messages_are_not_recorded_and_the_manager_goes_on() {
     let mqtt = addr(free_port());
     let manager = Manager::start(&dir.path().join("m"), mqtt, addr(free_port())).await;
     let password = manager.add_device("rogue-1", &[]).await;
-    let (device, mut events) = connect(mqtt.port(), "rogue-1", &password).await;
+    let options = manager
+        .endpoints()
+        .device_options(&dir.path().join("agent-rogue-1"), "rogue-1", &password)
+        .await;
+    let (device, mut events) = connect(options).await;
     let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let mut sent = 0;
     for (kind, cap) in [
@@ -194,7 +198,9 @@ async fn malformed_desired_states_are_refused_with_a_reason_and_the_agent_goes_o
     let trust = dir.path().join("ops.pub");
     std::fs::write(&trust, key.public_key().to_text()).unwrap();
     let agent = Agent::start(dir.path(), "gw-h", "device-pw", addr(broker.port), &trust);
-    let (tester, mut events) = connect(broker.port, "tester", "tester-pw").await;
+    let mut tester = MqttOptions::new("tester", "127.0.0.1", broker.port);
+    tester.set_credentials("tester", "tester-pw");
+    let (tester, mut events) = connect(tester).await;
     tester
         .subscribe("ferry/v1/devices/gw-h/#", QoS::AtLeastOnce)
         .await
@@ -329,7 +335,11 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
         slow.push(stream);
     }
     // The broker is not starved meanwhile: a device connects.
-    let _device = connect(manager.mqtt.port(), "gw-1", &password).await;
+    let options = manager
+        .endpoints()
+        .device_options(&dir.path().join("agent-gw-1"), "gw-1", &password)
+        .await;
+    let _device = connect(options).await;
     // The manager hangs up on every one of them (eight at a time).
     for (i, stream) in slow.iter_mut().enumerate() {
         let (_, closed) = read_until_closed(stream).await;
@@ -382,7 +392,7 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
 async fn guessing_tokens_is_cut_off_and_pages_carry_a_content_policy() {
     let dir = tempfile::tempdir().unwrap();
     let manager = Manager::start(&dir.path().join("m"), addr(free_port()), addr(free_port())).await;
-    let client = reqwest::Client::new();
+    let client = manager.new_client();
     let ask = |token: String| {
         client
             .get(manager.url("/v1/devices"))

@@ -96,7 +96,12 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
         .wait_rollout(id, "completed", std::time::Duration::from_secs(30))
         .await;
     // The scrape without the token is refused.
-    let anonymous = reqwest::get(manager.url("/metrics")).await.unwrap();
+    let anonymous = manager
+        .new_client()
+        .get(manager.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
 
     let text = scrape(&manager).await;
@@ -242,7 +247,11 @@ async fn metrics_pass_promtool_and_describe_the_fleet() {
         .collect();
     let report = json!({"schema": 1, "time": "2026-01-01T00:00:00Z", "agent_version": "x",
                         "services": services});
-    let (client, _task) = ferry_e2e::device_session(mqtt, "m-3", &password, |_| {}).await;
+    let options = manager
+        .endpoints()
+        .device_options(&dir.path().join("agent-m-3"), "m-3", &password)
+        .await;
+    let (client, _task) = ferry_e2e::device_session(options, |_| {}).await;
     client
         .publish(
             "ferry/v1/devices/m-3/reported",

@@ -7,7 +7,6 @@
 //! Cut points and the kill point are drawn from a seed printed by the test;
 //! `FERRY_TRANSFER_SEED=N` replays one.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -157,7 +156,7 @@ async fn install_through_cuts_and_a_kill(kind: BrokerKind, transfer: &str) {
             root,
             "gw-m",
             site.password("gw-m"),
-            relay.addr,
+            site.broker_only(relay.addr),
             &site.trust,
             &extra,
         )
@@ -255,7 +254,7 @@ async fn a_corrupted_block_ends_in_a_hash_mismatch_and_nothing_installed() {
         root,
         "gw-c",
         site.password("gw-c"),
-        site.mqtt,
+        site.broker_only(site.mqtt),
         &site.trust,
         "[transfer]\ntransport = \"mqtt\"\nblock_size = 1024\n",
     );
@@ -334,20 +333,19 @@ struct RawDevice {
 }
 
 impl RawDevice {
-    async fn connect(mqtt: SocketAddr, device: &str, password: &str) -> Self {
+    async fn connect(options: rumqttc::MqttOptions) -> Self {
         let (frames_tx, frames) = tokio::sync::mpsc::unbounded_channel();
         let (suback_tx, suback) = tokio::sync::mpsc::unbounded_channel();
-        let (client, task) =
-            ferry_e2e::device_session(mqtt, device, password, move |packet| match packet {
-                Packet::Publish(p) => {
-                    let _ = frames_tx.send((p.topic.clone(), p.payload.to_vec()));
-                }
-                Packet::SubAck(ack) => {
-                    let _ = suback_tx.send(ack.return_codes);
-                }
-                _ => {}
-            })
-            .await;
+        let (client, task) = ferry_e2e::device_session(options, move |packet| match packet {
+            Packet::Publish(p) => {
+                let _ = frames_tx.send((p.topic.clone(), p.payload.to_vec()));
+            }
+            Packet::SubAck(ack) => {
+                let _ = suback_tx.send(ack.return_codes);
+            }
+            _ => {}
+        })
+        .await;
         Self {
             client,
             frames,
@@ -417,8 +415,8 @@ async fn artifacts_go_only_where_assigned(kind: BrokerKind) {
     site.deploy(&assigned, &["gw-b"]).await;
     let artifact = std::fs::read(&assigned.artifact).unwrap();
 
-    let mut a = RawDevice::connect(site.mqtt, "gw-a", site.password("gw-a")).await;
-    let mut b = RawDevice::connect(site.mqtt, "gw-b", site.password("gw-b")).await;
+    let mut a = RawDevice::connect(site.device_options("gw-a").await).await;
+    let mut b = RawDevice::connect(site.device_options("gw-b").await).await;
     assert!(a.subscribe("ferry/v1/devices/gw-a/blocks").await);
     assert!(b.subscribe("ferry/v1/devices/gw-b/blocks").await);
     // gw-a tries to listen in on gw-b's blocks. The embedded broker refuses
@@ -496,8 +494,7 @@ async fn a_device_that_stops_reading_gets_no_more_than_a_bounded_backlog() {
 
     // The hostile device: subscribes, sends its requests, then never polls
     // its connection again, so nothing is read from its socket.
-    let mut options = rumqttc::MqttOptions::new("gw-slow", "127.0.0.1", site.mqtt.port());
-    options.set_credentials("gw-slow", site.password("gw-slow"));
+    let mut options = site.device_options("gw-slow").await;
     options.set_keep_alive(Duration::from_secs(120));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     client
@@ -534,7 +531,7 @@ async fn a_device_that_stops_reading_gets_no_more_than_a_bounded_backlog() {
     }
 
     // Meanwhile a device that reads is served in full.
-    let mut ok = RawDevice::connect(site.mqtt, "gw-ok", site.password("gw-ok")).await;
+    let mut ok = RawDevice::connect(site.device_options("gw-ok").await).await;
     assert!(ok.subscribe("ferry/v1/devices/gw-ok/blocks").await);
     let small = BlockRequest {
         schema: MESSAGE_SCHEMA,
@@ -581,7 +578,7 @@ async fn a_device_that_stops_reading_gets_no_more_than_a_bounded_backlog() {
     drop(eventloop);
     drop(client);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut back = RawDevice::connect(site.mqtt, "gw-slow", site.password("gw-slow")).await;
+    let mut back = RawDevice::connect(site.device_options("gw-slow").await).await;
     assert!(back.subscribe("ferry/v1/devices/gw-slow/blocks").await);
     let tail = BlockRequest {
         offset: 19 * 1024 * 1024,

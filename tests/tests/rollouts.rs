@@ -89,7 +89,7 @@ impl Fleet {
             self.dir.path(),
             id,
             &password,
-            (self.mqtt, self.http),
+            self.manager().endpoints(),
             &self.trust,
             extra,
         );
@@ -539,7 +539,7 @@ async fn an_offline_device_times_out_without_blocking_and_converges_when_it_retu
         fleet.dir.path(),
         "away-1",
         &password,
-        (fleet.mqtt, fleet.http),
+        fleet.manager().endpoints(),
         &fleet.trust,
     );
     fleet.agents.push(agent);

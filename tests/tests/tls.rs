@@ -28,7 +28,7 @@ async fn plain_mqtt_connects(at: SocketAddr, user: &str, password: &str) -> bool
 async fn by_default_the_manager_speaks_only_tls_and_devices_trust_only_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let (mqtt, http) = (addr(free_port()), addr(free_port()));
-    let manager = Manager::start_tls(&dir.path().join("manager"), mqtt, http).await;
+    let manager = Manager::start(&dir.path().join("manager"), mqtt, http).await;
     let ca_pem = manager.ca_pem.clone().expect("a TLS manager has a CA");
     let ca_key = dir.path().join("manager/ca.key");
     use std::os::unix::fs::PermissionsExt;
@@ -113,7 +113,7 @@ async fn a_device_never_talks_to_a_manager_its_ca_did_not_sign() {
     let key = SecretKey::from_seed(&[8; 32]);
     let trust = dir.path().join("ops.pub");
     std::fs::write(&trust, key.public_key().to_text()).unwrap();
-    let real = Manager::start_tls(
+    let real = Manager::start(
         &dir.path().join("real"),
         addr(free_port()),
         addr(free_port()),
@@ -121,7 +121,7 @@ async fn a_device_never_talks_to_a_manager_its_ca_did_not_sign() {
     .await;
     // The impostor: another manager, its own CA, the same device and
     // password (say, a stolen device record), on the network path.
-    let impostor = Manager::start_tls(
+    let impostor = Manager::start(
         &dir.path().join("impostor"),
         addr(free_port()),
         addr(free_port()),
@@ -159,13 +159,13 @@ async fn the_cli_pins_the_managers_ca_and_keeps_its_token_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     std::fs::create_dir_all(home.join(".config/ferry")).unwrap();
-    let ours = Manager::start_tls(
+    let ours = Manager::start(
         &dir.path().join("ours"),
         addr(free_port()),
         addr(free_port()),
     )
     .await;
-    let theirs = Manager::start_tls(
+    let theirs = Manager::start(
         &dir.path().join("theirs"),
         addr(free_port()),
         addr(free_port()),
