@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferry_agent::identity::{EnrolError, Identity};
 use ferry_agent::layout::Layout;
 use ferry_agent::tls::ClientCertificate;
-use ferry_e2e::{Agent, Manager, free_port, plaintext_config, release};
+use ferry_e2e::{Agent, Manager, free_port, release, test_config};
 use ferry_protocol::{DeviceId, SecretKey};
 use rumqttc::MqttOptions;
 use serde_json::json;
@@ -24,13 +24,12 @@ fn addr(port: u16) -> SocketAddr {
 
 /// A manager serving TLS whose device certificates live `lifetime`.
 async fn manager_with_lifetime(dir: &Path, lifetime: Duration) -> Manager {
-    let mut config = plaintext_config(
+    let mut config = test_config(
         &dir.join("manager"),
         addr(free_port()),
         addr(free_port()),
         None,
     );
-    config.tls = true;
     config.device_cert_lifetime = lifetime;
     Manager::start_configured(config).await
 }

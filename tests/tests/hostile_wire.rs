@@ -288,9 +288,20 @@ async fn malformed_desired_states_are_refused_with_a_reason_and_the_agent_goes_o
     agent.stop().await;
 }
 
-/// Reads a raw connection until the server closes it (or 30 s pass);
+/// A connection of the test's own to the manager's HTTPS listener, the
+/// TLS handshake done (trusting the fleet CA), nothing sent yet.
+async fn https_stream(manager: &Manager) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let ca = manager.ca_pem.as_deref().unwrap();
+    let config = ferry_agent::tls::pinned_client_config(ca, None).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// Reads a connection until the server closes it (or 30 s pass);
 /// what was read, and whether the server closed it.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (usize, bool) {
+async fn read_until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (usize, bool) {
     use tokio::io::AsyncReadExt;
     let mut total = 0;
     let mut buf = vec![0u8; 64 * 1024];
@@ -314,7 +325,7 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
             header_read: Duration::from_secs(1),
             idle: Duration::from_secs(2),
         },
-        ..ferry_e2e::plaintext_config(
+        ..ferry_e2e::test_config(
             &dir.path().join("m"),
             addr(free_port()),
             addr(free_port()),
@@ -324,10 +335,16 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
     .await;
     let password = manager.add_device("gw-1", &[]).await;
 
-    // Slowloris: 50 requests whose headers never end.
+    // Connections that never start their TLS handshake: each gets the time
+    // a request's headers get, then is closed.
+    let mut mute = Vec::new();
+    for _ in 0..10 {
+        mute.push(tokio::net::TcpStream::connect(manager.http).await.unwrap());
+    }
+    // Slowloris: 50 requests whose headers never end, over TLS.
     let mut slow = Vec::new();
     for _ in 0..50 {
-        let mut stream = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+        let mut stream = https_stream(&manager).await;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: ferry\r\nX-Slow: ")
             .await
@@ -341,13 +358,17 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
         .await;
     let _device = connect(options).await;
     // The manager hangs up on every one of them (eight at a time).
+    for (i, stream) in mute.iter_mut().enumerate() {
+        let (_, closed) = read_until_closed(stream).await;
+        assert!(closed, "handshake {i} that never began is still open");
+    }
     for (i, stream) in slow.iter_mut().enumerate() {
         let (_, closed) = read_until_closed(stream).await;
         assert!(closed, "half-sent request {i} is still open");
     }
 
     // An idle keep-alive connection is closed too.
-    let mut idle = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+    let mut idle = https_stream(&manager).await;
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: ferry\r\n\r\n")
         .await
         .unwrap();
@@ -364,7 +385,7 @@ async fn slow_and_silent_http_clients_cannot_hold_the_manager() {
         .await
         .unwrap();
     assert!(uploaded.status().is_success(), "{}", uploaded.status());
-    let mut stalled = tokio::net::TcpStream::connect(manager.http).await.unwrap();
+    let mut stalled = https_stream(&manager).await;
     stalled
         .write_all(
             format!(
