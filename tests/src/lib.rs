@@ -265,11 +265,12 @@ impl Manager {
     pub async fn start_configured(config: ServeConfig) -> Self {
         // The manager and the HTTP clients in this process use rustls with ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let (data_dir, mqtt, http, tls) = (
+        let (data_dir, mqtt, http, tls, embedded) = (
             config.data_dir.clone(),
             config.mqtt_listen,
             config.http_listen,
             config.tls,
+            config.broker.is_none(),
         );
         // The manager gets a runtime of its own, as it would a process of its
         // own: stopping it ends every task and connection it had.
@@ -293,7 +294,25 @@ impl Manager {
             stop: Some(stop),
             thread: Some(thread),
         };
-        Self::when_up(data_dir, mqtt, http, tls, running).await
+        let manager = Self::when_up(data_dir, mqtt, http, tls, running).await;
+        if embedded {
+            manager.wait_subscribed().await;
+        }
+        manager
+    }
+
+    /// Waits until the manager's own MQTT client has subscribed to the
+    /// devices' topics: a device message published before that reaches no
+    /// one (a TLS handshake makes that window wide enough to matter).
+    pub async fn wait_subscribed(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.metric("ferry_broker_subscribed").await != 1.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the manager never subscribed to its broker"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// Starts `ferry serve` (the binary from [`ferry_binary`]) as a process,
@@ -336,14 +355,16 @@ impl Manager {
             )
             .spawn()
             .unwrap();
-        Self::when_up(
+        let manager = Self::when_up(
             data_dir.to_owned(),
             mqtt,
             http,
             tls,
             Running::Process(child),
         )
-        .await
+        .await;
+        manager.wait_subscribed().await;
+        manager
     }
 
     async fn when_up(

@@ -78,14 +78,19 @@ pub async fn run(
     tokio::spawn(publish_outgoing(client.clone(), outgoing));
     let mut marks = InstallingMarks::default();
     let mut backoff = Duration::from_millis(200);
+    // Subscriptions of this connection not acknowledged yet.
+    let mut unacknowledged = 0;
     loop {
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!("manager connected to the broker");
+                    unacknowledged = 0;
                     for kind in TopicKind::ALL.into_iter().filter(|k| k.published_by_device()) {
-                        let _ = client.try_subscribe(kind.all_devices_filter(), qos(kind));
+                        if client.try_subscribe(kind.all_devices_filter(), qos(kind)).is_ok() {
+                            unacknowledged += 1;
+                        }
                     }
                     // Beside this loop, which must keep polling for the
                     // publishes to leave: a fleet's worth does not fit the
@@ -127,8 +132,15 @@ pub async fn run(
                         Err(e) => tracing::warn!(topic = %p.topic, "message not recorded: {e}"),
                     }
                 }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    unacknowledged -= 1;
+                    if unacknowledged == 0 {
+                        metrics.broker_subscribed.set(1);
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
+                    metrics.broker_subscribed.set(0);
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));

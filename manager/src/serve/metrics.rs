@@ -15,8 +15,8 @@
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::rollout::RolloutState;
@@ -27,6 +27,10 @@ use super::store::{Store, StoreError};
 pub struct Metrics {
     /// Device messages received, by topic kind.
     pub mqtt_messages: IntCounterVec,
+    /// 1 while the manager's MQTT client is connected with every device
+    /// topic subscribed (acknowledged): until then, device messages reach
+    /// no one.
+    pub broker_subscribed: IntGauge,
     /// HTTP API request durations, by method, route template and status class.
     pub http_duration: HistogramVec,
     /// Block requests (artifacts over MQTT), by result.
@@ -57,6 +61,10 @@ impl Metrics {
     /// Creates the manager's counters.
     pub fn new() -> Result<Self, MetricsError> {
         Ok(Self {
+            broker_subscribed: IntGauge::new(
+                "ferry_broker_subscribed",
+                "1 while the manager's MQTT client is connected and subscribed to every device topic.",
+            )?,
             mqtt_messages: IntCounterVec::new(
                 Opts::new(
                     "ferry_mqtt_messages_received_total",
@@ -102,6 +110,7 @@ impl Metrics {
     pub fn render(&self, store: &Store) -> Result<String, MetricsError> {
         let registry = Registry::new();
         registry.register(Box::new(self.mqtt_messages.clone()))?;
+        registry.register(Box::new(self.broker_subscribed.clone()))?;
         registry.register(Box::new(self.http_duration.clone()))?;
         registry.register(Box::new(self.mqtt_block_requests.clone()))?;
         registry.register(Box::new(self.mqtt_block_bytes.clone()))?;
