@@ -2,7 +2,8 @@
 //! token for a short-lived client certificate, renews it with the key, and
 //! is cut off at once when revoked. Hostile cases: a spent token, another
 //! device's certificate, a certificate from another CA, an expired one, a
-//! revoked one; each against the broker and the HTTP API.
+//! revoked one; each against the broker and the HTTP API; and a device's
+//! certificate shown by an impostor server to pose as the manager.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -281,5 +282,65 @@ async fn spent_foreign_expired_and_borrowed_certificates_are_refused() {
     // ...and the device's key renews it (no token needed any more).
     enrol(&manager, &mut a, None).await.unwrap();
     assert!(mqtt_connects(&manager, "gw-a", a.client_certificate()).await);
+    manager.stop().await;
+}
+
+/// What a client trusting the fleet CA alone (as every agent does) makes
+/// of a TLS server at `at` that it knows as `name`: the handshake's error.
+async fn handshake_error(ca_pem: &str, at: SocketAddr, name: &str) -> Option<rustls::Error> {
+    let config = ferry_agent::tls::pinned_client_config(ca_pem, None).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let error = connector.connect(name, tcp).await.err()?;
+    error
+        .into_inner()
+        .and_then(|e| e.downcast::<rustls::Error>().ok())
+        .map(|e| *e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_certificate_cannot_impersonate_the_manager() {
+    // Whoever holds one device's key and certificate (both signed by the
+    // fleet CA every device trusts) puts up a broker or an artifact server
+    // of their own on the network path: other devices must refuse it.
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager_with_lifetime(dir.path(), Duration::from_secs(3600)).await;
+    let token = manager.add_device("gw-a", &[]).await;
+    let mut a = identity(&dir.path().join("a"), "gw-a");
+    enrol(&manager, &mut a, Some(&token)).await.unwrap();
+    let chain = ferry_agent::tls::certificates(&a.certificate().unwrap().certificate_pem).unwrap();
+    let pkcs8 = std::fs::read(dir.path().join("a/identity/key.pk8")).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8.into()))
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor = listener.local_addr().unwrap();
+    let serving = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+
+    let ca = manager.ca_pem.clone().unwrap();
+    // Under every name a device may know its manager by, including the
+    // device id the certificate carries: the certificate is the impostor's
+    // to show, and the client refuses it for what it is.
+    for name in ["localhost", "127.0.0.1", "gw-a"] {
+        let refused = handshake_error(&ca, impostor, name).await;
+        assert!(
+            matches!(refused, Some(rustls::Error::InvalidCertificate(_))),
+            "{name}: {refused:?}"
+        );
+    }
+    // The same client and CA do reach the real manager.
+    assert_eq!(handshake_error(&ca, manager.http, "localhost").await, None);
+    serving.abort();
     manager.stop().await;
 }

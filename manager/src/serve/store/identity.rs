@@ -21,6 +21,12 @@ pub fn unix_now() -> i64 {
         .unwrap_or_default()
 }
 
+/// How many of a device's certificates stand at once. More than one, so a
+/// connection made with the certificate just replaced can still be made
+/// again while the agent swaps in the new one; few, because each renewal
+/// adds one and a device holding its key may ask as often as it likes.
+pub const LIVE_CERTIFICATES: i64 = 3;
+
 /// What an enrolment request may do, decided from the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enrolment {
@@ -99,7 +105,9 @@ impl Store {
 
     /// Records a certificate issued to `device` (its serial, lowercase hex
     /// without leading zeros, as X.509 parsers print it), and forgets those
-    /// that have expired.
+    /// that have expired and all but the device's newest
+    /// [`LIVE_CERTIFICATES`]: a device that asks for renewals without end
+    /// grows nothing.
     pub fn record_certificate(
         &self,
         serial: &str,
@@ -107,12 +115,20 @@ impl Store {
         not_after: i64,
         now: i64,
     ) -> Result<()> {
-        let db = self.db();
-        db.execute("DELETE FROM device_certs WHERE not_after <= ?1", [now])?;
-        db.execute(
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute("DELETE FROM device_certs WHERE not_after <= ?1", [now])?;
+        tx.execute(
             "INSERT INTO device_certs (serial, device_id, not_after) VALUES (?1, ?2, ?3)",
             params![serial, device, not_after],
         )?;
+        tx.execute(
+            "DELETE FROM device_certs WHERE device_id = ?1 AND serial NOT IN
+               (SELECT serial FROM device_certs WHERE device_id = ?1
+                ORDER BY not_after DESC, rowid DESC LIMIT ?2)",
+            params![device, LIVE_CERTIFICATES],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -249,9 +265,20 @@ mod tests {
             .record_certificate("def", "dev-1", 3000, 2000)
             .unwrap();
         assert_eq!(store.certificate_device("abc", 500).unwrap(), None);
+        // Renewals without end keep only the newest few standing.
+        for (n, serial) in ["s1", "s2", "s3", "s4", "s5"].iter().enumerate() {
+            store
+                .record_certificate(serial, "dev-1", 3000 + n as i64, 2000)
+                .unwrap();
+        }
+        let standing: Vec<_> = ["def", "s1", "s2", "s3", "s4", "s5"]
+            .into_iter()
+            .filter(|s| store.certificate_device(s, 2000).unwrap().is_some())
+            .collect();
+        assert_eq!(standing, ["s3", "s4", "s5"]);
         // Revoked: nothing stands, and the key does not renew.
         assert!(store.revoke_device("dev-1").unwrap());
-        assert_eq!(store.certificate_device("def", 2000).unwrap(), None);
+        assert_eq!(store.certificate_device("s5", 2000).unwrap(), None);
         assert!(matches!(
             store.enrol("dev-1", "k1", None, 2000).unwrap(),
             Enrolment::Refused(_)
