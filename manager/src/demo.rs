@@ -88,6 +88,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         http_listen: config.http_listen,
         data_dir: data_dir.clone(),
         broker: None,
+        auth_callout: None,
         public_url: None,
         offline_after: Duration::from_secs(30),
         http_limits: Default::default(),

@@ -65,11 +65,83 @@ pub fn check_last_will(
     }
 }
 
+/// The subject a NATS server's MQTT gateway carries an MQTT topic on:
+/// levels become tokens (`/` → `.`), and a `.` inside a level becomes `//`,
+/// so a device id with a dot stays one token.
+pub fn nats_subject(topic: &str) -> String {
+    let mut subject = String::with_capacity(topic.len() + 8);
+    for c in topic.chars() {
+        match c {
+            '/' => subject.push('.'),
+            '.' => subject.push_str("//"),
+            c => subject.push(c),
+        }
+    }
+    subject
+}
+
+/// [`may_publish`] and [`may_subscribe`] as allow lists of NATS subjects,
+/// for a broker that takes permissions per user at login instead of asking
+/// a hook at each message (NATS, through its auth callout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectPermissions {
+    /// Subjects the device may publish on.
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+}
+
+/// The exact subjects `device` may use: its own topics, each kind on the
+/// side the table gives it, and nothing with a wildcard.
+pub fn device_subjects(device: &crate::DeviceId) -> SubjectPermissions {
+    let subjects = |by_device: fn(TopicKind) -> bool| {
+        TopicKind::ALL
+            .into_iter()
+            .filter(|kind| by_device(*kind))
+            .map(|kind| nats_subject(&Topic::new(device.clone(), kind).to_string()))
+            .collect()
+    };
+    SubjectPermissions {
+        publish: subjects(TopicKind::published_by_device),
+        subscribe: subjects(TopicKind::subscribed_by_device),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const OFFLINE: &[u8] = br#"{"schema":1,"state":"offline"}"#;
+
+    #[test]
+    fn nats_subjects_keep_a_device_to_its_own_topics() {
+        assert_eq!(
+            nats_subject("ferry/v1/devices/gw.1/desired"),
+            "ferry.v1.devices.gw//1.desired"
+        );
+        let id = |s: &str| crate::DeviceId::new(s).unwrap();
+        let gw = device_subjects(&id("gw"));
+        assert_eq!(
+            gw.subscribe,
+            ["ferry.v1.devices.gw.desired", "ferry.v1.devices.gw.blocks"]
+        );
+        assert_eq!(gw.publish.len(), 5);
+        assert!(
+            gw.publish
+                .contains(&"ferry.v1.devices.gw.status".to_owned())
+        );
+        // No wildcard, and "gw" gets nothing of "gw.1" (one token, gw//1).
+        let dotted = device_subjects(&id("gw.1"));
+        for subject in gw.publish.iter().chain(&gw.subscribe) {
+            assert!(!subject.contains(['*', '>']), "{subject}");
+            assert!(!dotted.publish.contains(subject) && !dotted.subscribe.contains(subject));
+        }
+        assert!(
+            dotted
+                .subscribe
+                .contains(&"ferry.v1.devices.gw//1.desired".to_owned())
+        );
+    }
 
     #[test]
     fn a_device_keeps_to_its_own_topics() {

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod nats;
 pub mod simulator;
 
 /// A real systemd as PID 1 in a throwaway container (the agent's tests
@@ -113,6 +114,7 @@ pub fn plaintext_config(
         http_listen: http,
         data_dir: data_dir.to_owned(),
         broker,
+        auth_callout: None,
         public_url: None,
         offline_after: Duration::from_secs(90),
         http_limits: Default::default(),
@@ -1271,6 +1273,9 @@ pub enum BrokerKind {
     Embedded,
     /// mosquitto, with the ACL the README documents, as the external broker.
     Mosquitto,
+    /// A three-node NATS cluster (MQTT gateway, JetStream), the manager
+    /// answering its auth callout; devices connect to the first node.
+    Nats,
 }
 
 /// An in-process manager on either broker, with devices registered: the
@@ -1286,6 +1291,8 @@ pub struct Site {
     pub passwords: Vec<(String, String)>,
     /// The external broker, if that is the kind.
     pub mosquitto: Option<Mosquitto>,
+    /// The NATS cluster, if that is the kind.
+    pub nats: Option<nats::NatsCluster>,
 }
 
 impl Site {
@@ -1338,6 +1345,37 @@ impl Site {
                     mqtt,
                     passwords,
                     mosquitto: None,
+                    nats: None,
+                }
+            }
+            BrokerKind::Nats => {
+                std::fs::create_dir_all(&data).unwrap();
+                let issuer_file = data.join("nats-issuer.nk");
+                let issuer = ferry::serve::nats::issuer(&issuer_file).unwrap();
+                let cluster = nats::NatsCluster::start(root, 3, &issuer.public_key());
+                let mqtt = cluster.nodes[0].mqtt;
+                let mut config = config(
+                    free_port(),
+                    Some(format!("mqtt://ferry-manager:manager-secret@{mqtt}")),
+                );
+                config.auth_callout = Some(
+                    ferry::serve::nats::AuthCallout::parse(&cluster.callout_url(), issuer_file)
+                        .unwrap(),
+                );
+                let manager = Manager::start_configured(config).await;
+                // Through the callout it answers itself, once JetStream
+                // has formed: the cluster then takes MQTT sessions.
+                manager.wait_subscribed().await;
+                for id in devices {
+                    passwords.push((id.to_string(), manager.add_device(id, &[]).await));
+                }
+                Self {
+                    manager,
+                    root: root.to_owned(),
+                    mqtt,
+                    passwords,
+                    mosquitto: None,
+                    nats: Some(cluster),
                 }
             }
             BrokerKind::Mosquitto => {
@@ -1374,6 +1412,7 @@ impl Site {
                     mqtt: SocketAddr::from(([127, 0, 0, 1], broker.port)),
                     passwords,
                     mosquitto: Some(broker),
+                    nats: None,
                 }
             }
         }

@@ -58,6 +58,22 @@ async fn wait_publish(events: &mut EventLoop, what: &str, until: impl Fn(&str, &
     }
 }
 
+/// Whether a request failed because the server closed the connection
+/// while the client was still sending its body.
+fn closed_under_the_body(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            );
+        }
+        source = e.source();
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_refuses_bad_tokens_huge_bodies_and_bad_json_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,15 +112,21 @@ async fn the_api_refuses_bad_tokens_huge_bodies_and_bad_json_and_changes_nothing
             // A client of its own each time: the server answers 413 before
             // reading a huge body and closes the connection, which must not
             // be reused for the next request.
-            let response = manager
+            let sent = manager
                 .new_client()
                 .post(manager.url(path))
                 .bearer_auth(&manager.token)
                 .body(body)
                 .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status().as_u16(), status, "{path}: {what}");
+                .await;
+            match sent {
+                Ok(response) => assert_eq!(response.status().as_u16(), status, "{path}: {what}"),
+                // The server may close before the client has written the
+                // whole body: the client then sees its write refused
+                // instead of the 413. Only for the oversized body.
+                Err(e) if status == 413 && closed_under_the_body(&e) => {}
+                Err(e) => panic!("{path}: {what}: {e:?}"),
+            }
             tried += 1;
         }
     }

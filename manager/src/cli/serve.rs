@@ -50,6 +50,15 @@ pub(crate) struct Args {
     /// Use this broker instead of the embedded one: mqtt://[USER:PASS@]HOST[:PORT].
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
+    /// With a NATS cluster as --broker: answer its auth callout as this NATS
+    /// user, nats://USER:PASS@HOST:PORT[,HOST:PORT...] (see "Running a
+    /// cluster" in the README).
+    #[arg(long, value_name = "URL", requires = "broker")]
+    nats_callout: Option<String>,
+    /// The callout issuer's account nkey seed, made on first start; every
+    /// replica uses the same [default: DATA_DIR/nats-issuer.nk].
+    #[arg(long, value_name = "FILE")]
+    nats_issuer: Option<PathBuf>,
     /// The URL devices reach this manager's HTTP API at [default: from --http-listen].
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
@@ -83,6 +92,8 @@ impl Args {
             device_cert_lifetime: self.device_cert_lifetime.or(file.device_cert_lifetime),
             data_dir: self.data_dir.or(file.data_dir),
             broker: self.broker.or(file.broker),
+            nats_callout: self.nats_callout.or(file.nats_callout),
+            nats_issuer: self.nats_issuer.or(file.nats_issuer),
             public_url: self.public_url.or(file.public_url),
             offline_after: self.offline_after.or(file.offline_after),
             http_max_connections: self.http_max_connections.or(file.http_max_connections),
@@ -123,6 +134,20 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
     let device_limits = device_limits(&args)?;
     let tls = !args.insecure_plaintext;
     let (mqtt_port, http_port) = if tls { (8883, 8443) } else { (1883, 8080) };
+    let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-data"));
+    let auth_callout = match &args.nats_callout {
+        Some(url) => {
+            if args.broker.is_none() {
+                anyhow::bail!("nats_callout needs broker: the NATS cluster's MQTT address");
+            }
+            let issuer = args
+                .nats_issuer
+                .clone()
+                .unwrap_or_else(|| data_dir.join("nats-issuer.nk"));
+            Some(crate::serve::nats::AuthCallout::parse(url, issuer)?)
+        }
+        None => None,
+    };
     let config = ServeConfig {
         mqtt_listen: args
             .mqtt_listen
@@ -133,8 +158,9 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
         tls,
         public_names: args.public_names,
         device_cert_lifetime,
-        data_dir: args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-data")),
+        data_dir,
         broker: args.broker,
+        auth_callout,
         public_url: args.public_url,
         offline_after: offline_after.max(Duration::from_secs(3)),
         http_limits: HttpLimits {

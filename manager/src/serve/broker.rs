@@ -30,7 +30,8 @@ use rmqtt::types::{AuthResult, Id, LastWill, PublishAclResult, SubscribeAclResul
 
 use super::blocks::Backlog;
 use super::limits::Policing;
-use super::store::{Store, verify_password};
+use super::login::{Login, Logins, Refusal};
+use super::store::Store;
 
 /// Credentials of the manager's own MQTT client.
 #[derive(Debug, Clone)]
@@ -105,9 +106,11 @@ pub async fn start(
 
     let register = scx.extends.hook_mgr().register();
     let guard = Arc::new(Guard {
-        store,
-        manager,
-        manager_serial: tls.as_ref().map(|t| t.manager_serial.clone()),
+        logins: Logins {
+            store,
+            manager,
+            manager_serial: tls.as_ref().map(|t| t.manager_serial.clone()),
+        },
         dropped,
         policing,
         backlog,
@@ -162,10 +165,7 @@ pub async fn start(
 /// Authentication, ACL and device budgets in one handler, which also
 /// counts drops.
 struct Guard {
-    store: Arc<Store>,
-    manager: ManagerLogin,
-    /// Over TLS, the manager's client certificate's serial.
-    manager_serial: Option<String>,
+    logins: Logins,
     dropped: prometheus::IntCounter,
     policing: Policing,
     backlog: Arc<Backlog>,
@@ -319,9 +319,7 @@ fn user_of(session: &rmqtt::session::Session) -> String {
 }
 
 impl Guard {
-    /// Who may connect: the manager (its password, and over TLS its own
-    /// certificate); a device by the certificate the store stands behind
-    /// (over TLS), or by its password (plain MQTT).
+    /// Who may connect ([`Logins::decide`]), in rmqtt's terms.
     fn authenticate(
         &self,
         user: &str,
@@ -329,51 +327,13 @@ impl Guard {
         client_id: &str,
         serial: Option<&str>,
     ) -> AuthResult {
-        if user == self.manager.username {
-            let certificate_ok = match &self.manager_serial {
-                Some(own) => serial == Some(own.as_str()),
-                None => true,
-            };
-            return if certificate_ok && password == self.manager.password {
-                AuthResult::Allow(true, None)
-            } else {
+        match self.logins.decide(user, password, client_id, serial) {
+            Login::Manager => AuthResult::Allow(true, None),
+            Login::Device => AuthResult::Allow(false, None),
+            Login::Refused(Refusal::NotTheManager | Refusal::Password) => {
                 AuthResult::BadUsernameOrPassword
-            };
-        }
-        // A device's client id is its user name: no one takes over another
-        // device's session.
-        if client_id != user {
-            return AuthResult::NotAuthorized;
-        }
-        if self.manager_serial.is_some() {
-            // TLS: the certificate decides, and it must be this device's.
-            let Some(serial) = serial else {
-                return AuthResult::NotAuthorized;
-            };
-            return match self
-                .store
-                .certificate_device(serial, super::store::unix_now())
-            {
-                Ok(Some(device)) if device == user => AuthResult::Allow(false, None),
-                Ok(_) => {
-                    tracing::warn!(device = %user, %serial, "certificate refused: revoked, or another device's");
-                    AuthResult::NotAuthorized
-                }
-                Err(e) => {
-                    tracing::error!("certificate lookup failed: {e}");
-                    AuthResult::NotAuthorized
-                }
-            };
-        }
-        match self.store.password_hash_of(user) {
-            Ok(Some(stored)) if verify_password(&stored, password) => {
-                AuthResult::Allow(false, None)
             }
-            Ok(_) => AuthResult::BadUsernameOrPassword,
-            Err(e) => {
-                tracing::error!("device lookup failed: {e}");
-                AuthResult::NotAuthorized
-            }
+            Login::Refused(_) => AuthResult::NotAuthorized,
         }
     }
 }

