@@ -89,6 +89,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         data_dir: data_dir.clone(),
         broker: None,
         auth_callout: None,
+        database: None,
         public_url: None,
         offline_after: Duration::from_secs(30),
         http_limits: Default::default(),

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod nats;
+pub mod postgres;
 pub mod simulator;
 
 /// A real systemd as PID 1 in a throwaway container (the agent's tests
@@ -115,6 +116,7 @@ pub fn plaintext_config(
         data_dir: data_dir.to_owned(),
         broker,
         auth_callout: None,
+        database: None,
         public_url: None,
         offline_after: Duration::from_secs(90),
         http_limits: Default::default(),

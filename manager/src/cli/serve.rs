@@ -47,6 +47,10 @@ pub(crate) struct Args {
     /// Where the database, artifacts and operator token live [default: ferry-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The database: sqlite://PATH, or postgres://USER:PASSWORD@HOST/NAME
+    /// shared by manager replicas [default: sqlite://DATA_DIR/ferry.db].
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
     /// Use this broker instead of the embedded one: mqtt://[USER:PASS@]HOST[:PORT].
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
@@ -91,6 +95,7 @@ impl Args {
             insecure_plaintext: self.insecure_plaintext || file.insecure_plaintext,
             device_cert_lifetime: self.device_cert_lifetime.or(file.device_cert_lifetime),
             data_dir: self.data_dir.or(file.data_dir),
+            database: self.database.or(file.database),
             broker: self.broker.or(file.broker),
             nats_callout: self.nats_callout.or(file.nats_callout),
             nats_issuer: self.nats_issuer.or(file.nats_issuer),
@@ -148,6 +153,10 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
         }
         None => None,
     };
+    let database = match &args.database {
+        Some(url) => Some(url.parse().map_err(|e| anyhow::anyhow!("database: {e}"))?),
+        None => None,
+    };
     let config = ServeConfig {
         mqtt_listen: args
             .mqtt_listen
@@ -159,6 +168,7 @@ pub(crate) async fn run(args: Args) -> Result<Outcome> {
         public_names: args.public_names,
         device_cert_lifetime,
         data_dir,
+        database,
         broker: args.broker,
         auth_callout,
         public_url: args.public_url,

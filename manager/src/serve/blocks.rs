@@ -121,7 +121,7 @@ impl BlockServer {
             }
         };
         let artifact = request.artifact;
-        let served = match self.check(&device, &request) {
+        let served = match self.check(&device, &request).await {
             Err(reason) => Err(("refused", reason)),
             Ok(()) => self.send_range(&device, &request).await,
         };
@@ -148,7 +148,7 @@ impl BlockServer {
 
     /// Whether `device` may have these bytes: its desired state must name
     /// the artifact.
-    fn check(
+    async fn check(
         &self,
         device: &ferry_protocol::DeviceId,
         request: &BlockRequest,
@@ -156,6 +156,7 @@ impl BlockServer {
         let assigned = self
             .store
             .desires_artifact(device.as_str(), &request.artifact)
+            .await
             .map_err(|e| format!("the manager cannot read desired states: {e}"))?;
         if !assigned {
             return Err(format!(

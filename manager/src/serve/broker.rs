@@ -186,9 +186,10 @@ impl Handler for GuardHook {
                     .unwrap_or_default();
                 let client_id = info.client_id().to_string();
                 let serial = info.cert().and_then(|c| c.serial.clone());
-                let mut result =
-                    self.0
-                        .authenticate(&user, &password, &client_id, serial.as_deref());
+                let mut result = self
+                    .0
+                    .authenticate(&user, &password, &client_id, serial.as_deref())
+                    .await;
                 // A will is a publish the broker makes later for the device,
                 // and rmqtt does not put it through the publish ACL: check it
                 // here, before the session exists.
@@ -320,14 +321,14 @@ fn user_of(session: &rmqtt::session::Session) -> String {
 
 impl Guard {
     /// Who may connect ([`Logins::decide`]), in rmqtt's terms.
-    fn authenticate(
+    async fn authenticate(
         &self,
         user: &str,
         password: &str,
         client_id: &str,
         serial: Option<&str>,
     ) -> AuthResult {
-        match self.logins.decide(user, password, client_id, serial) {
+        match self.logins.decide(user, password, client_id, serial).await {
             Login::Manager => AuthResult::Allow(true, None),
             Login::Device => AuthResult::Allow(false, None),
             Login::Refused(Refusal::NotTheManager | Refusal::Password) => {

@@ -13,7 +13,7 @@ use super::store::{Store, StoreError};
 
 /// The device's desired state with `envelope` in place of its service's
 /// current entry, encoded for the `desired` topic.
-pub fn with_release(
+pub async fn with_release(
     store: &Store,
     device: &str,
     envelope: &Envelope,
@@ -24,7 +24,7 @@ pub fn with_release(
         .unverified_manifest()
         .map(|m| m.service.as_str().to_owned())
         .unwrap_or_default();
-    let mut releases: Vec<DesiredRelease> = match store.desired(device)? {
+    let mut releases: Vec<DesiredRelease> = match store.desired(device).await? {
         Some(text) => Desired::decode(text.as_bytes())
             .map(|d| d.releases)
             .unwrap_or_default(),
@@ -44,16 +44,17 @@ pub fn with_release(
         schema: MESSAGE_SCHEMA,
         rollout: Some(label.to_owned()),
         releases,
-        roots: roots(store)?,
+        roots: roots(store).await?,
     };
     Ok(String::from_utf8_lossy(&message.encode()).into_owned())
 }
 
 /// The trust roots published, oldest first: every desired state carries
 /// the chain, so a device walks from whatever version it holds.
-pub fn roots(store: &Store) -> Result<Vec<SignedRoot>, StoreError> {
+pub async fn roots(store: &Store) -> Result<Vec<SignedRoot>, StoreError> {
     store
-        .roots()?
+        .roots()
+        .await?
         .iter()
         .map(|text| {
             SignedRoot::from_json(text.as_bytes())

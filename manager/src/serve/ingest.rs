@@ -121,7 +121,7 @@ pub async fn run(
                         }
                         continue;
                     }
-                    match ingest(&store, &wake, &mut marks, &topic, &p.payload) {
+                    match ingest(&store, &wake, &mut marks, &topic, &p.payload).await {
                         Ok(Some(record)) => {
                             // Waits only when the recorder is far behind.
                             if recorder.send(record).await.is_err() {
@@ -176,7 +176,7 @@ async fn publish_desired(client: &AsyncClient, device: &str, payload: Vec<u8>) {
 }
 
 async fn republish_all(client: AsyncClient, store: Arc<Store>) {
-    match store.all_desired() {
+    match store.all_desired().await {
         Ok(all) => {
             for (device, payload) in all {
                 publish_desired(&client, &device, payload.into_bytes()).await;
@@ -222,7 +222,7 @@ pub struct Listeners {
 
 /// Checks one device message and acts on what it says about deployments;
 /// returns what is to be recorded.
-fn ingest(
+async fn ingest(
     store: &Store,
     wake: &Notify,
     marks: &mut InstallingMarks,
@@ -246,23 +246,28 @@ fn ingest(
                         result.release.service.as_str(),
                         result.release.version.as_str(),
                     );
-                    if store.report_rollout_device(
-                        id,
-                        device,
-                        release,
-                        Some((step, result.reason.as_deref())),
-                    )? {
+                    if store
+                        .report_rollout_device(
+                            id,
+                            device,
+                            release,
+                            Some((step, result.reason.as_deref())),
+                        )
+                        .await?
+                    {
                         wake.notify_one();
                     }
                 }
                 if let Some(id) = deployment_id(result.rollout.as_deref()) {
                     let status = serde_json::to_value(result.outcome)?;
-                    store.set_deployment_status(
-                        id,
-                        device,
-                        status.as_str().unwrap_or("failed"),
-                        result.reason.as_deref(),
-                    )?;
+                    store
+                        .set_deployment_status(
+                            id,
+                            device,
+                            status.as_str().unwrap_or("failed"),
+                            result.reason.as_deref(),
+                        )
+                        .await?;
                 }
             }
         }
@@ -280,10 +285,14 @@ fn ingest(
             if let (true, Some(release)) = (first, &event.release) {
                 if let Some(id) = rollout::rollout_id(event.rollout.as_deref()) {
                     let release = (release.service.as_str(), release.version.as_str());
-                    store.report_rollout_device(id, device, release, None)?;
+                    store
+                        .report_rollout_device(id, device, release, None)
+                        .await?;
                 }
                 if let Some(id) = deployment_id(event.rollout.as_deref()) {
-                    store.set_deployment_status(id, device, "installing", None)?;
+                    store
+                        .set_deployment_status(id, device, "installing", None)
+                        .await?;
                 }
             }
         }
@@ -305,10 +314,10 @@ fn ingest(
     }))
 }
 
-/// Writes what the ingest loop hands over, on a thread of its own: a
-/// batch is whatever queued while the last one was written, so under load
-/// one transaction records many messages, and ingestion never waits on
-/// SQLite. Bumps `changes` once per batch.
+/// Writes what the ingest loop hands over, in a task of its own: a batch
+/// is whatever queued while the last one was written, so under load one
+/// transaction records many messages, and ingestion never waits on the
+/// database. Bumps `changes` once per batch.
 pub fn spawn_recorder(
     store: Arc<Store>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
@@ -316,30 +325,19 @@ pub fn spawn_recorder(
 ) -> mpsc::Sender<Record> {
     const BATCH: usize = 2048;
     let (tx, mut rx) = mpsc::channel::<Record>(64 * 1024);
-    std::thread::Builder::new()
-        .name("ferry-recorder".into())
-        .spawn(move || {
-            let mut batch = Vec::with_capacity(BATCH);
-            while let Some(first) = rx.blocking_recv() {
-                batch.push(first);
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(record) => batch.push(record),
-                        Err(_) => break,
-                    }
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(BATCH);
+        while rx.recv_many(&mut batch, BATCH).await > 0 {
+            match store.record_many(&batch).await {
+                Ok(()) => {
+                    recorded.inc_by(batch.len() as u64);
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
-                match store.record_many(&batch) {
-                    Ok(()) => {
-                        recorded.inc_by(batch.len() as u64);
-                        changes.send_modify(|n| *n = n.wrapping_add(1));
-                    }
-                    Err(e) => tracing::warn!("{} device messages not recorded: {e}", batch.len()),
-                }
-                batch.clear();
+                Err(e) => tracing::warn!("{} device messages not recorded: {e}", batch.len()),
             }
-        })
-        .map_err(|e| tracing::error!("cannot start the recorder thread: {e}"))
-        .ok();
+            batch.clear();
+        }
+    });
     tx
 }
 

@@ -49,7 +49,7 @@ pub struct Logins {
 impl Logins {
     /// Decides a connection by its user name, password, client id and,
     /// over TLS, its certificate's serial.
-    pub fn decide(
+    pub async fn decide(
         &self,
         user: &str,
         password: &str,
@@ -75,7 +75,7 @@ impl Logins {
             let Some(serial) = serial else {
                 return Login::Refused(Refusal::Certificate);
             };
-            return match self.store.certificate_device(serial, unix_now()) {
+            return match self.store.certificate_device(serial, unix_now()).await {
                 Ok(Some(device)) if device == user => Login::Device,
                 Ok(_) => {
                     tracing::warn!(device = %user, %serial, "certificate refused: revoked, or another device's");
@@ -87,7 +87,7 @@ impl Logins {
                 }
             };
         }
-        match self.store.password_hash_of(user) {
+        match self.store.password_hash_of(user).await {
             Ok(Some(stored)) if verify_password(&stored, password) => Login::Device,
             Ok(_) => Login::Refused(Refusal::Password),
             Err(e) => {

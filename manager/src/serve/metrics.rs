@@ -107,7 +107,7 @@ impl Metrics {
     }
 
     /// The exposition text for one scrape.
-    pub fn render(&self, store: &Store) -> Result<String, MetricsError> {
+    pub async fn render(&self, store: &Store) -> Result<String, MetricsError> {
         let registry = Registry::new();
         registry.register(Box::new(self.mqtt_messages.clone()))?;
         registry.register(Box::new(self.broker_subscribed.clone()))?;
@@ -117,7 +117,7 @@ impl Metrics {
         registry.register(Box::new(self.messages_recorded.clone()))?;
         registry.register(Box::new(self.broker_dropped.clone()))?;
         registry.register(Box::new(self.device_throttled.clone()))?;
-        fleet(&registry, store)?;
+        fleet(&registry, store).await?;
         let mut out = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
@@ -170,11 +170,11 @@ fn version_label<'a>(published: &'a Published, service: &str, version: &'a str) 
 
 type Published = std::collections::HashMap<String, std::collections::HashSet<String>>;
 
-fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
-    let devices = store.devices()?;
+async fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
+    let devices = store.devices().await?;
     let now = SystemTime::now();
     let mut published = Published::new();
-    for release in store.releases()? {
+    for release in store.releases().await? {
         published
             .entry(release.service)
             .or_default()
@@ -336,7 +336,7 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
     ))?;
     registry.register(Box::new(oldest.clone()))?;
     let mut max_age: f64 = 0.0;
-    for (device, time) in store.last_health_times()? {
+    for (device, time) in store.last_health_times().await? {
         if let Some(age) = age_secs(&time, now) {
             report_age.with_label_values(&[&device]).set(age);
             max_age = max_age.max(age);
@@ -362,7 +362,7 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
     ] {
         deployments.with_label_values(&[status]).set(0);
     }
-    for (status, count) in store.deployment_statuses()? {
+    for (status, count) in store.deployment_statuses().await? {
         deployments.with_label_values(&[&status]).set(count);
     }
 
@@ -392,7 +392,7 @@ fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
         "Share of an open rollout's devices with the release installed, 0 to 1.",
         &["rollout", "service", "version"],
     )?;
-    for rollout in store.rollouts()? {
+    for rollout in store.rollouts().await? {
         rollouts.with_label_values(&[rollout.state.as_str()]).inc();
         if !matches!(rollout.state, RolloutState::Running | RolloutState::Paused) {
             continue;

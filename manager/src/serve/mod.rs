@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub http_listen: SocketAddr,
     /// The data directory.
     pub data_dir: PathBuf,
+    /// The database; SQLite in the data directory unless set.
+    pub database: Option<store::DatabaseUrl>,
     /// An external broker (`mqtt://[user:pass@]host:port`) instead of the embedded one.
     pub broker: Option<String>,
     /// With a NATS cluster as that broker: answer its auth callout.
@@ -98,7 +100,15 @@ pub async fn serve(
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700)).ok();
     let artifacts = config.data_dir.join("artifacts");
     std::fs::create_dir_all(&artifacts)?;
-    let store = Arc::new(store::Store::open(&config.data_dir.join("ferry.db"))?);
+    let database = config
+        .database
+        .clone()
+        .unwrap_or_else(|| store::DatabaseUrl::sqlite(&config.data_dir.join("ferry.db")));
+    let store = Arc::new(
+        store::Store::connect(&database)
+            .await
+            .with_context(|| format!("cannot open the database {}", database.redacted()))?,
+    );
     let (token, created) = operator_token(&config.data_dir)?;
     let token_path = token_file(&config.data_dir);
     if created {
@@ -248,7 +258,7 @@ pub async fn serve(
         loop {
             tick.tick().await;
             let cutoff = Timestamp::from(std::time::SystemTime::now() - offline_after).to_string();
-            if let Err(e) = silence_store.mark_silent_offline(&cutoff) {
+            if let Err(e) = silence_store.mark_silent_offline(&cutoff).await {
                 tracing::warn!("offline check: {e}");
             }
         }

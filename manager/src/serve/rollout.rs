@@ -280,7 +280,7 @@ impl Engine {
             if full {
                 last_full = Some(Instant::now());
             }
-            if let Err(e) = self.step_all(full) {
+            if let Err(e) = self.step_all(full).await {
                 tracing::warn!("rollouts: {e}");
             }
             woken = tokio::select! {
@@ -292,19 +292,19 @@ impl Engine {
 
     /// One step of every open rollout; `full` also takes in devices that
     /// joined the selector and times out devices without an outcome.
-    pub fn step_all(&self, full: bool) -> Result<(), StoreError> {
-        for rollout in self.store.open_rollouts()? {
+    pub async fn step_all(&self, full: bool) -> Result<(), StoreError> {
+        for rollout in self.store.open_rollouts().await? {
             let id = rollout.id;
-            if let Err(e) = self.step(rollout, full) {
+            if let Err(e) = self.step(rollout, full).await {
                 tracing::warn!(rollout = id, "rollout step: {e}");
             }
         }
         Ok(())
     }
 
-    fn step(&self, rollout: RolloutRow, full: bool) -> Result<(), StoreError> {
-        let rollout = if full && self.join_and_time_out(&rollout)? {
-            match self.store.rollout(rollout.id)? {
+    async fn step(&self, rollout: RolloutRow, full: bool) -> Result<(), StoreError> {
+        let rollout = if full && self.join_and_time_out(&rollout).await? {
+            match self.store.rollout(rollout.id).await? {
                 Some(changed) => changed,
                 None => return Ok(()),
             }
@@ -322,7 +322,7 @@ impl Engine {
                 "{failures} of {attempted} devices failed, over the threshold of {}",
                 rollout.plan.max_failures
             );
-            return self.abort(&rollout, &reason);
+            return self.abort(&rollout, &reason).await;
         }
         if rollout.state != RolloutState::Running {
             return Ok(());
@@ -337,7 +337,8 @@ impl Engine {
         else {
             tracing::info!(rollout = rollout.id, "completed");
             self.store
-                .set_rollout_state(rollout.id, RolloutState::Completed, None)?;
+                .set_rollout_state(rollout.id, RolloutState::Completed, None)
+                .await?;
             self.changed();
             return Ok(());
         };
@@ -355,19 +356,22 @@ impl Engine {
         if to_send.is_empty() {
             return Ok(());
         }
-        let Some((envelope, url)) = self.release(&rollout.service, &rollout.version)? else {
-            return self.abort(&rollout, "its release is no longer published");
+        let Some((envelope, url)) = self.release(&rollout.service, &rollout.version).await? else {
+            return self
+                .abort(&rollout, "its release is no longer published")
+                .await;
         };
         for device in to_send {
-            self.send(rollout.id, device, DeviceStep::Sent, &envelope, &url)?;
+            self.send(rollout.id, device, DeviceStep::Sent, &envelope, &url)
+                .await?;
         }
         Ok(())
     }
 
     /// Adds the devices that joined the selector (at the end) and times out
     /// devices sent the release too long ago; whether anything changed.
-    fn join_and_time_out(&self, rollout: &RolloutRow) -> Result<bool, StoreError> {
-        let fleet = self.store.device_tags()?;
+    async fn join_and_time_out(&self, rollout: &RolloutRow) -> Result<bool, StoreError> {
+        let fleet = self.store.device_tags().await?;
         let known: HashSet<&str> = rollout
             .devices
             .iter()
@@ -383,7 +387,7 @@ impl Engine {
         let mut changed = false;
         if !joined.is_empty() {
             tracing::info!(rollout = rollout.id, ?joined, "devices joined the rollout");
-            self.store.add_rollout_devices(rollout.id, &joined)?;
+            self.store.add_rollout_devices(rollout.id, &joined).await?;
             changed = true;
         }
         let timeout = Duration::from_secs(rollout.plan.device_timeout_secs);
@@ -395,12 +399,15 @@ impl Engine {
                     .as_deref()
                     .is_some_and(|sent| sent < cutoff.as_str())
             {
-                changed |= self.store.set_rollout_device(
-                    rollout.id,
-                    &device.device_id,
-                    DeviceStep::TimedOut,
-                    Some(&format!("no outcome within {}s", timeout.as_secs())),
-                )?;
+                changed |= self
+                    .store
+                    .set_rollout_device(
+                        rollout.id,
+                        &device.device_id,
+                        DeviceStep::TimedOut,
+                        Some(&format!("no outcome within {}s", timeout.as_secs())),
+                    )
+                    .await?;
             }
         }
         Ok(changed)
@@ -409,10 +416,10 @@ impl Engine {
     /// Stops a rollout: nothing more is sent, and with a revert release the
     /// devices it reached are sent that. The reverts are recorded before the
     /// state, so a crash in between aborts (and reverts) again on restart.
-    pub fn abort(&self, rollout: &RolloutRow, reason: &str) -> Result<(), StoreError> {
+    pub async fn abort(&self, rollout: &RolloutRow, reason: &str) -> Result<(), StoreError> {
         tracing::warn!(rollout = rollout.id, "aborting: {reason}");
         if let Some(revert) = &rollout.plan.revert_to {
-            match self.release(&rollout.service, revert)? {
+            match self.release(&rollout.service, revert).await? {
                 Some((envelope, url)) => {
                     for device in rollout.devices.iter().filter(|d| d.status.needs_revert()) {
                         self.send(
@@ -421,25 +428,27 @@ impl Engine {
                             DeviceStep::Reverting,
                             &envelope,
                             &url,
-                        )?;
+                        )
+                        .await?;
                     }
                 }
                 None => tracing::error!(rollout = rollout.id, revert, "the revert release is gone"),
             }
         }
         self.store
-            .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason))?;
+            .set_rollout_state(rollout.id, RolloutState::Aborted, Some(reason))
+            .await?;
         self.changed();
         Ok(())
     }
 
     /// A published release's envelope and artifact URL.
-    fn release(
+    async fn release(
         &self,
         service: &str,
         version: &str,
     ) -> Result<Option<(Envelope, String)>, StoreError> {
-        let Some(release) = self.store.release(service, version)? else {
+        let Some(release) = self.store.release(service, version).await? else {
             return Ok(None);
         };
         let envelope = Envelope::from_json(release.envelope.as_bytes())
@@ -449,7 +458,7 @@ impl Engine {
     }
 
     /// Puts `envelope` in a device's desired state and moves it to `step`.
-    fn send(
+    async fn send(
         &self,
         id: i64,
         device: &str,
@@ -457,10 +466,15 @@ impl Engine {
         envelope: &Envelope,
         url: &str,
     ) -> Result<(), StoreError> {
-        let payload = super::desired::with_release(&self.store, device, envelope, url, &label(id))?;
+        let payload =
+            super::desired::with_release(&self.store, device, envelope, url, &label(id)).await?;
         // Recorded first: after a crash the retained desired state is
         // republished on restart, and the device is never sent it again.
-        if self.store.send_rollout_device(id, device, step, &payload)? {
+        if self
+            .store
+            .send_rollout_device(id, device, step, &payload)
+            .await?
+        {
             let _ = self.outgoing.send(Outgoing {
                 device: device.to_owned(),
                 payload: payload.into_bytes(),

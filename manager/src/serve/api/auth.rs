@@ -193,22 +193,27 @@ pub async fn authorize(
     next: Next,
 ) -> Response {
     let from = request.extensions().get::<ClientAddr>().map(|c| c.0);
-    let checked = match access(request.method(), route.as_str()) {
-        Access::Public => Ok(()),
-        Access::Operator(needed) => operator(&state, request.headers(), from, needed).map(|op| {
-            request.extensions_mut().insert(op);
-        }),
-        Access::DeviceOrRead => {
-            let certificate = request
-                .extensions()
-                .get::<Option<PeerCertificate>>()
-                .cloned()
-                .flatten();
-            device_or_operator(&state, request.headers(), certificate, from).map(|caller| {
-                request.extensions_mut().insert(caller);
-            })
-        }
-    };
+    let checked =
+        match access(request.method(), route.as_str()) {
+            Access::Public => Ok(()),
+            Access::Operator(needed) => operator(&state, request.headers(), from, needed)
+                .await
+                .map(|op| {
+                    request.extensions_mut().insert(op);
+                }),
+            Access::DeviceOrRead => {
+                let certificate = request
+                    .extensions()
+                    .get::<Option<PeerCertificate>>()
+                    .cloned()
+                    .flatten();
+                device_or_operator(&state, request.headers(), certificate, from)
+                    .await
+                    .map(|caller| {
+                        request.extensions_mut().insert(caller);
+                    })
+            }
+        };
     match checked {
         Ok(()) => next.run(request).await,
         Err(refused) => refused.into_response(),
@@ -216,21 +221,25 @@ pub async fn authorize(
 }
 
 /// The operator a bearer token names, if it is one.
-fn token_operator(state: &AppState, token: &str) -> ApiResult<Option<Operator>> {
+async fn token_operator(state: &AppState, token: &str) -> ApiResult<Option<Operator>> {
     if constant_time_eq(token.as_bytes(), state.token.as_bytes()) {
         return Ok(Some(Operator {
             name: "local".into(),
             scope: Scope::Admin,
         }));
     }
-    Ok(state.store.token(token)?.map(|(name, scope)| Operator {
-        name,
-        scope: Scope::parse(&scope).unwrap_or(Scope::Read),
-    }))
+    Ok(state
+        .store
+        .token(token)
+        .await?
+        .map(|(name, scope)| Operator {
+            name,
+            scope: Scope::parse(&scope).unwrap_or(Scope::Read),
+        }))
 }
 
 /// Checks the operator's bearer token for `needed`; the operator.
-fn operator(
+async fn operator(
     state: &AppState,
     headers: &HeaderMap,
     from: Option<IpAddr>,
@@ -247,7 +256,7 @@ fn operator(
             "an operator token is needed (Authorization: Bearer ...)",
         ));
     };
-    match token_operator(state, token)? {
+    match token_operator(state, token).await? {
         Some(op) if op.scope >= needed => Ok(op),
         Some(op) => Err(bad(
             StatusCode::FORBIDDEN,
@@ -268,7 +277,7 @@ fn operator(
 
 /// An operator (scope `read`) or a device with its certificate or its
 /// basic-auth credentials.
-fn device_or_operator(
+async fn device_or_operator(
     state: &AppState,
     headers: &HeaderMap,
     certificate: Option<PeerCertificate>,
@@ -278,7 +287,8 @@ fn device_or_operator(
     if let Some(certificate) = certificate {
         return match state
             .store
-            .certificate_device(&certificate.serial, crate::serve::store::unix_now())?
+            .certificate_device(&certificate.serial, crate::serve::store::unix_now())
+            .await?
         {
             Some(device) => Ok(Caller::Device(device)),
             None => {
@@ -294,7 +304,9 @@ fn device_or_operator(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if authorization.is_some_and(|a| a.starts_with("Bearer ")) {
-        return operator(state, headers, from, Scope::Read).map(|_| Caller::Operator);
+        return operator(state, headers, from, Scope::Read)
+            .await
+            .map(|_| Caller::Operator);
     }
     let basic = authorization
         .and_then(|v| v.strip_prefix("Basic "))
@@ -306,7 +318,7 @@ fn device_or_operator(
             "device credentials are needed",
         ));
     };
-    match state.store.password_hash_of(user)? {
+    match state.store.password_hash_of(user).await? {
         Some(stored) if verify_password(&stored, password) => Ok(Caller::Device(user.to_owned())),
         _ => {
             state.failures.failed(from);

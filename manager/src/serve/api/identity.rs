@@ -41,15 +41,18 @@ pub(super) async fn add_enrolling(
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let token = hex::encode(secret);
     let expires = SystemTime::now() + TOKEN_LIFETIME;
-    state.store.add_enrolling_device(
-        id,
-        &token,
-        expires
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or_default(),
-        tags,
-    )?;
+    state
+        .store
+        .add_enrolling_device(
+            id,
+            &token,
+            expires
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default(),
+            tags,
+        )
+        .await?;
     end_session(state, id.as_str()).await;
     Ok(json!({
         "device_id": id, "credential": "certificate", "tags": tags,
@@ -86,24 +89,30 @@ pub(super) async fn enrol(
     };
     let key = request.verified_key().map_err(|e| refuse(e.to_string()))?;
     let now = unix_now();
-    let decision = state.store.enrol(
-        request.device_id.as_str(),
-        &hex::encode(key),
-        request.token.as_deref(),
-        now,
-    )?;
+    let decision = state
+        .store
+        .enrol(
+            request.device_id.as_str(),
+            &hex::encode(key),
+            request.token.as_deref(),
+            now,
+        )
+        .await?;
     if let Enrolment::Refused(why) = decision {
         return Err(refuse(why.to_owned()));
     }
     let issued = ca
         .issue_device(&request.device_id, &key, state.device_cert_lifetime)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    state.store.record_certificate(
-        &issued.serial,
-        request.device_id.as_str(),
-        issued.not_after,
-        now,
-    )?;
+    state
+        .store
+        .record_certificate(
+            &issued.serial,
+            request.device_id.as_str(),
+            issued.not_after,
+            now,
+        )
+        .await?;
     tracing::info!(
         device = %request.device_id,
         serial = %issued.serial,
@@ -125,7 +134,7 @@ pub(super) async fn revoke(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    if !state.store.revoke_device(&id)? {
+    if !state.store.revoke_device(&id).await? {
         return Err(bad(StatusCode::NOT_FOUND, format!("no device {id}")));
     }
     end_session(&state, &id).await;

@@ -228,6 +228,7 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<impl IntoResponse> 
     let text = state
         .metrics
         .render(&state.store)
+        .await
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok((
         [(
@@ -312,7 +313,7 @@ async fn add_device(
     getrandom::fill(&mut secret)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let password = hex::encode(secret);
-    state.store.add_device(&id, &password, &new.tags)?;
+    state.store.add_device(&id, &password, &new.tags).await?;
     // Adding a device again gives it a new password: whoever holds the old
     // one is cut off now, not at their next reconnect.
     end_session(&state, id.as_str()).await;
@@ -332,7 +333,7 @@ async fn remove_device(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    if !state.store.remove_device(&id)? {
+    if !state.store.remove_device(&id).await? {
         return Err(bad(StatusCode::NOT_FOUND, format!("no device {id}")));
     }
     end_session(&state, &id).await;
@@ -354,7 +355,7 @@ pub(super) async fn end_session(state: &AppState, device: &str) {
 }
 
 async fn list_devices(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.devices()?))
+    Ok(Json(state.store.devices().await?))
 }
 
 async fn show_device(
@@ -363,11 +364,12 @@ async fn show_device(
 ) -> ApiResult<impl IntoResponse> {
     let device = state
         .store
-        .device(&id)?
+        .device(&id)
+        .await?
         .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no device {id}")))?;
     let mut shown = serde_json::to_value(device)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    shown["credential"] = state.store.credential_of(&id)?.unwrap_or_default();
+    shown["credential"] = state.store.credential_of(&id).await?.unwrap_or_default();
     Ok(Json(shown))
 }
 
@@ -378,7 +380,7 @@ async fn set_tags(
 ) -> ApiResult<impl IntoResponse> {
     let tags: Vec<String> = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
-    if state.store.set_tags(&id, &tags)? {
+    if state.store.set_tags(&id, &tags).await? {
         Ok(Json(json!({ "device_id": id, "tags": tags })))
     } else {
         Err(bad(StatusCode::NOT_FOUND, format!("no device {id}")))
@@ -462,7 +464,7 @@ async fn download_artifact(
     let sha = parse_sha(&sha)?;
     // A device gets only what it was told to install, as over MQTT.
     if let Caller::Device(device) = caller {
-        if !state.store.desires_artifact(&device, &sha)? {
+        if !state.store.desires_artifact(&device, &sha).await? {
             return Err(bad(
                 StatusCode::FORBIDDEN,
                 format!("artifact {sha} is not in {device}'s desired state"),
@@ -484,12 +486,16 @@ async fn show_release(
     State(state): State<AppState>,
     Path((service, version)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    let release = state.store.release(&service, &version)?.ok_or_else(|| {
-        bad(
-            StatusCode::NOT_FOUND,
-            format!("no release {service} {version}"),
-        )
-    })?;
+    let release = state
+        .store
+        .release(&service, &version)
+        .await?
+        .ok_or_else(|| {
+            bad(
+                StatusCode::NOT_FOUND,
+                format!("no release {service} {version}"),
+            )
+        })?;
     let envelope: serde_json::Value = serde_json::from_str(&release.envelope)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut body = serde_json::to_value(&release)
@@ -531,14 +537,18 @@ async fn publish_release(
         }
         Some(_) => {}
     }
-    let status = match state.store.add_release(
-        manifest.service.as_str(),
-        &manifest.version.to_string(),
-        manifest.sequence,
-        &manifest.artifact.sha256,
-        manifest.artifact.size,
-        &String::from_utf8_lossy(&envelope.to_json()),
-    )? {
+    let status = match state
+        .store
+        .add_release(
+            manifest.service.as_str(),
+            &manifest.version.to_string(),
+            manifest.sequence,
+            &manifest.artifact.sha256,
+            manifest.artifact.size,
+            &String::from_utf8_lossy(&envelope.to_json()),
+        )
+        .await?
+    {
         Published::Added => StatusCode::CREATED,
         Published::AlreadyThere => StatusCode::OK,
         Published::Conflict(reason) => return Err(bad(StatusCode::CONFLICT, reason)),
@@ -556,7 +566,7 @@ async fn publish_release(
 
 /// The devices a request names with exactly one of `devices`, `tag` or
 /// `all`: the selector, and the registered devices it picks now (never none).
-fn select(
+async fn select(
     store: &Store,
     devices: &[String],
     tag: Option<&String>,
@@ -573,7 +583,7 @@ fn select(
             ));
         }
     };
-    let fleet = store.device_tags()?;
+    let fleet = store.device_tags().await?;
     let known: std::collections::HashSet<&str> =
         fleet.iter().map(|d| d.device_id.as_str()).collect();
     if let Some(missing) = devices.iter().find(|id| !known.contains(id.as_str())) {
@@ -590,7 +600,7 @@ fn select(
 }
 
 async fn list_releases(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.releases()?))
+    Ok(Json(state.store.releases().await?))
 }
 
 #[derive(Deserialize)]
@@ -613,7 +623,8 @@ async fn deploy(
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let release = state
         .store
-        .release(&request.service, &request.version)?
+        .release(&request.service, &request.version)
+        .await?
         .ok_or_else(|| {
             bad(
                 StatusCode::NOT_FOUND,
@@ -632,14 +643,15 @@ async fn deploy(
         &request.devices,
         request.tag.as_ref(),
         request.all,
-    )?;
+    )
+    .await?;
 
     // Devices that would never act on it are not sent it: they end at once,
     // with the reason the device itself would give.
     let mut refused = Vec::new();
     let mut reached = Vec::new();
     for device in targets {
-        match will_not_install(&state.store, &device, &release)? {
+        match will_not_install(&state.store, &device, &release).await? {
             Some(reason) => refused.push((device, reason)),
             None => reached.push(device),
         }
@@ -656,16 +668,17 @@ async fn deploy(
     let url = format!("{}/v1/artifacts/{}", state.public_url, release.sha256);
     let id = state
         .store
-        .add_deployment(&request.service, &request.version)?;
+        .add_deployment(&request.service, &request.version)
+        .await?;
     let rollout = format!("deploy-{id}");
     let mut desired = Vec::new();
     for device in &reached {
         let payload =
-            super::desired::with_release(&state.store, device, &envelope, &url, &rollout)?;
+            super::desired::with_release(&state.store, device, &envelope, &url, &rollout).await?;
         desired.push((device.clone(), payload));
     }
-    state.store.add_deployment_targets(id, &desired)?;
-    state.store.add_deployment_refusals(id, &refused)?;
+    state.store.add_deployment_targets(id, &desired).await?;
+    state.store.add_deployment_refusals(id, &refused).await?;
     for (device, payload) in &desired {
         let _ = state.outgoing.send(Outgoing {
             device: device.clone(),
@@ -686,12 +699,12 @@ async fn deploy(
 /// Why `device` would never install `release`, if it would not: it reports
 /// a higher sequence of the service, the same sequence with another
 /// release, or it rolled this release back before.
-fn will_not_install(
+async fn will_not_install(
     store: &Store,
     device: &str,
     release: &super::store::ReleaseRow,
 ) -> ApiResult<Option<String>> {
-    let reported = store.device(device)?.and_then(|d| d.reported);
+    let reported = store.device(device).await?.and_then(|d| d.reported);
     let running = reported
         .as_ref()
         .and_then(|r| r["services"].as_array().cloned())
@@ -728,7 +741,10 @@ fn will_not_install(
             release.service, release.version
         )));
     }
-    if let Some(reason) = store.rolled_back_on(device, &release.service, &release.version)? {
+    if let Some(reason) = store
+        .rolled_back_on(device, &release.service, &release.version)
+        .await?
+    {
         return Ok(Some(format!(
             "it rolled {} {} back before ({reason}), and devices do not try a release again; publish a new sequence",
             release.service, release.version
@@ -738,7 +754,7 @@ fn will_not_install(
 }
 
 async fn list_deployments(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.deployments()?))
+    Ok(Json(state.store.deployments().await?))
 }
 
 async fn show_deployment(
@@ -747,7 +763,8 @@ async fn show_deployment(
 ) -> ApiResult<impl IntoResponse> {
     state
         .store
-        .deployments()?
+        .deployments()
+        .await?
         .into_iter()
         .find(|d| d.id == id)
         .map(Json)
@@ -774,7 +791,8 @@ async fn history(
 ) -> ApiResult<Json<serde_json::Value>> {
     let rows = state
         .store
-        .history(kind, q.device.as_deref(), q.after, q.limit.clamp(1, 1000))?;
+        .history(kind, q.device.as_deref(), q.after, q.limit.clamp(1, 1000))
+        .await?;
     Ok(Json(json!(
         rows.into_iter()
             .map(

@@ -44,7 +44,7 @@ pub(super) async fn start(
     let request: NewRollout = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     let store = &state.store;
-    let Some(release) = store.release(&request.service, &request.version)? else {
+    let Some(release) = store.release(&request.service, &request.version).await? else {
         return Err(bad(
             StatusCode::NOT_FOUND,
             format!(
@@ -55,7 +55,7 @@ pub(super) async fn start(
     };
     super::refuse_expired_row(&release)?;
     if let Some(revert) = &request.revert_to {
-        let Some(back) = store.release(&request.service, revert)? else {
+        let Some(back) = store.release(&request.service, revert).await? else {
             return Err(bad(
                 StatusCode::NOT_FOUND,
                 format!(
@@ -76,7 +76,7 @@ pub(super) async fn start(
         }
     }
     let (selector, devices) =
-        super::select(store, &request.devices, request.tag.as_ref(), request.all)?;
+        super::select(store, &request.devices, request.tag.as_ref(), request.all).await?;
     let plan = Plan {
         selector,
         canary: request.canary,
@@ -92,7 +92,9 @@ pub(super) async fn start(
     }
     .normalise()
     .map_err(|e| bad(StatusCode::BAD_REQUEST, e))?;
-    let id = store.add_rollout(&request.service, &request.version, &plan, &devices)?;
+    let id = store
+        .add_rollout(&request.service, &request.version, &plan, &devices)
+        .await?;
     state.rollouts.wake.notify_one();
     state.rollouts.changed();
     Ok((
@@ -182,7 +184,13 @@ fn view(row: RolloutRow) -> RolloutView {
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
-    let rollouts: Vec<RolloutView> = state.store.rollouts()?.into_iter().map(view).collect();
+    let rollouts: Vec<RolloutView> = state
+        .store
+        .rollouts()
+        .await?
+        .into_iter()
+        .map(view)
+        .collect();
     Ok(Json(rollouts))
 }
 
@@ -190,13 +198,14 @@ pub(super) async fn show(
     State(state): State<AppState>,
     Path(id): Path<i64>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok(Json(view(find(&state, id)?)))
+    Ok(Json(view(find(&state, id).await?)))
 }
 
-fn find(state: &AppState, id: i64) -> ApiResult<RolloutRow> {
+async fn find(state: &AppState, id: i64) -> ApiResult<RolloutRow> {
     state
         .store
-        .rollout(id)?
+        .rollout(id)
+        .await?
         .ok_or_else(|| bad(StatusCode::NOT_FOUND, format!("no rollout {id}")))
 }
 
@@ -205,7 +214,7 @@ pub(super) async fn act(
     State(state): State<AppState>,
     Path((id, action)): Path<(i64, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    let row = find(&state, id)?;
+    let row = find(&state, id).await?;
     let (from, to, reason): (&[RolloutState], _, _) = match action.as_str() {
         "pause" => (&[RolloutState::Running], RolloutState::Paused, None),
         "resume" => (&[RolloutState::Paused], RolloutState::Running, None),
@@ -228,10 +237,10 @@ pub(super) async fn act(
         ));
     }
     match reason {
-        Some(reason) => state.rollouts.abort(&row, reason)?,
-        None => state.store.set_rollout_state(id, to, None)?,
+        Some(reason) => state.rollouts.abort(&row, reason).await?,
+        None => state.store.set_rollout_state(id, to, None).await?,
     }
     state.rollouts.wake.notify_one();
     state.rollouts.changed();
-    Ok(Json(view(find(&state, id)?)))
+    Ok(Json(view(find(&state, id).await?)))
 }

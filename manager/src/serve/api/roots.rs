@@ -32,7 +32,7 @@ fn describe(root: &Root) -> Value {
 
 /// `GET /v1/roots`: the chain, oldest first.
 pub(super) async fn list(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
-    let chain = desired::roots(&state.store)?;
+    let chain = desired::roots(&state.store).await?;
     let roots: Vec<Value> = chain
         .iter()
         .filter_map(|s| s.unverified().ok())
@@ -49,7 +49,7 @@ pub(super) async fn publish(
 ) -> ApiResult<impl IntoResponse> {
     let signed = SignedRoot::from_json(&body)
         .map_err(|e| bad(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let mut chain = desired::roots(&state.store)?;
+    let mut chain = desired::roots(&state.store).await?;
     let offered = signed
         .unverified()
         .map_err(|e| bad(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
@@ -77,9 +77,12 @@ pub(super) async fn publish(
     .map_err(|e| bad(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     chain.push(signed.clone());
     let text = String::from_utf8_lossy(&signed.to_json()).into_owned();
-    let changed = state.store.add_root(checked.version, &text, |payload| {
-        desired::with_roots(payload, &chain)
-    })?;
+    let changed = state
+        .store
+        .add_root(checked.version, &text, |payload| {
+            desired::with_roots(payload, &chain)
+        })
+        .await?;
     for (device, payload) in changed {
         let _ = state.outgoing.send(Outgoing {
             device,

@@ -49,7 +49,8 @@ pub(super) async fn create(
     let token = hex::encode(secret);
     if !state
         .store
-        .add_token(&new.name, new.scope.as_str(), &token)?
+        .add_token(&new.name, new.scope.as_str(), &token)
+        .await?
     {
         return Err(bad(
             StatusCode::CONFLICT,
@@ -63,14 +64,14 @@ pub(super) async fn create(
 }
 
 pub(super) async fn list(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(state.store.tokens()?))
+    Ok(Json(state.store.tokens().await?))
 }
 
 pub(super) async fn revoke(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    if !state.store.remove_token(&name)? {
+    if !state.store.remove_token(&name).await? {
         return Err(bad(StatusCode::NOT_FOUND, format!("no token {name}")));
     }
     Ok(Json(json!({ "name": name, "revoked": true })))

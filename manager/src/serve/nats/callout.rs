@@ -65,7 +65,7 @@ pub async fn run(callout: Callout, logins: Arc<Logins>) -> Result<()> {
             continue;
         };
         let answer = match jwt::read_request(token) {
-            Ok(request) => answer(&request, &logins, &callout.issuer),
+            Ok(request) => answer(&request, &logins, &callout.issuer).await,
             Err(e) => {
                 tracing::warn!("auth callout: unreadable request: {e}");
                 continue;
@@ -85,7 +85,7 @@ pub async fn run(callout: Callout, logins: Arc<Logins>) -> Result<()> {
 
 /// The signed answer to one request: a user with its permissions, or a
 /// refusal.
-pub fn answer(
+pub async fn answer(
     request: &Claims<AuthorizationRequest>,
     logins: &Logins,
     issuer: &nkeys::KeyPair,
@@ -103,7 +103,10 @@ pub fn answer(
         .and_then(|text| pem::parse(text).ok())
         .and_then(|leaf| PeerCertificate::from_der(leaf.contents()))
         .map(|c| c.serial);
-    let permissions = match logins.decide(&user, &password, &client_id, serial.as_deref()) {
+    let permissions = match logins
+        .decide(&user, &password, &client_id, serial.as_deref())
+        .await
+    {
         Login::Manager => Ok(manager_permissions()),
         Login::Device => DeviceId::new(&user)
             .map(|id| device_permissions(&id))

@@ -1,18 +1,17 @@
-//! The manager's state in SQLite: devices and their credentials, releases,
-//! desired state, deployments, and what devices report (latest plus a
-//! bounded history of health and events).
-
-use std::path::Path;
-use std::sync::Mutex;
+//! The manager's state in SQLite or PostgreSQL: devices and their
+//! credentials, releases, desired state, deployments, and what devices
+//! report (latest plus a bounded history of health and events).
 
 use ferry_protocol::{DeviceId, Sha256Digest, Timestamp};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sqlx::{AnyConnection, AnyPool};
 
+mod database;
 mod identity;
 mod rollouts;
 
+pub use database::{Backend, DatabaseUrl};
 pub use identity::{Enrolment, NO_PASSWORD, unix_now};
 pub use rollouts::{DeviceStep, RolloutDevice, RolloutRow};
 
@@ -22,9 +21,9 @@ pub const HISTORY: i64 = 200;
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite said no.
+    /// The database said no.
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] sqlx::Error),
     /// Stored JSON that no longer reads.
     #[error("stored data: {0}")]
     Json(#[from] serde_json::Error),
@@ -35,10 +34,11 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// The database behind a lock: SQLite serialises writers anyway, and every
-/// statement here is short.
+/// The database: a pool of connections (one for SQLite, which has one
+/// writer at a time anyway), and which kind it is.
 pub struct Store {
-    db: Mutex<Connection>,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 /// What publishing a release did.
@@ -186,199 +186,150 @@ fn token_hash(token: &str) -> String {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let db = Connection::open(path)?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             CREATE TABLE IF NOT EXISTS devices (
-                 id TEXT PRIMARY KEY, password_sha256 TEXT NOT NULL,
-                 tags TEXT NOT NULL DEFAULT '[]', created TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS device_state (
-                 device_id TEXT PRIMARY KEY, online INTEGER NOT NULL DEFAULT 0,
-                 last_seen TEXT, reported TEXT, health TEXT);
-             CREATE TABLE IF NOT EXISTS releases (
-                 service TEXT NOT NULL, version TEXT NOT NULL, sequence INTEGER NOT NULL,
-                 sha256 TEXT NOT NULL, size INTEGER NOT NULL, envelope TEXT NOT NULL,
-                 created TEXT NOT NULL, PRIMARY KEY (service, version));
-             CREATE TABLE IF NOT EXISTS desired (device_id TEXT PRIMARY KEY, payload TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS deployments (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL,
-                 version TEXT NOT NULL, created TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS deployment_devices (
-                 deployment_id INTEGER NOT NULL, device_id TEXT NOT NULL, status TEXT NOT NULL,
-                 reason TEXT, updated TEXT NOT NULL, PRIMARY KEY (deployment_id, device_id));
-             CREATE TABLE IF NOT EXISTS history (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,
-                 kind TEXT NOT NULL, time TEXT NOT NULL, payload TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS history_by_device ON history (device_id, kind, id);
-             CREATE TABLE IF NOT EXISTS rollouts (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT, service TEXT NOT NULL,
-                 version TEXT NOT NULL, plan TEXT NOT NULL, state TEXT NOT NULL,
-                 reason TEXT, created TEXT NOT NULL, updated TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS tokens (
-                 name TEXT PRIMARY KEY, scope TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
-                 created TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS roots (
-                 version INTEGER PRIMARY KEY, signed TEXT NOT NULL, created TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS rollout_devices (
-                 rollout_id INTEGER NOT NULL, device_id TEXT NOT NULL,
-                 position INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT,
-                 sent_at TEXT, updated TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id));
-             CREATE TABLE IF NOT EXISTS enrolments (
-                 device_id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL, expires INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS device_keys (
-                 device_id TEXT PRIMARY KEY, public_key TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS device_certs (
-                 serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, not_after INTEGER NOT NULL);
-             CREATE INDEX IF NOT EXISTS device_certs_by_device ON device_certs (device_id);
-             CREATE INDEX IF NOT EXISTS device_certs_by_expiry ON device_certs (not_after);",
-        )?;
-        Ok(Self { db: Mutex::new(db) })
+    /// Opens (creating a SQLite file if needed) the database at `url` and
+    /// brings its schema up to date.
+    pub async fn connect(url: &DatabaseUrl) -> Result<Self> {
+        let (pool, backend) = database::connect(url).await?;
+        Ok(Self { pool, backend })
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Registers a device with a password, or replaces its credentials
     /// (a certificate it had included) and tags.
-    pub fn add_device(&self, id: &DeviceId, password: &str, tags: &[String]) -> Result<()> {
-        self.add_device_with_hash(id, &password_hash(password), tags)?;
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        identity::forget_identity(&tx, id.as_str())?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn add_device_with_hash(&self, id: &DeviceId, hash: &str, tags: &[String]) -> Result<()> {
-        self.db().execute(
-            "INSERT INTO devices (id, password_sha256, tags, created) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (id) DO UPDATE SET password_sha256 = ?2, tags = ?3",
-            params![id.as_str(), hash, serde_json::to_string(tags)?, now()],
-        )?;
+    pub async fn add_device(&self, id: &DeviceId, password: &str, tags: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        upsert_device(&mut tx, id, &password_hash(password), tags).await?;
+        identity::forget_identity(&mut tx, id.as_str()).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Adds a named operator token (its hash); false when the name is taken.
-    pub fn add_token(&self, name: &str, scope: &str, token: &str) -> Result<bool> {
-        let added = self.db().execute(
-            "INSERT INTO tokens (name, scope, sha256, created) VALUES (?1, ?2, ?3, ?4)
+    pub async fn add_token(&self, name: &str, scope: &str, token: &str) -> Result<bool> {
+        let added = sqlx::query(
+            "INSERT INTO tokens (name, scope, sha256, created) VALUES ($1, $2, $3, $4)
              ON CONFLICT (name) DO NOTHING",
-            params![name, scope, token_hash(token), now()],
-        )?;
-        Ok(added == 1)
+        )
+        .bind(name)
+        .bind(scope)
+        .bind(token_hash(token))
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(added.rows_affected() == 1)
     }
 
     /// The name and scope of the token presented, if it is one.
-    pub fn token(&self, token: &str) -> Result<Option<(String, String)>> {
-        Ok(self
-            .db()
-            .query_row(
-                "SELECT name, scope FROM tokens WHERE sha256 = ?1",
-                [token_hash(token)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?)
+    pub async fn token(&self, token: &str) -> Result<Option<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT name, scope FROM tokens WHERE sha256 = $1")
+                .bind(token_hash(token))
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Every named token: name, scope, when made (never the token).
-    pub fn tokens(&self) -> Result<Vec<serde_json::Value>> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT name, scope, created FROM tokens ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(serde_json::json!({
-                "name": r.get::<_, String>(0)?,
-                "scope": r.get::<_, String>(1)?,
-                "created": r.get::<_, String>(2)?,
-            }))
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    pub async fn tokens(&self) -> Result<Vec<serde_json::Value>> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT name, scope, created FROM tokens ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, scope, created)| {
+                serde_json::json!({ "name": name, "scope": scope, "created": created })
+            })
+            .collect())
     }
 
     /// Revokes a named token; false when there is none.
-    pub fn remove_token(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .db()
-            .execute("DELETE FROM tokens WHERE name = ?1", [name])?
-            == 1)
+    pub async fn remove_token(&self, name: &str) -> Result<bool> {
+        let removed = sqlx::query("DELETE FROM tokens WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(removed.rows_affected() == 1)
     }
 
     /// Forgets a device: its credentials, state, desired state and history
     /// (rollouts keep their record of it). False when there was none.
-    pub fn remove_device(&self, id: &str) -> Result<bool> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let removed = tx.execute("DELETE FROM devices WHERE id = ?1", params![id])?;
-        for table in ["device_state", "desired", "history"] {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE device_id = ?1"),
-                params![id],
-            )?;
+    pub async fn remove_device(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let removed = sqlx::query("DELETE FROM devices WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        for statement in [
+            "DELETE FROM device_state WHERE device_id = $1",
+            "DELETE FROM desired WHERE device_id = $1",
+            "DELETE FROM history WHERE device_id = $1",
+        ] {
+            sqlx::query(statement).bind(id).execute(&mut *tx).await?;
         }
-        identity::forget_identity(&tx, id)?;
-        tx.commit()?;
-        Ok(removed > 0)
+        identity::forget_identity(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(removed.rows_affected() > 0)
     }
 
     /// Replaces a device's tags; false when there is no such device.
-    pub fn set_tags(&self, id: &str, tags: &[String]) -> Result<bool> {
-        let changed = self.db().execute(
-            "UPDATE devices SET tags = ?2 WHERE id = ?1",
-            params![id, serde_json::to_string(tags)?],
-        )?;
-        Ok(changed == 1)
+    pub async fn set_tags(&self, id: &str, tags: &[String]) -> Result<bool> {
+        let changed = sqlx::query("UPDATE devices SET tags = $2 WHERE id = $1")
+            .bind(id)
+            .bind(serde_json::to_string(tags)?)
+            .execute(&self.pool)
+            .await?;
+        Ok(changed.rows_affected() == 1)
     }
 
     /// The stored password hash of a device.
-    pub fn password_hash_of(&self, id: &str) -> Result<Option<String>> {
-        Ok(self
-            .db()
-            .query_row(
-                "SELECT password_sha256 FROM devices WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()?)
+    pub async fn password_hash_of(&self, id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT password_sha256 FROM devices WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Every device with its latest state.
-    pub fn devices(&self) -> Result<Vec<DeviceRow>> {
-        self.devices_where(None)
+    pub async fn devices(&self) -> Result<Vec<DeviceRow>> {
+        self.devices_where(None).await
     }
 
     /// One device.
-    pub fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
-        Ok(self.devices_where(Some(id))?.pop())
+    pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
+        Ok(self.devices_where(Some(id)).await?.pop())
     }
 
     /// Every device, or the one named.
-    fn devices_where(&self, id: Option<&str>) -> Result<Vec<DeviceRow>> {
-        let db = self.db();
-        let mut stmt = db.prepare_cached(
+    async fn devices_where(&self, id: Option<&str>) -> Result<Vec<DeviceRow>> {
+        type Row = (
+            String,
+            String,
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT d.id, d.tags, COALESCE(s.online, 0), s.last_seen, s.reported, s.health
              FROM devices d LEFT JOIN device_state s ON s.device_id = d.id
-             WHERE ?1 IS NULL OR d.id = ?1 ORDER BY d.id",
-        )?;
-        let rows = stmt.query_map([id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, bool>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, Option<String>>(5)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (device_id, tags, online, last_seen, reported, health) = row?;
+             WHERE $1 IS NULL OR d.id = $1 ORDER BY d.id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (device_id, tags, online, last_seen, reported, health) in rows {
             out.push(DeviceRow {
                 device_id,
                 tags: serde_json::from_str(&tags)?,
-                online,
+                online: online != 0,
                 last_seen,
                 reported: reported.map(|r| serde_json::from_str(&r)).transpose()?,
                 health: health.map(|h| serde_json::from_str(&h)).transpose()?,
@@ -389,9 +340,9 @@ impl Store {
 
     /// Whether `device`'s desired state names the artifact `sha256`: the
     /// only artifacts a device may fetch, over HTTP or MQTT.
-    pub fn desires_artifact(&self, device: &str, sha256: &Sha256Digest) -> Result<bool> {
+    pub async fn desires_artifact(&self, device: &str, sha256: &Sha256Digest) -> Result<bool> {
         use ferry_protocol::messages::{Desired, Message};
-        let Some(text) = self.desired(device)? else {
+        let Some(text) = self.desired(device).await? else {
             return Ok(false);
         };
         let desired = Desired::decode(text.as_bytes())
@@ -407,87 +358,96 @@ impl Store {
     /// transaction, in order. Under load the ingest path hands them over in
     /// batches, so a commit (and its write-ahead-log pages) is shared by
     /// many messages, and each device's history is trimmed once per batch.
-    pub fn record_many(&self, records: &[Record]) -> Result<()> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
+    pub async fn record_many(&self, records: &[Record]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         let mut trimmed: Vec<(&str, &str)> = Vec::new();
         for r in records {
             let (device, text, time) = (r.device.as_str(), r.payload.as_str(), r.time.as_str());
-            tx.prepare_cached(
-                "INSERT INTO device_state (device_id, last_seen) VALUES (?1, ?2)
-                 ON CONFLICT (device_id) DO UPDATE SET last_seen = ?2",
-            )?
-            .execute(params![device, time])?;
-            match r.kind {
-                "reported" => {
-                    tx.prepare_cached(
-                        "UPDATE device_state SET reported = ?2 WHERE device_id = ?1",
-                    )?
-                    .execute(params![device, text])?;
-                }
+            sqlx::query(
+                "INSERT INTO device_state (device_id, last_seen) VALUES ($1, $2)
+                 ON CONFLICT (device_id) DO UPDATE SET last_seen = $2",
+            )
+            .bind(device)
+            .bind(time)
+            .execute(&mut *tx)
+            .await?;
+            let latest = match r.kind {
+                "reported" => Some("UPDATE device_state SET reported = $2 WHERE device_id = $1"),
                 "health" => {
-                    tx.prepare_cached(
-                        "UPDATE device_state SET health = ?2, online = 1 WHERE device_id = ?1",
-                    )?
-                    .execute(params![device, text])?;
+                    Some("UPDATE device_state SET health = $2, online = 1 WHERE device_id = $1")
                 }
-                "status" => {
-                    let online = text.contains("\"online\"");
-                    tx.prepare_cached("UPDATE device_state SET online = ?2 WHERE device_id = ?1")?
-                        .execute(params![device, online])?;
-                }
-                _ => {}
+                _ => None,
+            };
+            if let Some(statement) = latest {
+                sqlx::query(statement)
+                    .bind(device)
+                    .bind(text)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if r.kind == "status" {
+                let online = i64::from(text.contains("\"online\""));
+                sqlx::query("UPDATE device_state SET online = $2 WHERE device_id = $1")
+                    .bind(device)
+                    .bind(online)
+                    .execute(&mut *tx)
+                    .await?;
             }
             if r.kind == "health" || r.kind == "events" {
-                tx.prepare_cached(
-                    "INSERT INTO history (device_id, kind, time, payload) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![device, r.kind, time, text])?;
+                sqlx::query(
+                    "INSERT INTO history (device_id, kind, time, payload) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(device)
+                .bind(r.kind)
+                .bind(time)
+                .bind(text)
+                .execute(&mut *tx)
+                .await?;
                 if !trimmed.contains(&(device, r.kind)) {
                     trimmed.push((device, r.kind));
                 }
             }
         }
         for (device, kind) in trimmed {
-            tx.prepare_cached(
-                "DELETE FROM history WHERE device_id = ?1 AND kind = ?2 AND id <= (
-                     SELECT id FROM history WHERE device_id = ?1 AND kind = ?2
-                     ORDER BY id DESC LIMIT 1 OFFSET ?3)",
-            )?
-            .execute(params![device, kind, HISTORY])?;
+            sqlx::query(
+                "DELETE FROM history WHERE device_id = $1 AND kind = $2 AND id <= (
+                     SELECT id FROM history WHERE device_id = $1 AND kind = $2
+                     ORDER BY id DESC LIMIT 1 OFFSET $3)",
+            )
+            .bind(device)
+            .bind(kind)
+            .bind(HISTORY)
+            .execute(&mut *tx)
+            .await?;
         }
-        tx.commit()?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// The history of one kind ("health" or "events") after row `after`,
     /// oldest first: (row id, device, payload).
-    pub fn history(
+    pub async fn history(
         &self,
         kind: &str,
         device: Option<&str>,
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String, serde_json::Value)>> {
-        let db = self.db();
-        let mut stmt = db.prepare(
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
             "SELECT id, device_id, payload FROM history
-             WHERE kind = ?1 AND id > ?2 AND (?3 IS NULL OR device_id = ?3)
-             ORDER BY id DESC LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![kind, after, device, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, device, payload) = row?;
+             WHERE kind = $1 AND id > $2 AND ($3 IS NULL OR device_id = $3)
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(kind)
+        .bind(after)
+        .bind(device)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, device, payload) in rows.into_iter().rev() {
             out.push((id, device, serde_json::from_str(&payload)?));
         }
-        out.reverse();
         Ok(out)
     }
 
@@ -496,7 +456,7 @@ impl Store {
     /// nothing, and different bytes under a taken version or sequence are
     /// refused (otherwise whoever holds the operator token could swap what
     /// an old version means, say for a revert to sign).
-    pub fn add_release(
+    pub async fn add_release(
         &self,
         service: &str,
         version: &str,
@@ -505,16 +465,16 @@ impl Store {
         size: u64,
         envelope: &str,
     ) -> Result<Published> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let taken: Option<(String, i64, String)> = tx
-            .query_row(
-                "SELECT version, sequence, envelope FROM releases
-                 WHERE service = ?1 AND (version = ?2 OR sequence = ?3) LIMIT 1",
-                params![service, version, sequence as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
+        let mut tx = self.pool.begin().await?;
+        let taken: Option<(String, i64, String)> = sqlx::query_as(
+            "SELECT version, sequence, envelope FROM releases
+             WHERE service = $1 AND (version = $2 OR sequence = $3) LIMIT 1",
+        )
+        .bind(service)
+        .bind(version)
+        .bind(sequence as i64)
+        .fetch_optional(&mut *tx)
+        .await?;
         if let Some((old_version, old_sequence, old_envelope)) = taken {
             if old_envelope == envelope {
                 return Ok(Published::AlreadyThere);
@@ -529,111 +489,121 @@ impl Store {
                 )
             }));
         }
-        tx.execute(
+        sqlx::query(
             "INSERT INTO releases (service, version, sequence, sha256, size, envelope, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                service,
-                version,
-                sequence as i64,
-                sha256.to_string(),
-                size as i64,
-                envelope,
-                now()
-            ],
-        )?;
-        tx.commit()?;
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(service)
+        .bind(version)
+        .bind(sequence as i64)
+        .bind(sha256.to_string())
+        .bind(size as i64)
+        .bind(envelope)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(Published::Added)
     }
 
     /// Every release, newest sequence first per service.
-    pub fn releases(&self) -> Result<Vec<ReleaseRow>> {
-        let db = self.db();
-        let mut stmt = db.prepare(
+    pub async fn releases(&self) -> Result<Vec<ReleaseRow>> {
+        type Row = (String, String, i64, String, i64, String, String);
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT service, version, sequence, sha256, size, created, envelope FROM releases
              ORDER BY service, sequence DESC",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ReleaseRow {
-                service: r.get(0)?,
-                version: r.get(1)?,
-                sequence: r.get::<_, i64>(2)? as u64,
-                sha256: r.get(3)?,
-                size: r.get::<_, i64>(4)? as u64,
-                created: r.get(5)?,
-                envelope: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(service, version, sequence, sha256, size, created, envelope)| ReleaseRow {
+                    service,
+                    version,
+                    sequence: sequence as u64,
+                    sha256,
+                    size: size as u64,
+                    created,
+                    envelope,
+                },
+            )
+            .collect())
     }
 
     /// One release.
-    pub fn release(&self, service: &str, version: &str) -> Result<Option<ReleaseRow>> {
+    pub async fn release(&self, service: &str, version: &str) -> Result<Option<ReleaseRow>> {
         Ok(self
-            .releases()?
+            .releases()
+            .await?
             .into_iter()
             .find(|r| r.service == service && r.version == version))
     }
 
     /// The trust roots published (signed JSON), oldest first.
-    pub fn roots(&self) -> Result<Vec<String>> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT signed FROM roots ORDER BY version")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    pub async fn roots(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT signed FROM roots ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Adds trust root `version` (checked by the caller to follow the
     /// newest) and rewrites every device's desired state with `rewrite`,
     /// in one transaction; the rewritten payloads, to send.
-    pub fn add_root(
+    pub async fn add_root(
         &self,
         version: u64,
         signed: &str,
         rewrite: impl Fn(&str) -> Option<String>,
     ) -> Result<Vec<(String, String)>> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        tx.execute(
-            "INSERT INTO roots (version, signed, created) VALUES (?1, ?2, ?3)",
-            params![version as i64, signed, now()],
-        )?;
-        let all: Vec<(String, String)> = {
-            let mut stmt = tx.prepare("SELECT device_id, payload FROM desired")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<std::result::Result<_, _>>()?
-        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO roots (version, signed, created) VALUES ($1, $2, $3)")
+            .bind(version as i64)
+            .bind(signed)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        let all: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT device_id, payload FROM desired{}",
+            self.backend.for_update()
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
         let mut changed = Vec::new();
         for (device, payload) in all {
             if let Some(new) = rewrite(&payload) {
-                tx.execute(
-                    "UPDATE desired SET payload = ?2 WHERE device_id = ?1",
-                    params![device, new],
-                )?;
+                sqlx::query("UPDATE desired SET payload = $2 WHERE device_id = $1")
+                    .bind(&device)
+                    .bind(&new)
+                    .execute(&mut *tx)
+                    .await?;
                 changed.push((device, new));
             }
         }
-        tx.commit()?;
+        tx.commit().await?;
         Ok(changed)
     }
 
     /// Every device's desired state payload, in device order.
-    pub fn all_desired(&self) -> Result<Vec<(String, String)>> {
-        let db = self.db();
-        let mut stmt = db.prepare("SELECT device_id, payload FROM desired ORDER BY device_id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    pub async fn all_desired(&self) -> Result<Vec<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT device_id, payload FROM desired ORDER BY device_id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// The ids and tags of every device, in id order: what a selector picks
     /// from, without the reports.
-    pub fn device_tags(&self) -> Result<Vec<DeviceTags>> {
-        let db = self.db();
-        let mut stmt = db.prepare_cached("SELECT id, tags FROM devices ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (device_id, tags) = row?;
+    pub async fn device_tags(&self) -> Result<Vec<DeviceTags>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, tags FROM devices ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (device_id, tags) in rows {
             out.push(DeviceTags {
                 device_id,
                 tags: serde_json::from_str(&tags)?,
@@ -643,135 +613,159 @@ impl Store {
     }
 
     /// The device's desired state payload, if any.
-    pub fn desired(&self, device: &str) -> Result<Option<String>> {
-        Ok(self
-            .db()
-            .query_row(
-                "SELECT payload FROM desired WHERE device_id = ?1",
-                [device],
-                |r| r.get(0),
-            )
-            .optional()?)
+    pub async fn desired(&self, device: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT payload FROM desired WHERE device_id = $1")
+                .bind(device)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Records a new deployment; returns its id.
-    pub fn add_deployment(&self, service: &str, version: &str) -> Result<i64> {
-        let db = self.db();
-        db.execute(
-            "INSERT INTO deployments (service, version, created) VALUES (?1, ?2, ?3)",
-            params![service, version, now()],
-        )?;
-        Ok(db.last_insert_rowid())
+    pub async fn add_deployment(&self, service: &str, version: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO deployments (service, version, created) VALUES ($1, $2, $3) RETURNING id",
+        )
+        .bind(service)
+        .bind(version)
+        .bind(now())
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Sets the new desired payload of each device in deployment `id`, and
     /// starts tracking its progress; all or nothing.
-    pub fn add_deployment_targets(&self, id: i64, desired: &[(String, String)]) -> Result<()> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
+    pub async fn add_deployment_targets(
+        &self,
+        id: i64,
+        desired: &[(String, String)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         let time = now();
-        let service: String =
-            tx.query_row("SELECT service FROM deployments WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })?;
+        let service: String = sqlx::query_scalar("SELECT service FROM deployments WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let by = format!("deployment {id}");
         for (device, payload) in desired {
-            set_desired(&tx, device, payload, &service, &format!("deployment {id}"))?;
-            tx.execute(
-                "INSERT INTO deployment_devices (deployment_id, device_id, status, updated) VALUES (?1, ?2, 'pending', ?3)",
-                params![id, device, time],
-            )?;
+            set_desired(&mut tx, device, payload, &service, &by).await?;
+            sqlx::query(
+                "INSERT INTO deployment_devices (deployment_id, device_id, status, updated)
+                 VALUES ($1, $2, 'pending', $3)",
+            )
+            .bind(id)
+            .bind(device)
+            .bind(&time)
+            .execute(&mut *tx)
+            .await?;
         }
-        tx.commit()?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Why `device` rolled `service` `version` back before, if it did (in a
     /// deployment or a rollout): it will not try that release again.
-    pub fn rolled_back_on(
+    pub async fn rolled_back_on(
         &self,
         device: &str,
         service: &str,
         version: &str,
     ) -> Result<Option<String>> {
-        let db = self.db();
-        Ok(db
-            .query_row(
-                "SELECT reason FROM (
-                     SELECT dd.reason AS reason, dd.updated AS updated
-                       FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
-                      WHERE dd.device_id = ?1 AND d.service = ?2 AND d.version = ?3
-                        AND dd.status = 'rolled_back'
-                     UNION ALL
-                     SELECT rd.reason, rd.updated
-                       FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
-                      WHERE rd.device_id = ?1 AND r.service = ?2 AND r.version = ?3
-                        AND rd.status = 'rolled_back')
-                 ORDER BY updated DESC LIMIT 1",
-                params![device, service, version],
-                |r| r.get::<_, Option<String>>(0),
-            )
-            .optional()?
-            .map(|reason| reason.unwrap_or_else(|| "no reason given".into())))
+        let reason: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT reason FROM (
+                 SELECT dd.reason AS reason, dd.updated AS updated
+                   FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id
+                  WHERE dd.device_id = $1 AND d.service = $2 AND d.version = $3
+                    AND dd.status = 'rolled_back'
+                 UNION ALL
+                 SELECT rd.reason, rd.updated
+                   FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+                  WHERE rd.device_id = $1 AND r.service = $2 AND r.version = $3
+                    AND rd.status = 'rolled_back') AS past
+             ORDER BY updated DESC LIMIT 1",
+        )
+        .bind(device)
+        .bind(service)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(reason.map(|reason| reason.unwrap_or_else(|| "no reason given".into())))
     }
 
     /// Starts tracking devices the deployment will not reach: each ends at
     /// once as `rejected`, with why.
-    pub fn add_deployment_refusals(&self, id: i64, refused: &[(String, String)]) -> Result<()> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
+    pub async fn add_deployment_refusals(
+        &self,
+        id: i64,
+        refused: &[(String, String)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
         let time = now();
         for (device, reason) in refused {
-            tx.execute(
+            sqlx::query(
                 "INSERT INTO deployment_devices (deployment_id, device_id, status, reason, updated)
-                 VALUES (?1, ?2, 'rejected', ?3, ?4)",
-                params![id, device, reason, time],
-            )?;
+                 VALUES ($1, $2, 'rejected', $3, $4)",
+            )
+            .bind(id)
+            .bind(device)
+            .bind(reason)
+            .bind(&time)
+            .execute(&mut *tx)
+            .await?;
         }
-        tx.commit()?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Updates a device's progress in a deployment (from its events and reports).
-    pub fn set_deployment_status(
+    pub async fn set_deployment_status(
         &self,
         id: i64,
         device: &str,
         status: &str,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.db().execute(
-            "UPDATE deployment_devices SET status = ?3, reason = ?4, updated = ?5
-             WHERE deployment_id = ?1 AND device_id = ?2 AND status NOT IN ('installed', 'failed', 'rolled_back', 'rejected')",
-            params![id, device, status, reason, now()],
-        )?;
+        sqlx::query(
+            "UPDATE deployment_devices SET status = $3, reason = $4, updated = $5
+             WHERE deployment_id = $1 AND device_id = $2
+               AND status NOT IN ('installed', 'failed', 'rolled_back', 'rejected')",
+        )
+        .bind(id)
+        .bind(device)
+        .bind(status)
+        .bind(reason)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// Deployments, newest first.
-    pub fn deployments(&self) -> Result<Vec<DeploymentRow>> {
-        let db = self.db();
-        let mut stmt =
-            db.prepare("SELECT id, service, version, created FROM deployments ORDER BY id DESC")?;
-        let heads = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<std::result::Result<Vec<(i64, String, String, String)>, _>>()?;
-        let mut targets = db.prepare(
-            "SELECT device_id, status, reason, updated FROM deployment_devices WHERE deployment_id = ?1 ORDER BY device_id",
-        )?;
-        let mut out = Vec::new();
+    pub async fn deployments(&self) -> Result<Vec<DeploymentRow>> {
+        let heads: Vec<(i64, String, String, String)> = sqlx::query_as(
+            "SELECT id, service, version, created FROM deployments ORDER BY id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(heads.len());
         for (id, service, version, created) in heads {
+            let targets: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+                "SELECT device_id, status, reason, updated FROM deployment_devices
+                 WHERE deployment_id = $1 ORDER BY device_id",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
             let devices = targets
-                .query_map([id], |r| {
-                    Ok(DeploymentTarget {
-                        device_id: r.get(0)?,
-                        status: r.get(1)?,
-                        reason: r.get(2)?,
-                        updated: r.get(3)?,
-                    })
-                })?
-                .collect::<std::result::Result<_, _>>()?;
+                .into_iter()
+                .map(|(device_id, status, reason, updated)| DeploymentTarget {
+                    device_id,
+                    status,
+                    reason,
+                    updated,
+                })
+                .collect();
             out.push(DeploymentRow {
                 id,
                 service,
@@ -784,55 +778,86 @@ impl Store {
     }
 
     /// When each device's latest health report arrived (the manager's clock).
-    pub fn last_health_times(&self) -> Result<Vec<(String, String)>> {
-        let db = self.db();
-        let mut stmt = db.prepare(
+    pub async fn last_health_times(&self) -> Result<Vec<(String, String)>> {
+        Ok(sqlx::query_as(
             "SELECT device_id, MAX(time) FROM history WHERE kind = 'health' GROUP BY device_id",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// How many devices of every deployment are at each status.
-    pub fn deployment_statuses(&self) -> Result<Vec<(String, i64)>> {
-        let db = self.db();
-        let mut stmt =
-            db.prepare("SELECT status, COUNT(*) FROM deployment_devices GROUP BY status")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    pub async fn deployment_statuses(&self) -> Result<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT status, COUNT(*) FROM deployment_devices GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
-    /// Marks devices not heard from since `cutoff` offline; returns them.
-    pub fn mark_silent_offline(&self, cutoff: &str) -> Result<usize> {
-        Ok(self.db().execute(
-            "UPDATE device_state SET online = 0 WHERE online = 1 AND (last_seen IS NULL OR last_seen < ?1)",
-            [cutoff],
-        )?)
+    /// Marks devices not heard from since `cutoff` offline; returns how many.
+    pub async fn mark_silent_offline(&self, cutoff: &str) -> Result<u64> {
+        let marked = sqlx::query(
+            "UPDATE device_state SET online = 0
+             WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1)",
+        )
+        .bind(cutoff)
+        .execute(&self.pool)
+        .await?;
+        Ok(marked.rows_affected())
     }
+}
+
+/// Adds a device or replaces its password hash and tags (within `tx`).
+async fn upsert_device(
+    tx: &mut AnyConnection,
+    id: &DeviceId,
+    hash: &str,
+    tags: &[String],
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO devices (id, password_sha256, tags, created) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO UPDATE SET password_sha256 = $2, tags = $3",
+    )
+    .bind(id.as_str())
+    .bind(hash)
+    .bind(serde_json::to_string(tags)?)
+    .bind(now())
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// Sets a device's desired state (within `tx`). Its entries in earlier
 /// deployments of `service` that have not ended are marked `superseded`:
 /// the device no longer holds their release as desired, and would otherwise
 /// show as pending forever.
-fn set_desired(
-    tx: &rusqlite::Transaction,
+async fn set_desired(
+    tx: &mut AnyConnection,
     device: &str,
     payload: &str,
     service: &str,
     by: &str,
 ) -> Result<()> {
-    tx.execute(
-        "INSERT INTO desired (device_id, payload) VALUES (?1, ?2)
-         ON CONFLICT (device_id) DO UPDATE SET payload = ?2",
-        params![device, payload],
-    )?;
-    tx.execute(
-        "UPDATE deployment_devices SET status = 'superseded', reason = ?3, updated = ?4
-         WHERE device_id = ?1 AND status IN ('pending', 'installing')
-           AND deployment_id IN (SELECT id FROM deployments WHERE service = ?2)",
-        params![device, service, format!("replaced by {by}"), now()],
-    )?;
+    sqlx::query(
+        "INSERT INTO desired (device_id, payload) VALUES ($1, $2)
+         ON CONFLICT (device_id) DO UPDATE SET payload = $2",
+    )
+    .bind(device)
+    .bind(payload)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE deployment_devices SET status = 'superseded', reason = $3, updated = $4
+         WHERE device_id = $1 AND status IN ('pending', 'installing')
+           AND deployment_id IN (SELECT id FROM deployments WHERE service = $2)",
+    )
+    .bind(device)
+    .bind(service)
+    .bind(format!("replaced by {by}"))
+    .bind(now())
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
@@ -852,35 +877,5 @@ mod tests {
         assert!(verify_password(&old, "secret") && !verify_password(&old, "other"));
         assert!(!verify_password("s1$zz$00", "secret"));
         assert!(!verify_password("s9$00$00$00", "secret"));
-    }
-
-    fn record(device: &str, kind: &'static str, payload: &str) -> Record {
-        Record {
-            device: device.into(),
-            kind,
-            payload: payload.into(),
-            time: now(),
-        }
-    }
-
-    #[test]
-    fn a_batch_records_in_order_and_trims_history_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("ferry.db")).unwrap();
-        let id = DeviceId::new("gw-1").unwrap();
-        store.add_device(&id, "pw", &[]).unwrap();
-        let mut batch: Vec<Record> = (0..HISTORY + 50)
-            .map(|i| record("gw-1", "health", &format!("{{\"n\":{i}}}")))
-            .collect();
-        // The last word in a batch wins: online, then offline.
-        batch.push(record("gw-1", "status", r#"{"state":"online"}"#));
-        batch.push(record("gw-1", "status", r#"{"state":"offline"}"#));
-        store.record_many(&batch).unwrap();
-        let device = store.device("gw-1").unwrap().unwrap();
-        assert!(!device.online);
-        assert_eq!(device.health.unwrap()["n"], HISTORY + 49);
-        let history = store.history("health", Some("gw-1"), 0, 1000).unwrap();
-        assert_eq!(history.len() as i64, HISTORY);
-        assert!(store.device("gw-2").unwrap().is_none());
     }
 }

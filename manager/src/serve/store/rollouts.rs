@@ -4,10 +4,10 @@
 //! manager picks a rollout up where it was: a device whose status is past
 //! `pending` has been sent the release and is never sent it again.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
+use sqlx::{AnyConnection, AssertSqlSafe};
 
-use super::{Result, Store, now, set_desired};
+use super::{Backend, Result, Store, now, set_desired};
 use crate::serve::rollout::{Plan, RolloutState};
 
 /// Where one device is in a rollout.
@@ -155,104 +155,86 @@ pub struct RolloutRow {
     pub devices: Vec<RolloutDevice>,
 }
 
-/// A device's step in a rollout, read inside the transaction that changes it.
-fn current_step(
-    tx: &rusqlite::Transaction<'_>,
+/// A device's step in a rollout, read (and on PostgreSQL locked) inside
+/// the transaction that changes it.
+async fn current_step(
+    tx: &mut AnyConnection,
+    backend: Backend,
     id: i64,
     device: &str,
 ) -> Result<Option<DeviceStep>> {
-    Ok(tx
-        .query_row(
-            "SELECT status FROM rollout_devices WHERE rollout_id = ?1 AND device_id = ?2",
-            params![id, device],
-            |r| r.get::<_, String>(0),
-        )
-        .optional()?
-        .map(|s| DeviceStep::parse(&s)))
+    let status: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT status FROM rollout_devices WHERE rollout_id = $1 AND device_id = $2{}",
+        backend.for_update()
+    )))
+    .bind(id)
+    .bind(device)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(status.map(|s| DeviceStep::parse(&s)))
 }
 
 impl Store {
     /// Records a new rollout over `devices` (in order); returns its id.
-    pub fn add_rollout(
+    pub async fn add_rollout(
         &self,
         service: &str,
         version: &str,
         plan: &Plan,
         devices: &[String],
     ) -> Result<i64> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
+        let mut tx = self.pool.begin().await?;
         let time = now();
-        tx.execute(
+        let id: i64 = sqlx::query_scalar(
             "INSERT INTO rollouts (service, version, plan, state, created, updated)
-             VALUES (?1, ?2, ?3, 'running', ?4, ?4)",
-            params![service, version, serde_json::to_string(plan)?, time],
-        )?;
-        let id = tx.last_insert_rowid();
-        for (position, device) in devices.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO rollout_devices (rollout_id, device_id, position, status, updated)
-                 VALUES (?1, ?2, ?3, 'pending', ?4)",
-                params![id, device, position as i64, time],
-            )?;
-        }
-        tx.commit()?;
+             VALUES ($1, $2, $3, 'running', $4, $4) RETURNING id",
+        )
+        .bind(service)
+        .bind(version)
+        .bind(serde_json::to_string(plan)?)
+        .bind(&time)
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_rollout_devices(&mut tx, id, 0, devices, &time).await?;
+        tx.commit().await?;
         Ok(id)
     }
 
     /// Adds devices that joined the selector, after the existing ones.
-    pub fn add_rollout_devices(&self, id: i64, devices: &[String]) -> Result<()> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let next: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(position) + 1, 0) FROM rollout_devices WHERE rollout_id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
-        let time = now();
-        for (offset, device) in devices.iter().enumerate() {
-            tx.execute(
-                "INSERT OR IGNORE INTO rollout_devices (rollout_id, device_id, position, status, updated)
-                 VALUES (?1, ?2, ?3, 'pending', ?4)",
-                params![id, device, next + offset as i64, time],
-            )?;
-        }
-        tx.commit()?;
+    pub async fn add_rollout_devices(&self, id: i64, devices: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let next: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(position) + 1, 0) FROM rollout_devices WHERE rollout_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_rollout_devices(&mut tx, id, next, devices, &now()).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Every rollout, newest first.
-    pub fn rollouts(&self) -> Result<Vec<RolloutRow>> {
-        let ids: Vec<i64> = {
-            let db = self.db();
-            let mut stmt = db.prepare("SELECT id FROM rollouts ORDER BY id DESC")?;
-            stmt.query_map([], |r| r.get(0))?
-                .collect::<std::result::Result<_, _>>()?
-        };
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(rollout) = self.rollout(id)? {
-                out.push(rollout);
-            }
-        }
-        Ok(out)
+    pub async fn rollouts(&self) -> Result<Vec<RolloutRow>> {
+        self.rollouts_where("SELECT id FROM rollouts ORDER BY id DESC")
+            .await
     }
 
     /// Rollouts that are running or paused.
-    pub fn open_rollouts(&self) -> Result<Vec<RolloutRow>> {
+    pub async fn open_rollouts(&self) -> Result<Vec<RolloutRow>> {
         // Only open ones are read: the engine asks every second, and
         // finished rollouts pile up.
-        let ids: Vec<i64> = {
-            let db = self.db();
-            let mut stmt = db.prepare(
-                "SELECT id FROM rollouts WHERE state IN ('running', 'paused') ORDER BY id DESC",
-            )?;
-            stmt.query_map([], |r| r.get(0))?
-                .collect::<std::result::Result<_, _>>()?
-        };
-        let mut out = Vec::new();
+        self.rollouts_where(
+            "SELECT id FROM rollouts WHERE state IN ('running', 'paused') ORDER BY id DESC",
+        )
+        .await
+    }
+
+    async fn rollouts_where(&self, ids: &'static str) -> Result<Vec<RolloutRow>> {
+        let ids: Vec<i64> = sqlx::query_scalar(ids).fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(rollout) = self.rollout(id)? {
+            if let Some(rollout) = self.rollout(id).await? {
                 out.push(rollout);
             }
         }
@@ -260,44 +242,47 @@ impl Store {
     }
 
     /// One rollout with its devices.
-    pub fn rollout(&self, id: i64) -> Result<Option<RolloutRow>> {
-        let db = self.db();
-        let head = db
-            .query_row(
-                "SELECT service, version, plan, state, reason, created, updated FROM rollouts WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, String>(6)?,
-                    ))
-                },
-            )
-            .optional()?;
+    pub async fn rollout(&self, id: i64) -> Result<Option<RolloutRow>> {
+        type Head = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            String,
+            String,
+        );
+        let head: Option<Head> = sqlx::query_as(
+            "SELECT service, version, plan, state, reason, created, updated
+             FROM rollouts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         let Some((service, version, plan, state, reason, created, updated)) = head else {
             return Ok(None);
         };
-        let mut stmt = db.prepare(
+        type Row = (String, i64, String, Option<String>, Option<String>, String);
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT device_id, position, status, reason, sent_at, updated FROM rollout_devices
-             WHERE rollout_id = ?1 ORDER BY position",
-        )?;
-        let devices = stmt
-            .query_map([id], |r| {
-                Ok(RolloutDevice {
-                    device_id: r.get(0)?,
-                    position: r.get(1)?,
-                    status: DeviceStep::parse(&r.get::<_, String>(2)?),
-                    reason: r.get(3)?,
-                    sent_at: r.get(4)?,
-                    updated: r.get(5)?,
-                })
-            })?
-            .collect::<std::result::Result<_, _>>()?;
+             WHERE rollout_id = $1 ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let devices = rows
+            .into_iter()
+            .map(
+                |(device_id, position, status, reason, sent_at, updated)| RolloutDevice {
+                    device_id,
+                    position,
+                    status: DeviceStep::parse(&status),
+                    reason,
+                    sent_at,
+                    updated,
+                },
+            )
+            .collect();
         Ok(Some(RolloutRow {
             id,
             service,
@@ -312,69 +297,87 @@ impl Store {
     }
 
     /// Sets a rollout's state (and why).
-    pub fn set_rollout_state(
+    pub async fn set_rollout_state(
         &self,
         id: i64,
         state: RolloutState,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.db().execute(
-            "UPDATE rollouts SET state = ?2, reason = ?3, updated = ?4 WHERE id = ?1",
-            params![id, state.as_str(), reason, now()],
-        )?;
+        sqlx::query("UPDATE rollouts SET state = $2, reason = $3, updated = $4 WHERE id = $1")
+            .bind(id)
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// Sends a release to a device: its new desired state and its step
     /// (`sent`, or `reverting` for the revert), together, so a restart never
     /// sends it twice or loses it.
-    pub fn send_rollout_device(
+    pub async fn send_rollout_device(
         &self,
         id: i64,
         device: &str,
         step: DeviceStep,
         desired: &str,
     ) -> Result<bool> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        if !current_step(&tx, id, device)?.is_some_and(|c| c.can_move_to(step)) {
+        let mut tx = self.pool.begin().await?;
+        if !current_step(&mut tx, self.backend, id, device)
+            .await?
+            .is_some_and(|c| c.can_move_to(step))
+        {
             return Ok(false);
         }
         let time = now();
-        let service: String =
-            tx.query_row("SELECT service FROM rollouts WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })?;
-        set_desired(&tx, device, desired, &service, &format!("rollout {id}"))?;
-        tx.execute(
-            "UPDATE rollout_devices SET status = ?3, reason = NULL, sent_at = ?4, updated = ?4
-             WHERE rollout_id = ?1 AND device_id = ?2",
-            params![id, device, step.as_str(), time],
-        )?;
-        tx.commit()?;
+        let service: String = sqlx::query_scalar("SELECT service FROM rollouts WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        set_desired(&mut tx, device, desired, &service, &format!("rollout {id}")).await?;
+        sqlx::query(
+            "UPDATE rollout_devices SET status = $3, reason = NULL, sent_at = $4, updated = $4
+             WHERE rollout_id = $1 AND device_id = $2",
+        )
+        .bind(id)
+        .bind(device)
+        .bind(step.as_str())
+        .bind(&time)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(true)
     }
 
     /// Moves a device to `step` (from its reports, or a timeout) when
     /// [`DeviceStep::can_move_to`] allows; returns whether it moved.
-    pub fn set_rollout_device(
+    pub async fn set_rollout_device(
         &self,
         id: i64,
         device: &str,
         step: DeviceStep,
         reason: Option<&str>,
     ) -> Result<bool> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        if !current_step(&tx, id, device)?.is_some_and(|c| c.can_move_to(step)) {
+        let mut tx = self.pool.begin().await?;
+        if !current_step(&mut tx, self.backend, id, device)
+            .await?
+            .is_some_and(|c| c.can_move_to(step))
+        {
             return Ok(false);
         }
-        tx.execute(
-            "UPDATE rollout_devices SET status = ?3, reason = ?4, updated = ?5
-             WHERE rollout_id = ?1 AND device_id = ?2",
-            params![id, device, step.as_str(), reason, now()],
-        )?;
-        tx.commit()?;
+        sqlx::query(
+            "UPDATE rollout_devices SET status = $3, reason = $4, updated = $5
+             WHERE rollout_id = $1 AND device_id = $2",
+        )
+        .bind(id)
+        .bind(device)
+        .bind(step.as_str())
+        .bind(reason)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -382,7 +385,7 @@ impl Store {
     /// label, as the step it means: counted only when that rollout is about
     /// that release or its revert (a device's desired state carries one
     /// label for all its services).
-    pub fn report_rollout_device(
+    pub async fn report_rollout_device(
         &self,
         id: i64,
         device: &str,
@@ -391,20 +394,11 @@ impl Store {
     ) -> Result<bool> {
         // Only the rollout's head: this runs for every progress event, and a
         // rollout's device list can be the whole fleet.
-        let head = self
-            .db()
-            .query_row(
-                "SELECT service, version, plan FROM rollouts WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
-                },
-            )
-            .optional()?;
+        let head: Option<(String, String, String)> =
+            sqlx::query_as("SELECT service, version, plan FROM rollouts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some((service, version, plan)) = head else {
             return Ok(false);
         };
@@ -423,6 +417,32 @@ impl Store {
         } else {
             return Ok(false);
         };
-        self.set_rollout_device(id, device, step, reason)
+        self.set_rollout_device(id, device, step, reason).await
     }
+}
+
+/// Adds `devices` to rollout `id` as pending, from `position` on; one
+/// already in it keeps its place and step.
+async fn insert_rollout_devices(
+    tx: &mut AnyConnection,
+    id: i64,
+    position: i64,
+    devices: &[String],
+    time: &str,
+) -> Result<()> {
+    let mut position = position;
+    for device in devices {
+        let added = sqlx::query(
+            "INSERT INTO rollout_devices (rollout_id, device_id, position, status, updated)
+             VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(device)
+        .bind(position)
+        .bind(time)
+        .execute(&mut *tx)
+        .await?;
+        position += added.rows_affected() as i64;
+    }
+    Ok(())
 }
