@@ -72,7 +72,7 @@ impl NatsCluster {
                 &config,
                 format!(
                     "server_name: {name}\nlisten: \"{client}\"\n\
-                     jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 1GB }}\n\
+                     jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 2GB }}\n\
                      cluster {{ name: ferry, listen: \"{route}\", routes: [{route_list}] }}\n\
                      mqtt {{ listen: \"{mqtt}\" }}\n{accounts}",
                     store.display()

@@ -322,3 +322,37 @@ async fn two_replicas_never_send_a_device_the_same_stage_twice() {
         by_b.len()
     );
 }
+
+/// One replica at a time steps the rollouts; when it goes, its lock goes
+/// with its connection, and another takes over.
+#[tokio::test]
+async fn one_replica_leads_the_rollouts_until_it_goes() {
+    use ferry::serve::store::RolloutLease;
+    let url: DatabaseUrl = postgres::server().database().parse().unwrap();
+    let (a, b) = (
+        Store::connect(&url).await.unwrap(),
+        Store::connect(&url).await.unwrap(),
+    );
+    let (mut lease_a, mut lease_b) = (RolloutLease::default(), RolloutLease::default());
+    assert!(lease_a.lead(&a).await);
+    assert!(!lease_b.lead(&b).await, "two replicas lead at once");
+    assert!(
+        lease_a.lead(&a).await,
+        "the leader lost its lease by asking again"
+    );
+    drop(lease_a);
+    // The lock is released as the server sees the connection close.
+    let mut waited = 0;
+    while !lease_b.lead(&b).await {
+        waited += 1;
+        assert!(waited < 100, "the lock outlived its replica");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(lease_b.held());
+    // SQLite: one manager, always leading.
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::connect(&DatabaseUrl::sqlite(&dir.path().join("ferry.db")))
+        .await
+        .unwrap();
+    assert!(RolloutLease::default().lead(&sqlite).await);
+}

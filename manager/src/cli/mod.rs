@@ -10,6 +10,7 @@ mod fleet;
 mod keygen;
 mod keys;
 mod login;
+mod nats_config;
 mod package;
 mod publish;
 mod release_args;
@@ -78,6 +79,9 @@ enum Command {
     Verify(verify::Args),
     /// Run the manager: MQTT broker, HTTP API, artifact store.
     Serve(serve::Args),
+    /// Print the accounts and auth callout block a NATS cluster's servers
+    /// need for Ferry's replicas (see "Running a cluster").
+    NatsConfig(nats_config::Args),
     /// See it all work: a manager, two agents and a sample service, until Ctrl-C.
     Demo(DemoArgs),
     /// Register a device (`ferry device add ID`) or show one (`ferry device ID`).
@@ -177,6 +181,7 @@ pub fn main() -> ExitCode {
         Command::Build(args) => build::run(args),
         Command::Sign(args) => sign::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::NatsConfig(args) => nats_config::run(args),
         Command::Root(args) if args.offline() => root::run_offline(args),
         Command::Login(args) => runtime().and_then(|rt| rt.block_on(login::run(args, cli.token))),
         Command::Serve(args) => {

@@ -67,16 +67,11 @@ pub async fn run(
     store: Arc<Store>,
     outgoing: mpsc::UnboundedReceiver<Outgoing>,
     listeners: Listeners,
+    subscribe: bool,
 ) {
-    let Listeners {
-        wake,
-        metrics,
-        block_requests,
-        recorder,
-        policing,
-    } = listeners;
+    let metrics = listeners.metrics.clone();
+    let mut intake = Intake::new(store.clone(), listeners);
     tokio::spawn(publish_outgoing(client.clone(), outgoing));
-    let mut marks = InstallingMarks::default();
     let mut backoff = Duration::from_millis(200);
     // Subscriptions of this connection not acknowledged yet.
     let mut unacknowledged = 0;
@@ -87,7 +82,8 @@ pub async fn run(
                     backoff = Duration::from_millis(200);
                     tracing::info!("manager connected to the broker");
                     unacknowledged = 0;
-                    for kind in TopicKind::ALL.into_iter().filter(|k| k.published_by_device()) {
+                    let kinds = TopicKind::ALL.into_iter().filter(|k| k.published_by_device());
+                    for kind in kinds.filter(|_| subscribe) {
                         if client.try_subscribe(kind.all_devices_filter(), qos(kind)).is_ok() {
                             unacknowledged += 1;
                         }
@@ -98,38 +94,8 @@ pub async fn run(
                     tokio::spawn(republish_all(client.clone(), store.clone()));
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let topic = match p.topic.parse::<Topic>() {
-                        Ok(topic) => topic,
-                        Err(e) => {
-                            metrics.mqtt_messages.with_label_values(&["invalid"]).inc();
-                            tracing::warn!("message not recorded: {e}");
-                            continue;
-                        }
-                    };
-                    metrics.mqtt_messages.with_label_values(&[topic.kind.segment()]).inc();
-                    if let Some(policing) = &policing {
-                        if !policing.admit(topic.device.as_str(), topic.kind, p.payload.len()) {
-                            continue;
-                        }
-                    }
-                    if topic.kind == TopicKind::Fetch {
-                        // Served elsewhere: a transfer must not stall ingestion.
-                        let request = blocks::Incoming { device: topic.device, payload: p.payload.to_vec() };
-                        if block_requests.try_send(request).is_err() {
-                            // The device asks again when its blocks do not come.
-                            tracing::warn!("block requests queue full; one dropped");
-                        }
-                        continue;
-                    }
-                    match ingest(&store, &wake, &mut marks, &topic, &p.payload).await {
-                        Ok(Some(record)) => {
-                            // Waits only when the recorder is far behind.
-                            if recorder.send(record).await.is_err() {
-                                tracing::error!("the recorder stopped; message not recorded");
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(topic = %p.topic, "message not recorded: {e}"),
+                    if let Some(record) = intake.take(&p.topic, &p.payload).await {
+                        intake.record(record.into()).await;
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
@@ -140,12 +106,89 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    metrics.broker_subscribed.set(0);
+                    if subscribe {
+                        metrics.broker_subscribed.set(0);
+                    }
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             },
+        }
+    }
+}
+
+/// Takes in device messages, from the manager's MQTT subscription or from
+/// the NATS cluster's shared consumer ([`super::nats::ingest`]).
+pub struct Intake {
+    store: Arc<Store>,
+    listeners: Listeners,
+    marks: InstallingMarks,
+}
+
+impl Intake {
+    /// An intake that writes to `store` and tells `listeners`.
+    pub fn new(store: Arc<Store>, listeners: Listeners) -> Self {
+        Self {
+            store,
+            listeners,
+            marks: InstallingMarks::default(),
+        }
+    }
+
+    /// Checks one message on `topic` and acts on it: block requests go to
+    /// the block server, reports move deployments and rollouts on; what is
+    /// to be recorded comes back, for [`Self::record`].
+    pub async fn take(&mut self, topic: &str, payload: &[u8]) -> Option<Record> {
+        let Listeners {
+            wake,
+            metrics,
+            block_requests,
+            policing,
+            ..
+        } = &self.listeners;
+        let topic = match topic.parse::<Topic>() {
+            Ok(topic) => topic,
+            Err(e) => {
+                metrics.mqtt_messages.with_label_values(&["invalid"]).inc();
+                tracing::warn!("message not recorded: {e}");
+                return None;
+            }
+        };
+        metrics
+            .mqtt_messages
+            .with_label_values(&[topic.kind.segment()])
+            .inc();
+        if let Some(policing) = policing {
+            if !policing.admit(topic.device.as_str(), topic.kind, payload.len()) {
+                return None;
+            }
+        }
+        if topic.kind == TopicKind::Fetch {
+            // Served elsewhere: a transfer must not stall ingestion.
+            let request = blocks::Incoming {
+                device: topic.device,
+                payload: payload.to_vec(),
+            };
+            if block_requests.try_send(request).is_err() {
+                // The device asks again when its blocks do not come.
+                tracing::warn!("block requests queue full; one dropped");
+            }
+            return None;
+        }
+        match ingest(&self.store, wake, &mut self.marks, &topic, payload).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(%topic, "message not recorded: {e}");
+                None
+            }
+        }
+    }
+
+    /// Hands a record to the recorder, waiting only when it is far behind.
+    pub async fn record(&self, recording: Recording) {
+        if self.listeners.recorder.send(recording).await.is_err() {
+            tracing::error!("the recorder stopped; message not recorded");
         }
     }
 }
@@ -206,7 +249,26 @@ impl InstallingMarks {
     }
 }
 
+/// A record for the recorder, and who to tell once it is committed.
+pub struct Recording {
+    /// What to write.
+    pub record: Record,
+    /// Told when the batch holding it is committed; dropped unanswered
+    /// when it is not.
+    pub committed: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl From<Record> for Recording {
+    fn from(record: Record) -> Self {
+        Self {
+            record,
+            committed: None,
+        }
+    }
+}
+
 /// Who hears about device messages besides the store.
+#[derive(Clone)]
 pub struct Listeners {
     /// The rollout engine, woken when a rollout device's step changes.
     pub wake: Arc<Notify>,
@@ -215,7 +277,7 @@ pub struct Listeners {
     /// The block server's queue of artifact requests.
     pub block_requests: mpsc::Sender<blocks::Incoming>,
     /// Writes what is to be recorded ([`spawn_recorder`]).
-    pub recorder: mpsc::Sender<Record>,
+    pub recorder: mpsc::Sender<Recording>,
     /// Device budgets, when no embedded broker enforced them already.
     pub policing: Option<super::limits::Policing>,
 }
@@ -322,20 +384,27 @@ pub fn spawn_recorder(
     store: Arc<Store>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     recorded: prometheus::IntCounter,
-) -> mpsc::Sender<Record> {
+) -> mpsc::Sender<Recording> {
     const BATCH: usize = 2048;
-    let (tx, mut rx) = mpsc::channel::<Record>(64 * 1024);
+    let (tx, mut rx) = mpsc::channel::<Recording>(64 * 1024);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut records = Vec::with_capacity(BATCH);
         while rx.recv_many(&mut batch, BATCH).await > 0 {
-            match store.record_many(&batch).await {
+            records.extend(batch.iter_mut().map(|r| std::mem::take(&mut r.record)));
+            match store.record_many(&records).await {
                 Ok(()) => {
-                    recorded.inc_by(batch.len() as u64);
+                    recorded.inc_by(records.len() as u64);
                     changes.send_modify(|n| *n = n.wrapping_add(1));
+                    for committed in batch.drain(..).filter_map(|r| r.committed) {
+                        let _ = committed.send(());
+                    }
                 }
-                Err(e) => tracing::warn!("{} device messages not recorded: {e}", batch.len()),
+                // Those waiting hear nothing, and take it as not recorded.
+                Err(e) => tracing::warn!("{} device messages not recorded: {e}", records.len()),
             }
             batch.clear();
+            records.clear();
         }
     });
     tx

@@ -170,7 +170,7 @@ pub struct Policing {
     /// Counts dropped messages (`ferry_device_messages_throttled_total`).
     pub throttled: prometheus::IntCounter,
     /// Where the operator's event goes (the recorder).
-    pub events: mpsc::Sender<Record>,
+    pub events: mpsc::Sender<super::ingest::Recording>,
 }
 
 impl Policing {
@@ -185,7 +185,7 @@ impl Policing {
                     tracing::warn!(device, "{reason}");
                     // Full only when the recorder is far behind; the counter
                     // still has it.
-                    let _ = self.events.try_send(throttle_event(device, reason));
+                    let _ = self.events.try_send(throttle_event(device, reason).into());
                 }
                 false
             }

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub broker_dropped: IntCounter,
     /// Device messages dropped for being over the device's budget.
     pub device_throttled: IntCounter,
+    /// 1 while this replica steps the rollouts (always, on SQLite).
+    pub rollout_leader: IntGauge,
 }
 
 /// A metric that could not be made or written (a programming error, or a
@@ -61,6 +63,10 @@ impl Metrics {
     /// Creates the manager's counters.
     pub fn new() -> Result<Self, MetricsError> {
         Ok(Self {
+            rollout_leader: IntGauge::new(
+                "ferry_rollout_leader",
+                "1 while this manager replica steps the rollouts (one at a time; always with SQLite).",
+            )?,
             broker_subscribed: IntGauge::new(
                 "ferry_broker_subscribed",
                 "1 while the manager's MQTT client is connected and subscribed to every device topic.",
@@ -117,6 +123,7 @@ impl Metrics {
         registry.register(Box::new(self.messages_recorded.clone()))?;
         registry.register(Box::new(self.broker_dropped.clone()))?;
         registry.register(Box::new(self.device_throttled.clone()))?;
+        registry.register(Box::new(self.rollout_leader.clone()))?;
         fleet(&registry, store).await?;
         let mut out = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut out)?;

@@ -235,19 +235,40 @@ pub async fn serve(
         backlog,
     );
     tokio::spawn(block_server.run(block_rx));
+    let listeners = ingest::Listeners {
+        wake: wake.clone(),
+        metrics: metrics.clone(),
+        block_requests: block_tx,
+        recorder,
+        // The embedded broker drops what is over budget before it gets
+        // here; an external one does not know the budgets.
+        policing: config.broker.is_some().then_some(policing),
+    };
+    // On a NATS cluster the replicas share one consumer of device messages;
+    // the MQTT client only publishes.
+    let nats_ingest = config
+        .auth_callout
+        .as_ref()
+        .zip(login.username.clone().zip(login.password.clone()));
+    if let Some((callout, (user, password))) = nats_ingest {
+        let login = nats::ingest::IngestLogin {
+            servers: callout.servers.clone(),
+            user,
+            password,
+        };
+        let intake = ingest::Intake::new(store.clone(), listeners.clone());
+        tokio::spawn(nats::ingest::run(
+            login,
+            intake,
+            metrics.broker_subscribed.clone(),
+        ));
+    }
     tokio::spawn(ingest::run(
         mqtt,
         store.clone(),
         outgoing_rx,
-        ingest::Listeners {
-            wake: wake.clone(),
-            metrics: metrics.clone(),
-            block_requests: block_tx,
-            recorder,
-            // The embedded broker drops what is over budget before it gets
-            // here; an external one does not know the budgets.
-            policing: config.broker.is_some().then_some(policing),
-        },
+        listeners,
+        config.auth_callout.is_none(),
     ));
 
     // Silence means offline.
@@ -285,6 +306,7 @@ pub async fn serve(
         public_url: public_url_shared.clone(),
         wake,
         changes,
+        leader: metrics.rollout_leader.clone(),
     };
     tokio::spawn(engine.clone().run());
     let state = api::AppState {

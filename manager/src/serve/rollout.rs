@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use super::ingest::Outgoing;
-use super::store::{DeviceStep, DeviceTags, RolloutRow, Store, StoreError};
+use super::store::{DeviceStep, DeviceTags, RolloutLease, RolloutRow, Store, StoreError};
 
 /// Which devices a rollout is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +238,8 @@ pub struct Engine {
     pub wake: Arc<Notify>,
     /// Bumped whenever the fleet's picture changes (the dashboard's live updates).
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// 1 while this replica leads ([`RolloutLease`]).
+    pub leader: prometheus::IntGauge,
 }
 
 /// The label devices carry back in their results.
@@ -269,6 +271,7 @@ impl Engine {
         let mut last_full: Option<Instant> = None;
         let mut last_woken: Option<Instant> = None;
         let mut woken = false;
+        let mut lease = RolloutLease::default();
         loop {
             if woken {
                 if let Some(at) = last_woken {
@@ -280,8 +283,13 @@ impl Engine {
             if full {
                 last_full = Some(Instant::now());
             }
-            if let Err(e) = self.step_all(full).await {
-                tracing::warn!("rollouts: {e}");
+            // Another replica may lead; this one asks again each tick.
+            let leads = lease.lead(&self.store).await;
+            self.leader.set(i64::from(leads));
+            if leads {
+                if let Err(e) = self.step_all(full).await {
+                    tracing::warn!("rollouts: {e}");
+                }
             }
             woken = tokio::select! {
                 () = self.wake.notified() => true,

@@ -179,8 +179,20 @@ fn device_permissions(device: &DeviceId) -> User {
     user(subjects.publish, subjects.subscribe)
 }
 
-/// The manager: every Ferry subject.
+/// The manager: every Ferry subject, and the JetStream API of the device
+/// message stream and its consumer ([`super::ingest`]) with the replies.
 fn manager_permissions() -> User {
+    use super::ingest::STREAM;
     let all = acl::nats_subject(&format!("{}/>", ferry_protocol::topics::PREFIX));
-    user(vec![all.clone()], vec![all])
+    let publish = vec![
+        all.clone(),
+        "$JS.API.INFO".into(),
+        format!("$JS.API.STREAM.*.{STREAM}"),
+        format!("$JS.API.CONSUMER.*.{STREAM}"),
+        format!("$JS.API.CONSUMER.*.{STREAM}.>"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.>"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.>"),
+        format!("$JS.ACK.{STREAM}.>"),
+    ];
+    user(publish, vec![all, "_INBOX.>".into()])
 }

@@ -9,6 +9,7 @@
 //! the system account. [`server_config`] writes that block for a node.
 
 pub mod callout;
+pub mod ingest;
 pub mod jwt;
 
 use std::path::{Path, PathBuf};

@@ -9,10 +9,12 @@ use sqlx::{AnyConnection, AnyPool};
 
 mod database;
 mod identity;
+mod lease;
 mod rollouts;
 
 pub use database::{Backend, DatabaseUrl};
 pub use identity::{Enrolment, NO_PASSWORD, unix_now};
+pub use lease::RolloutLease;
 pub use rollouts::{DeviceStep, RolloutDevice, RolloutRow};
 
 /// How many health reports and events are kept per device.
@@ -79,7 +81,7 @@ pub struct DeviceTags {
 }
 
 /// A device message to record (see [`Store::record_many`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Record {
     /// The device.
     pub device: String,
