@@ -341,6 +341,20 @@ impl Manager {
         tls: bool,
     ) -> Self {
         let log = data_dir.with_extension("log");
+        Self::start_process_args(binary, data_dir, mqtt, http, tls, &[], &log).await
+    }
+
+    /// [`Manager::start_process_with`], with more arguments for `ferry
+    /// serve` and its log in `log`.
+    pub async fn start_process_args(
+        binary: &Path,
+        data_dir: &Path,
+        mqtt: SocketAddr,
+        http: SocketAddr,
+        tls: bool,
+        more: &[String],
+        log: &Path,
+    ) -> Self {
         std::fs::create_dir_all(data_dir).unwrap();
         let child = Command::new(binary)
             .arg("serve")
@@ -349,6 +363,7 @@ impl Manager {
             .args((!tls).then_some("--insecure-plaintext"))
             .arg("--data-dir")
             .arg(data_dir)
+            .args(more)
             .stdout(std::process::Stdio::null())
             .stderr(
                 std::fs::File::options()

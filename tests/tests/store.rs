@@ -334,12 +334,13 @@ async fn one_replica_leads_the_rollouts_until_it_goes() {
         Store::connect(&url).await.unwrap(),
     );
     let (mut lease_a, mut lease_b) = (RolloutLease::default(), RolloutLease::default());
-    assert!(lease_a.lead(&a).await);
+    assert!(lease_a.lead(&a).await && lease_a.taken_over());
     assert!(!lease_b.lead(&b).await, "two replicas lead at once");
     assert!(
         lease_a.lead(&a).await,
         "the leader lost its lease by asking again"
     );
+    assert!(!lease_a.taken_over(), "kept is not taken over");
     drop(lease_a);
     // The lock is released as the server sees the connection close.
     let mut waited = 0;
@@ -348,7 +349,7 @@ async fn one_replica_leads_the_rollouts_until_it_goes() {
         assert!(waited < 100, "the lock outlived its replica");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(lease_b.held());
+    assert!(lease_b.held() && lease_b.taken_over());
     // SQLite: one manager, always leading.
     let dir = tempfile::tempdir().unwrap();
     let sqlite = Store::connect(&DatabaseUrl::sqlite(&dir.path().join("ferry.db")))

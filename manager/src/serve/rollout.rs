@@ -286,6 +286,9 @@ impl Engine {
             // Another replica may lead; this one asks again each tick.
             let leads = lease.lead(&self.store).await;
             self.leader.set(i64::from(leads));
+            if lease.taken_over() {
+                self.resend_all().await;
+            }
             if leads {
                 if let Err(e) = self.step_all(full).await {
                     tracing::warn!("rollouts: {e}");
@@ -295,6 +298,26 @@ impl Engine {
                 () = self.wake.notified() => true,
                 () = tokio::time::sleep(FULL_EVERY) => false,
             };
+        }
+    }
+
+    /// Sends every device its desired state again. A replica that led
+    /// before this one may have died after recording a send and before the
+    /// broker had it; the state is the whole of what a device should run,
+    /// so sending it again is harmless, and its newest copy is all that
+    /// counts.
+    async fn resend_all(&self) {
+        match self.store.all_desired().await {
+            Ok(all) => {
+                tracing::info!(devices = all.len(), "sending every desired state again");
+                for (device, payload) in all {
+                    let _ = self.outgoing.send(Outgoing {
+                        device,
+                        payload: payload.into_bytes(),
+                    });
+                }
+            }
+            Err(e) => tracing::warn!("cannot read desired states to send again: {e}"),
         }
     }
 

@@ -22,12 +22,15 @@ pub struct RolloutLease {
     // The connection holding the lock, apart from the pool: dropped, it
     // closes, and the lock is released.
     held: Option<AnyConnection>,
+    // Leading since the last `lead`, not before it.
+    taken: bool,
 }
 
 impl RolloutLease {
     /// Whether this replica leads now: keeps the lock when it has it (and
     /// its connection still answers), takes it when it is free.
     pub async fn lead(&mut self, store: &Store) -> bool {
+        self.taken = false;
         if store.backend() == Backend::Sqlite {
             return true;
         }
@@ -42,6 +45,7 @@ impl RolloutLease {
             Ok(Some(connection)) => {
                 tracing::info!("this replica steps the rollouts now");
                 self.held = Some(connection);
+                self.taken = true;
                 true
             }
             Ok(None) => false,
@@ -55,6 +59,12 @@ impl RolloutLease {
     /// Whether it holds the lock (as of the last [`Self::lead`]).
     pub fn held(&self) -> bool {
         self.held.is_some()
+    }
+
+    /// Whether the last [`Self::lead`] took the lock over: the replica
+    /// that held it may have died between recording a send and making it.
+    pub fn taken_over(&self) -> bool {
+        self.taken
     }
 }
 
