@@ -369,7 +369,7 @@ impl Manager {
                 std::fs::File::options()
                     .create(true)
                     .append(true)
-                    .open(&log)
+                    .open(log)
                     .unwrap(),
             )
             .spawn()
