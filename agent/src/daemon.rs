@@ -112,6 +112,13 @@ pub async fn run_with(
                     SessionEvent::Desired(payload) => match Desired::decode(&payload) {
                         Ok(desired) => {
                             desired_tx.send_replace(Some(desired));
+                            // The manager sends a desired state again when it
+                            // has not heard how it went: a report may have
+                            // been lost in the broker (a server failing
+                            // over), so the last one goes out again.
+                            if let Some(r) = &last_reported {
+                                session.publish(TopicKind::Reported, r.encode());
+                            }
                         }
                         Err(e) if payload.is_empty() => tracing::debug!("desired state cleared: {e}"),
                         Err(e) => reporter.step(None, None, Step::Verify, StepStatus::Failed, Some(e.to_string())),

@@ -307,6 +307,7 @@ pub async fn serve(
         wake,
         changes,
         leader: metrics.rollout_leader.clone(),
+        nudged: Default::default(),
     };
     tokio::spawn(engine.clone().run());
     let state = api::AppState {

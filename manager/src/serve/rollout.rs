@@ -240,7 +240,15 @@ pub struct Engine {
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// 1 while this replica leads ([`RolloutLease`]).
     pub leader: prometheus::IntGauge,
+    /// When each device in flight was last sent its desired state again.
+    pub nudged: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
 }
+
+/// How long a device in flight may be silent before it is sent its desired
+/// state again, which has it report again: its report may have been lost
+/// in the broker (a cluster's server failing over), and it would otherwise
+/// sit until its timeout.
+const NUDGE_AFTER: Duration = Duration::from_secs(30);
 
 /// The label devices carry back in their results.
 pub fn label(id: i64) -> String {
@@ -421,6 +429,7 @@ impl Engine {
             self.store.add_rollout_devices(rollout.id, &joined).await?;
             changed = true;
         }
+        self.nudge(rollout).await?;
         let timeout = Duration::from_secs(rollout.plan.device_timeout_secs);
         let cutoff = Timestamp::from(SystemTime::now() - timeout).to_string();
         for device in &rollout.devices {
@@ -442,6 +451,43 @@ impl Engine {
             }
         }
         Ok(changed)
+    }
+
+    /// Sends devices in flight and silent for [`NUDGE_AFTER`] their desired
+    /// state again, at most once per [`NUDGE_AFTER`] each.
+    async fn nudge(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
+        let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
+        let due: Vec<&str> = {
+            let mut nudged = self.nudged.lock().unwrap_or_else(|p| p.into_inner());
+            nudged.retain(|_, at| at.elapsed() < NUDGE_AFTER);
+            rollout
+                .devices
+                .iter()
+                .filter(|d| d.status.in_flight() && d.updated.as_str() < silent.as_str())
+                .filter(|d| {
+                    let first = !nudged.contains_key(&d.device_id);
+                    if first {
+                        nudged.insert(d.device_id.clone(), Instant::now());
+                    }
+                    first
+                })
+                .map(|d| d.device_id.as_str())
+                .collect()
+        };
+        for device in due {
+            if let Some(payload) = self.store.desired(device).await? {
+                tracing::debug!(
+                    rollout = rollout.id,
+                    device,
+                    "no word: desired state sent again"
+                );
+                let _ = self.outgoing.send(Outgoing {
+                    device: device.to_owned(),
+                    payload: payload.into_bytes(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Stops a rollout: nothing more is sent, and with a revert release the
