@@ -92,6 +92,10 @@ pub async fn run_with(
     let mut health = HealthProbe::new(config.data_dir.clone());
     let mut health_tick = interval(config.health_interval);
     let mut last_reported: Option<Reported> = None;
+    // Health ticks until a changed report goes out once more: a broker
+    // may lose a message as a server fails over, and a report is sent
+    // again otherwise only at the next change or connection.
+    let mut echo_reported_in: u8 = 0;
     let (mut reloader, mut reload_rx) = Reloader::new();
     let watchdog = sd_notify::watchdog_enabled();
     let mut watchdog_tick = interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
@@ -133,6 +137,8 @@ pub async fn run_with(
                     last_reported = Some(reported);
                     // A state change is news for monitoring too.
                     health_tick.reset_immediately();
+                    // Once more, a health interval after the one now.
+                    echo_reported_in = 2;
                 }
                 Report::ReloadRules(rules) => reloader.set_rules(&rules),
             },
@@ -160,6 +166,10 @@ pub async fn run_with(
                 if let Some(reported) = &last_reported {
                     let report = health.collect(&supervisor, reported).await;
                     session.publish(TopicKind::Health, report.encode());
+                    if echo_reported_in == 1 {
+                        session.publish(TopicKind::Reported, reported.encode());
+                    }
+                    echo_reported_in = echo_reported_in.saturating_sub(1);
                 }
             }
             Some(()) = inbox_rx.recv() => {

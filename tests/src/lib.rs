@@ -1291,8 +1291,12 @@ pub enum BrokerKind {
     /// mosquitto, with the ACL the README documents, as the external broker.
     Mosquitto,
     /// A three-node NATS cluster (MQTT gateway, JetStream), the manager
-    /// answering its auth callout; devices connect to the first node.
+    /// answering its auth callout; devices connect to the first node with
+    /// passwords, in plain text.
     Nats,
+    /// [`BrokerKind::Nats`] over TLS: the gateways hold a certificate from
+    /// the fleet CA, and devices enrol and show theirs.
+    NatsTls,
 }
 
 /// An in-process manager on either broker, with devices registered: the
@@ -1365,16 +1369,30 @@ impl Site {
                     nats: None,
                 }
             }
-            BrokerKind::Nats => {
+            BrokerKind::Nats | BrokerKind::NatsTls => {
+                let tls = kind == BrokerKind::NatsTls;
                 std::fs::create_dir_all(&data).unwrap();
                 let issuer_file = data.join("nats-issuer.nk");
                 let issuer = ferry::serve::nats::issuer(&issuer_file).unwrap();
-                let cluster = nats::NatsCluster::start(root, 3, &issuer.public_key());
+                // The fleet CA first (the manager finds it when it starts):
+                // the gateways' certificate comes from it.
+                let broker_certificate = tls.then(|| {
+                    let names = ["127.0.0.1".to_string(), "localhost".to_string()];
+                    ferry::serve::tls::issue_broker_certificate(&data, &names).unwrap()
+                });
+                let cluster = nats::NatsCluster::start_with(
+                    root,
+                    3,
+                    &issuer.public_key(),
+                    broker_certificate.as_ref(),
+                );
                 let mqtt = cluster.nodes[0].mqtt;
+                let scheme = if tls { "mqtts" } else { "mqtt" };
                 let mut config = config(
                     free_port(),
-                    Some(format!("mqtt://ferry-manager:manager-secret@{mqtt}")),
+                    Some(format!("{scheme}://ferry-manager:manager-secret@{mqtt}")),
                 );
+                config.tls = tls;
                 config.auth_callout = Some(
                     ferry::serve::nats::AuthCallout::parse(&cluster.callout_url(), issuer_file)
                         .unwrap(),

@@ -55,6 +55,21 @@ impl NatsCluster {
     /// signed by `issuer` (an account public nkey); returns once every
     /// node takes MQTT connections.
     pub fn start(dir: &Path, nodes: usize, issuer: &str) -> Self {
+        Self::start_with(dir, nodes, issuer, None)
+    }
+
+    /// [`NatsCluster::start`], its MQTT gateways over TLS with `tls` (a
+    /// broker certificate from the fleet CA) and taking only clients with
+    /// a certificate from that CA, when given.
+    pub fn start_with(
+        dir: &Path,
+        nodes: usize,
+        issuer: &str,
+        tls: Option<&ferry::serve::tls::BrokerCertificate>,
+    ) -> Self {
+        let mqtt_tls = tls
+            .map(ferry::serve::nats::mqtt_tls_config)
+            .unwrap_or_default();
         let routes: Vec<SocketAddr> = (0..nodes).map(|_| loopback()).collect();
         let accounts = ferry::serve::nats::server_config(issuer, CALLOUT_USER, CALLOUT_PASSWORD);
         let route_list = routes
@@ -74,7 +89,7 @@ impl NatsCluster {
                     "server_name: {name}\nlisten: \"{client}\"\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 2GB }}\n\
                      cluster {{ name: ferry, listen: \"{route}\", routes: [{route_list}] }}\n\
-                     mqtt {{ listen: \"{mqtt}\" }}\n{accounts}",
+                     mqtt {{ listen: \"{mqtt}\"\n{mqtt_tls} }}\n{accounts}",
                     store.display()
                 ),
             )

@@ -228,3 +228,72 @@ async fn devices_on_three_nodes_install_and_one_device_cannot_touch_another() {
         agent.stop().await;
     }
 }
+
+/// Over TLS the gateways take only certificates from the fleet CA, and the
+/// callout admits a certificate only as the device it was issued to, while
+/// it stands, on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_device_is_its_certificate_on_every_node_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::start(dir.path(), BrokerKind::NatsTls, &["gw-1", "gw-2"], None).await;
+    let nodes = nodes(&site);
+    let at = |node: SocketAddr| Endpoints {
+        mqtt: node,
+        ..site.manager.endpoints()
+    };
+    let ca = site.manager.endpoints().ca_pem.unwrap();
+    let keys = |device: &str| dir.path().join(format!("keys-{device}"));
+    let device = |device: &'static str, node: SocketAddr| {
+        let (at, keys) = (at(node), keys(device));
+        std::fs::create_dir_all(&keys).unwrap();
+        let credential = site.password(device).to_owned();
+        async move { at.device_options(&keys, device, &credential).await }
+    };
+    for node in &nodes {
+        assert!(
+            mqtt_connects(device("gw-1", *node).await).await,
+            "gw-1 on {node}"
+        );
+        assert!(
+            mqtt_connects(device("gw-2", *node).await).await,
+            "gw-2 on {node}"
+        );
+    }
+    // gw-2's certificate, as gw-1 (client id and user name).
+    let mut impostor = MqttOptions::new("gw-1", "127.0.0.1", nodes[1].port());
+    impostor.set_credentials("gw-1", "");
+    impostor.set_transport(device("gw-2", nodes[1]).await.transport());
+    assert!(
+        !mqtt_connects(impostor).await,
+        "gw-2's certificate passed as gw-1"
+    );
+    // gw-1's certificate, as the manager with the manager's password.
+    let mut manager = MqttOptions::new("ferry-manager-x", "127.0.0.1", nodes[2].port());
+    manager.set_credentials("ferry-manager", "manager-secret");
+    manager.set_transport(device("gw-1", nodes[2]).await.transport());
+    assert!(
+        !mqtt_connects(manager).await,
+        "a device certificate passed as the manager"
+    );
+    // TLS without a certificate, and plain text, to the TLS gateway.
+    let config = ferry_agent::tls::pinned_client_config(&ca, None).unwrap();
+    let mut anonymous = MqttOptions::new("gw-1", "127.0.0.1", nodes[0].port());
+    anonymous.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+    ));
+    assert!(!mqtt_connects(anonymous).await, "no certificate, yet in");
+    let mut plain = MqttOptions::new("gw-1", "127.0.0.1", nodes[0].port());
+    plain.set_credentials("gw-1", "");
+    assert!(!mqtt_connects(plain).await, "plain text, yet in");
+    // Revoked: the certificate it holds is refused at once, on every node.
+    let held = device("gw-1", nodes[0]).await.transport();
+    site.manager
+        .post("/v1/devices/gw-1/revoke", json!({}))
+        .await;
+    for node in &nodes {
+        let mut revoked = MqttOptions::new("gw-1", "127.0.0.1", node.port());
+        revoked.set_credentials("gw-1", "");
+        revoked.set_transport(held.clone());
+        assert!(!mqtt_connects(revoked).await, "revoked gw-1 on {node}");
+    }
+}

@@ -47,6 +47,13 @@ pub struct Logins {
 }
 
 impl Logins {
+    /// Whether these are the manager's user name and password.
+    pub fn is_manager(&self, user: &str, password: &str) -> bool {
+        use crate::serve::api::auth::constant_time_eq;
+        user == self.manager.username
+            && constant_time_eq(password.as_bytes(), self.manager.password.as_bytes())
+    }
+
     /// Decides a connection by its user name, password, client id and,
     /// over TLS, its certificate's serial.
     pub async fn decide(

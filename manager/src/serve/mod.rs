@@ -148,8 +148,24 @@ pub async fn serve(
         events: recorder.clone(),
     };
     // The broker: embedded, or external.
+    // Over TLS, the serial of the manager's own client certificate.
+    let mut manager_serial = None;
     let (login, broker_task, sessions) = match &config.broker {
-        Some(url) => (parse_external(url)?, None, None),
+        Some(url) => {
+            let (mut login, tls) = parse_external(url)?;
+            if tls {
+                // The cluster's servers hold certificates from the fleet
+                // CA (`ferry nats-config --tls`), and the manager shows one.
+                let Some(pki) = &pki else {
+                    anyhow::bail!("an mqtts:// broker needs TLS: drop --insecure-plaintext");
+                };
+                let own = manager_certificate(pki, &config.data_dir)?;
+                login.ca_pem = Some(pki.ca_pem.clone());
+                login.certificate = Some(own.identity);
+                manager_serial = Some(own.serial);
+            }
+            (login, None, None)
+        }
         None => {
             let mut secret = [0u8; 24];
             getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
@@ -159,7 +175,10 @@ pub async fn serve(
             };
             let backlog = Arc::new(blocks::Backlog::default());
             // Over TLS the manager's own client shows a certificate too.
-            let own = pki.as_ref().map(manager_certificate).transpose()?;
+            let own = pki
+                .as_ref()
+                .map(|pki| manager_certificate(pki, &config.data_dir))
+                .transpose()?;
             let (sessions, task) = broker::start(
                 config.mqtt_listen,
                 pki.as_ref()
@@ -205,7 +224,8 @@ pub async fn serve(
                 username: manager.0,
                 password: manager.1,
             },
-            manager_serial: None,
+            // Over TLS, devices prove themselves by certificate.
+            manager_serial: manager_serial.clone(),
         });
         let callout = nats::callout::Callout {
             servers: callout.servers.clone(),
@@ -324,7 +344,9 @@ pub async fn serve(
         ca_pem: pki.as_ref().map(|p| Arc::new(p.ca_pem.clone())),
         device_ca: pki.as_ref().map(|p| p.ca.clone()),
         device_cert_lifetime: config.device_cert_lifetime,
-        certificates_only: pki.is_some() && config.broker.is_none(),
+        // The embedded broker over TLS, or a cluster's gateways over TLS
+        // (whose callout checks certificates as the embedded broker does).
+        certificates_only: pki.is_some() && (config.broker.is_none() || manager_serial.is_some()),
         nats_broker: config.auth_callout.is_some(),
     };
     remember_local_manager(
@@ -359,22 +381,18 @@ struct ManagerCertificate {
     identity: Arc<ferry_agent::tls::ClientCertificate>,
 }
 
-fn manager_certificate(pki: &tls::Pki) -> Result<ManagerCertificate> {
-    let key = rcgen::KeyPair::generate().context("cannot make the manager's client key")?;
-    // As long as the server certificate: both are made anew at each start.
-    let issued =
-        pki.ca
-            .issue_client("ferry-manager", &key, Duration::from_secs(397 * 24 * 3600))?;
+fn manager_certificate(pki: &tls::Pki, data_dir: &Path) -> Result<ManagerCertificate> {
+    let kept = tls::manager_client(data_dir, &pki.ca)?;
     let identity = Arc::new(ferry_agent::tls::ClientCertificate::default());
     identity
         .set(
-            vec![issued.der],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            vec![kept.der],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(kept.key),
             None,
         )
         .map_err(anyhow::Error::msg)?;
     Ok(ManagerCertificate {
-        serial: issued.serial,
+        serial: kept.serial,
         identity,
     })
 }
@@ -384,9 +402,9 @@ fn manager_certificate(pki: &tls::Pki) -> Result<ManagerCertificate> {
 /// public URL.
 fn device_broker_url(config: &ServeConfig, public_url: &str, tls: bool) -> String {
     if let Some(url) = &config.broker {
-        let address = url.strip_prefix("mqtt://").unwrap_or(url);
+        let (scheme, address) = url.split_once("://").unwrap_or(("mqtt", url));
         let address = address.rsplit_once('@').map_or(address, |(_, a)| a);
-        return format!("mqtt://{address}");
+        return format!("{scheme}://{address}");
     }
     let rest = public_url
         .split_once("://")
@@ -401,11 +419,13 @@ fn device_broker_url(config: &ServeConfig, public_url: &str, tls: bool) -> Strin
     format!("{scheme}://{host}:{}", config.mqtt_listen.port())
 }
 
-/// `mqtt://[user:pass@]host[:port]`.
-fn parse_external(url: &str) -> Result<ingest::BrokerLogin> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .with_context(|| format!("broker url {url:?} must start with mqtt://"))?;
+/// `mqtt://[user:pass@]host[:port]`, or `mqtts://` for TLS; whether TLS.
+fn parse_external(url: &str) -> Result<(ingest::BrokerLogin, bool)> {
+    let (rest, tls) = match (url.strip_prefix("mqtt://"), url.strip_prefix("mqtts://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => anyhow::bail!("broker url {url:?} must start with mqtt:// or mqtts://"),
+    };
     let (credentials, address) = match rest.rsplit_once('@') {
         Some((c, a)) => (Some(c), a),
         None => (None, rest),
@@ -415,20 +435,21 @@ fn parse_external(url: &str) -> Result<ingest::BrokerLogin> {
             h,
             p.parse().with_context(|| format!("bad port in {url:?}"))?,
         ),
-        None => (address, 1883),
+        None => (address, if tls { 8883 } else { 1883 }),
     };
     let (username, password) = match credentials.and_then(|c| c.split_once(':')) {
         Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
         None => (credentials.map(str::to_owned), None),
     };
-    Ok(ingest::BrokerLogin {
+    let login = ingest::BrokerLogin {
         host: host.to_owned(),
         port,
         username,
         password,
         ca_pem: None,
         certificate: None,
-    })
+    };
+    Ok((login, tls))
 }
 
 /// Where `ferry serve` tells CLIs on the same machine how to reach it.

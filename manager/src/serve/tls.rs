@@ -163,18 +163,17 @@ fn days_from_now(days: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc() + time::Duration::days(days)
 }
 
-/// Loads the fleet CA from `data_dir` (creating it on first start) and
-/// issues a server certificate for `names` (host names or IP addresses).
-pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
+/// The fleet CA in `data_dir` (PEM and key), made on first start.
+fn load_or_create_ca(data_dir: &Path) -> Result<(String, KeyPair)> {
     let ca_file = data_dir.join("ca.pem");
     let ca_key_file = data_dir.join("ca.key");
-    let (ca_pem, ca_key) = match std::fs::read_to_string(&ca_key_file) {
+    match std::fs::read_to_string(&ca_key_file) {
         Ok(key_pem) => {
             let key = KeyPair::from_pem(&key_pem)
                 .with_context(|| format!("{} is not a key", ca_key_file.display()))?;
             let pem = std::fs::read_to_string(&ca_file)
                 .with_context(|| format!("cannot read {}", ca_file.display()))?;
-            (pem, key)
+            Ok((pem, key))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = KeyPair::generate().context("cannot make the CA key")?;
@@ -191,41 +190,164 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
             )?;
             write_atomic(&ca_file, cert.pem().as_bytes(), 0o644, Existing::Replace)?;
             tracing::info!(file = %ca_file.display(), "created the fleet CA");
-            (cert.pem(), key)
+            Ok((cert.pem(), key))
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read {}", ca_key_file.display()));
-        }
-    };
-    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", ca_file.display()))?;
-    let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", ca_key_file.display())),
+    }
+}
 
+/// A server certificate for `names` from the fleet CA, written to
+/// `cert_file` (with the CA after it: the chain) and `key_file` (0600).
+fn issue_server(
+    issuer: &Issuer<'_, impl rcgen::SigningKey>,
+    ca_pem: &str,
+    names: &[String],
+    common_name: &str,
+    (cert_file, key_file): (&Path, &Path),
+) -> Result<(rcgen::Certificate, KeyPair)> {
     let key = KeyPair::generate().context("cannot make the server key")?;
     let mut params = CertificateParams::new(names.to_vec())
-        .context("a --public-name is not a valid host name or address")?;
+        .context("a server name is not a valid host name or address")?;
     params
         .distinguished_name
-        .push(DnType::CommonName, "Ferry manager");
+        .push(DnType::CommonName, common_name);
     params.not_before = days_from_now(-1);
     params.not_after = days_from_now(SERVER_DAYS);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     let cert = params
-        .signed_by(&key, &issuer)
-        .context("cannot issue the server certificate")?;
-    let cert_file = data_dir.join("server.pem");
-    let key_file = data_dir.join("server.key");
+        .signed_by(&key, issuer)
+        .context("cannot issue a server certificate")?;
     write_atomic(
-        &key_file,
+        key_file,
         key.serialize_pem().as_bytes(),
         0o600,
         Existing::Replace,
     )?;
-    // The chain: server, then CA.
     let chain_pem = format!("{}{}", cert.pem(), ca_pem);
-    write_atomic(&cert_file, chain_pem.as_bytes(), 0o644, Existing::Replace)?;
+    write_atomic(cert_file, chain_pem.as_bytes(), 0o644, Existing::Replace)?;
+    Ok((cert, key))
+}
+
+/// The manager's own client certificate for the broker.
+pub struct ManagerClient {
+    /// Its serial, as the broker's login check compares it.
+    pub serial: String,
+    /// The certificate.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    /// Its key.
+    pub key: rustls::pki_types::PrivatePkcs8KeyDer<'static>,
+}
+
+/// How long the manager's client certificate lives, and how close to its
+/// end a start makes a new one.
+const MANAGER_CLIENT_DAYS: u64 = 397;
+const MANAGER_CLIENT_RENEW_DAYS: i64 = 30;
+
+/// The manager's client certificate, kept in `data_dir/manager-client.pem`
+/// (certificate and key, 0600): replicas sharing the data directory, or a
+/// copy of it, show the same one, so each knows the others for the
+/// manager. Made when missing, unreadable or within 30 days of its end.
+pub fn manager_client(data_dir: &Path, ca: &DeviceCa) -> Result<ManagerClient> {
+    let file = data_dir.join("manager-client.pem");
+    if let Some(kept) = read_manager_client(&file) {
+        return Ok(kept);
+    }
+    let key = KeyPair::generate().context("cannot make the manager's client key")?;
+    let issued = ca.issue_client(
+        "ferry-manager",
+        &key,
+        std::time::Duration::from_secs(MANAGER_CLIENT_DAYS * 24 * 3600),
+    )?;
+    let text = format!("{}{}", issued.pem, key.serialize_pem());
+    // Another replica starting at the same moment may have written one
+    // first: then that one is everyone's.
+    match write_atomic(&file, text.as_bytes(), 0o600, Existing::Keep) {
+        Ok(()) => {}
+        Err(e) => match read_manager_client(&file) {
+            Some(kept) => return Ok(kept),
+            None => {
+                write_atomic(&file, text.as_bytes(), 0o600, Existing::Replace)
+                    .with_context(|| format!("cannot keep {}: {e}", file.display()))?;
+            }
+        },
+    }
+    Ok(ManagerClient {
+        serial: issued.serial,
+        der: issued.der,
+        key: key.serialize_der().into(),
+    })
+}
+
+/// The kept manager certificate, while it is readable and not near its end.
+fn read_manager_client(file: &Path) -> Option<ManagerClient> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let blocks = pem::parse_many(text.as_bytes()).ok()?;
+    let cert = blocks.iter().find(|b| b.tag() == "CERTIFICATE")?;
+    let key = blocks.iter().find(|b| b.tag() == "PRIVATE KEY")?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.contents()).ok()?;
+    let renew_at = parsed.validity().not_after.timestamp() - MANAGER_CLIENT_RENEW_DAYS * 24 * 3600;
+    if time::OffsetDateTime::now_utc().unix_timestamp() >= renew_at {
+        return None;
+    }
+    Some(ManagerClient {
+        serial: parsed.serial.to_str_radix(16),
+        der: cert.contents().to_vec().into(),
+        key: key.contents().to_vec().into(),
+    })
+}
+
+/// Where a broker cluster's servers find their TLS files.
+#[derive(Debug, Clone)]
+pub struct BrokerCertificate {
+    /// The server certificate and the CA after it.
+    pub cert_file: std::path::PathBuf,
+    /// Its key (0600).
+    pub key_file: std::path::PathBuf,
+    /// The fleet CA: what the servers check device certificates against.
+    pub ca_file: std::path::PathBuf,
+}
+
+/// A server certificate from the fleet CA in `data_dir` (made there if
+/// need be) for the brokers of a cluster reached by `names`, written as
+/// `broker.pem` and `broker.key` beside it.
+pub fn issue_broker_certificate(data_dir: &Path, names: &[String]) -> Result<BrokerCertificate> {
+    let (ca_pem, ca_key) = load_or_create_ca(data_dir)?;
+    let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+    let certificate = BrokerCertificate {
+        cert_file: data_dir.join("broker.pem"),
+        key_file: data_dir.join("broker.key"),
+        ca_file: data_dir.join("ca.pem"),
+    };
+    issue_server(
+        &issuer,
+        &ca_pem,
+        names,
+        "Ferry broker",
+        (&certificate.cert_file, &certificate.key_file),
+    )?;
+    Ok(certificate)
+}
+
+/// Loads the fleet CA from `data_dir` (creating it on first start) and
+/// issues a server certificate for `names` (host names or IP addresses).
+pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<Pki> {
+    let ca_file = data_dir.join("ca.pem");
+    let (ca_pem, ca_key) = load_or_create_ca(data_dir)?;
+    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ca_file.display()))?;
+    let issuer = Issuer::new(ca_params(&ca_key), &ca_key);
+    let cert_file = data_dir.join("server.pem");
+    let key_file = data_dir.join("server.key");
+    let (cert, key) = issue_server(
+        &issuer,
+        &ca_pem,
+        names,
+        "Ferry manager",
+        (&cert_file, &key_file),
+    )
+    .context("a --public-name is not a valid host name or address")?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // Devices may present their certificate (artifact downloads);

@@ -285,16 +285,17 @@ async fn add_device(
             ),
         ));
     }
-    // Certificates wherever the embedded broker serves TLS; passwords over
-    // plain MQTT or for an external broker (mosquitto checks no fleet CA).
+    // Certificates wherever the broker checks them (the embedded one or a
+    // NATS cluster over TLS); passwords over plain MQTT or for mosquitto,
+    // which checks no fleet CA.
     let certificate = match new.credential.as_deref() {
         None => state.certificates_only,
         Some("certificate") => true,
         Some("password") if state.certificates_only => {
             return Err(bad(
                 StatusCode::BAD_REQUEST,
-                "the embedded broker over TLS takes device certificates only; passwords are \
-                 for --insecure-plaintext or an external broker",
+                "the broker over TLS takes device certificates only; passwords are for \
+                 --insecure-plaintext or an mqtt:// broker",
             ));
         }
         Some("password") => false,

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use super::FLEET_ACCOUNT;
 use super::jwt::{self, AuthorizationRequest, AuthorizationResponse, Claims, Permission, User};
 use crate::serve::api::auth::PeerCertificate;
-use crate::serve::login::{Login, Logins};
+use crate::serve::login::{Login, Logins, Refusal};
 
 /// The subject NATS servers send authorization requests to.
 pub const REQUEST_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
@@ -99,14 +99,25 @@ pub async fn answer(
     let serial = asked
         .client_tls
         .as_ref()
-        .and_then(|tls| tls.certs.first())
+        .and_then(|tls| tls.verified_chains.first())
+        .and_then(|chain| chain.first())
         .and_then(|text| pem::parse(text).ok())
         .and_then(|leaf| PeerCertificate::from_der(leaf.contents()))
         .map(|c| c.serial);
-    let permissions = match logins
-        .decide(&user, &password, &client_id, serial.as_deref())
-        .await
-    {
+    // A cluster's NATS port is the replicas' own (the callout, the shared
+    // consumer): there only the manager comes, by its password. Devices
+    // come through the MQTT gateway, where over TLS the manager shows its
+    // certificate too.
+    let login = if asked.client_info.kind == "mqtt" {
+        logins
+            .decide(&user, &password, &client_id, serial.as_deref())
+            .await
+    } else if logins.is_manager(&user, &password) {
+        Login::Manager
+    } else {
+        Login::Refused(Refusal::NotTheManager)
+    };
+    let permissions = match login {
         Login::Manager => Ok(manager_permissions()),
         Login::Device => DeviceId::new(&user)
             .map(|id| device_permissions(&id))

@@ -123,9 +123,11 @@ pub struct ConnectOpts {
 /// The client's TLS in a request.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ClientTls {
-    /// The certificates it showed, leaf first (PEM).
+    /// The chains the server verified its certificate by (against the
+    /// fleet CA), each leaf first (PEM). Only a verified certificate
+    /// counts: anyone can make one with a copied serial.
     #[serde(default)]
-    pub certs: Vec<String>,
+    pub verified_chains: Vec<Vec<String>>,
 }
 
 /// Our answer: a user, or an error.

@@ -123,3 +123,16 @@ authorization {{
         password = quoted(password),
     )
 }
+
+/// The `tls` block of a server's `mqtt` section: the broker certificate
+/// from the fleet CA, and only clients with a certificate from that CA
+/// (whose serial the callout then checks against the store).
+pub fn mqtt_tls_config(certificate: &crate::serve::tls::BrokerCertificate) -> String {
+    let quoted = |p: &Path| serde_json::Value::from(p.to_string_lossy()).to_string();
+    format!(
+        "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: true\n  timeout: 5\n}}\n",
+        quoted(&certificate.cert_file),
+        quoted(&certificate.key_file),
+        quoted(&certificate.ca_file),
+    )
+}
