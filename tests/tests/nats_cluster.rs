@@ -12,6 +12,11 @@ use ferry_protocol::SecretKey;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::json;
 
+/// One cluster at a time: three servers, a manager and agents each on two
+/// cores already; three at once starve JetStream (its requests time out)
+/// and fail for that alone.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `device`'s own MQTT options (its id as client id and user name, its
 /// password) for the node at `node`.
 fn on(site: &Site, device: &str, node: SocketAddr) -> MqttOptions {
@@ -71,6 +76,7 @@ async fn connect_and_vanish(mut options: MqttOptions, will: LastWill) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callout_lets_in_devices_by_password_on_every_node_and_no_one_else() {
+    let _one = ONE_CLUSTER.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let site = Site::start(dir.path(), BrokerKind::Nats, &["gw-1", "gw-2"], None).await;
     let nodes = nodes(&site);
@@ -120,6 +126,7 @@ async fn the_callout_lets_in_devices_by_password_on_every_node_and_no_one_else()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_on_three_nodes_install_and_one_device_cannot_touch_another() {
+    let _one = ONE_CLUSTER.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let devices = ["gw-1", "gw-2", "gw-3"];
     let site = Site::start(dir.path(), BrokerKind::Nats, &devices, None).await;
@@ -234,6 +241,7 @@ async fn devices_on_three_nodes_install_and_one_device_cannot_touch_another() {
 /// it stands, on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_a_device_is_its_certificate_on_every_node_and_nothing_else() {
+    let _one = ONE_CLUSTER.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let site = Site::start(dir.path(), BrokerKind::NatsTls, &["gw-1", "gw-2"], None).await;
     let nodes = nodes(&site);
