@@ -13,6 +13,56 @@ use tokio::sync::{Notify, mpsc};
 use super::store::{DeviceStep, Record, Store};
 use super::{blocks, rollout};
 
+/// Whether the manager is ready for devices (`ferry_broker_subscribed`):
+/// its MQTT client's subscriptions are acknowledged (on a NATS cluster,
+/// one to a topic of its own: the acknowledgement comes once the cluster's
+/// MQTT streams, retained messages among them, are up) and, on a cluster,
+/// the shared consumer of device messages is read.
+#[derive(Clone)]
+pub struct Readiness {
+    mqtt: Arc<std::sync::atomic::AtomicBool>,
+    consumer: Option<Arc<std::sync::atomic::AtomicBool>>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Readiness {
+    /// Readiness shown on `gauge`, waiting for a shared consumer too when
+    /// `consumer`.
+    pub fn new(gauge: prometheus::IntGauge, consumer: bool) -> Self {
+        Self {
+            mqtt: Default::default(),
+            consumer: consumer.then(Default::default),
+            gauge,
+        }
+    }
+
+    /// The MQTT client's subscriptions are acknowledged, or lost.
+    pub fn set_mqtt(&self, ready: bool) {
+        self.mqtt.store(ready, std::sync::atomic::Ordering::SeqCst);
+        self.show();
+    }
+
+    /// The shared consumer is read, or lost.
+    pub fn set_consumer(&self, ready: bool) {
+        if let Some(consumer) = &self.consumer {
+            consumer.store(ready, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.show();
+    }
+
+    fn show(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ready = self.mqtt.load(SeqCst) && self.consumer.as_ref().is_none_or(|c| c.load(SeqCst));
+        self.gauge.set(i64::from(ready));
+    }
+}
+
+/// The topic the manager's MQTT client subscribes to on a NATS cluster,
+/// where device messages come through the shared consumer instead: no one
+/// publishes there (devices may not), and its acknowledgement says the
+/// cluster's MQTT side is up.
+const READY_TOPIC: &str = "ferry/v1/manager/ready";
+
 /// A desired-state message to publish (retained).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -68,8 +118,8 @@ pub async fn run(
     outgoing: mpsc::UnboundedReceiver<Outgoing>,
     listeners: Listeners,
     subscribe: bool,
+    readiness: Readiness,
 ) {
-    let metrics = listeners.metrics.clone();
     let mut intake = Intake::new(store.clone(), listeners);
     tokio::spawn(publish_outgoing(client.clone(), outgoing));
     let mut backoff = Duration::from_millis(200);
@@ -88,6 +138,9 @@ pub async fn run(
                             unacknowledged += 1;
                         }
                     }
+                    if !subscribe && client.try_subscribe(READY_TOPIC, QoS::AtLeastOnce).is_ok() {
+                        unacknowledged += 1;
+                    }
                     // Beside this loop, which must keep polling for the
                     // publishes to leave: a fleet's worth does not fit the
                     // client's queue at once.
@@ -101,14 +154,12 @@ pub async fn run(
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     unacknowledged -= 1;
                     if unacknowledged == 0 {
-                        metrics.broker_subscribed.set(1);
+                        readiness.set_mqtt(true);
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if subscribe {
-                        metrics.broker_subscribed.set(0);
-                    }
+                    readiness.set_mqtt(false);
                     tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -266,6 +266,10 @@ pub async fn serve(
     };
     // On a NATS cluster the replicas share one consumer of device messages;
     // the MQTT client only publishes.
+    let readiness = ingest::Readiness::new(
+        metrics.broker_subscribed.clone(),
+        config.auth_callout.is_some(),
+    );
     let nats_ingest = config
         .auth_callout
         .as_ref()
@@ -277,11 +281,7 @@ pub async fn serve(
             password,
         };
         let intake = ingest::Intake::new(store.clone(), listeners.clone());
-        tokio::spawn(nats::ingest::run(
-            login,
-            intake,
-            metrics.broker_subscribed.clone(),
-        ));
+        tokio::spawn(nats::ingest::run(login, intake, readiness.clone()));
     }
     tokio::spawn(ingest::run(
         mqtt,
@@ -289,6 +289,7 @@ pub async fn serve(
         outgoing_rx,
         listeners,
         config.auth_callout.is_none(),
+        readiness,
     ));
 
     // Silence means offline.

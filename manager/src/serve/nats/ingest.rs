@@ -59,13 +59,13 @@ fn topic_of(subject: &str) -> String {
 
 /// Takes in device messages until the process ends, connecting again when
 /// the cluster is gone; `ready` is 1 while the consumer is read.
-pub async fn run(login: IngestLogin, mut intake: Intake, ready: prometheus::IntGauge) {
+pub async fn run(login: IngestLogin, mut intake: Intake, ready: crate::serve::ingest::Readiness) {
     let mut backoff = Duration::from_millis(200);
     loop {
         if let Err(e) = take_in(&login, &mut intake, &ready).await {
             tracing::warn!("NATS ingest: {e:#}; again in {backoff:?}");
         }
-        ready.set(0);
+        ready.set_consumer(false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
@@ -74,7 +74,7 @@ pub async fn run(login: IngestLogin, mut intake: Intake, ready: prometheus::IntG
 async fn take_in(
     login: &IngestLogin,
     intake: &mut Intake,
-    ready: &prometheus::IntGauge,
+    ready: &crate::serve::ingest::Readiness,
 ) -> Result<()> {
     let client = async_nats::ConnectOptions::with_user_and_password(
         login.user.clone(),
@@ -112,7 +112,7 @@ async fn take_in(
         .context("cannot subscribe to block requests")?;
     let (acks, pending) = mpsc::channel(64 * 1024);
     let acknowledger = tokio::spawn(acknowledge(pending));
-    ready.set(1);
+    ready.set_consumer(true);
     tracing::info!(servers = %login.servers.join(", "), "taking in device messages from NATS");
     let result = loop {
         tokio::select! {
