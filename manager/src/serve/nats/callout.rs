@@ -44,15 +44,13 @@ pub struct Callout {
 
 /// Connects and answers until the connection is closed for good.
 pub async fn run(callout: Callout, logins: Arc<Logins>) -> Result<()> {
-    let client = async_nats::ConnectOptions::with_user_and_password(
-        callout.user.clone(),
-        callout.password.clone(),
+    let client = super::connect(
+        &callout.servers,
+        &callout.user,
+        &callout.password,
+        "ferry-manager auth callout",
     )
-    .name("ferry-manager auth callout")
-    .retry_on_initial_connect()
-    .connect(callout.servers.as_slice())
-    .await
-    .with_context(|| format!("cannot reach NATS at {}", callout.servers.join(", ")))?;
+    .await?;
     let mut requests = client
         .queue_subscribe(REQUEST_SUBJECT, QUEUE.into())
         .await

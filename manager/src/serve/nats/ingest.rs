@@ -76,15 +76,13 @@ async fn take_in(
     intake: &mut Intake,
     ready: &crate::serve::ingest::Readiness,
 ) -> Result<()> {
-    let client = async_nats::ConnectOptions::with_user_and_password(
-        login.user.clone(),
-        login.password.clone(),
+    let client = super::connect(
+        &login.servers,
+        &login.user,
+        &login.password,
+        "ferry-manager ingest",
     )
-    .name("ferry-manager ingest")
-    .retry_on_initial_connect()
-    .connect(login.servers.as_slice())
-    .await
-    .with_context(|| format!("cannot reach NATS at {}", login.servers.join(", ")))?;
+    .await?;
     let js = jetstream::new(client.clone());
     let stream = device_stream(&js).await?;
     let consumer = stream

@@ -136,3 +136,19 @@ pub fn mqtt_tls_config(certificate: &crate::serve::tls::BrokerCertificate) -> St
         quoted(&certificate.ca_file),
     )
 }
+
+/// A NATS connection as `user`, named `name` on the servers, retrying
+/// until one of `servers` answers.
+pub async fn connect(
+    servers: &[String],
+    user: &str,
+    password: &str,
+    name: &str,
+) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
+        .name(name)
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .with_context(|| format!("cannot reach NATS at {}", servers.join(", ")))
+}
