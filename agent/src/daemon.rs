@@ -536,7 +536,7 @@ impl Session {
                     .into_iter()
                     .map(|kind| {
                         let topic = Topic::new(self.device.clone(), kind).to_string();
-                        (topic, mqtt::qos(kind))
+                        (topic, mqtt::subscription_qos(kind))
                     })
                     .filter(|(topic, qos)| client.try_subscribe(topic.clone(), *qos).is_err())
                     .collect();

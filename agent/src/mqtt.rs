@@ -66,7 +66,16 @@ pub fn status_payload(state: Connectivity) -> Vec<u8> {
 
 /// The QoS of a topic kind, from the topic table.
 pub fn qos(kind: TopicKind) -> QoS {
-    if kind.delivery().qos == 0 {
+    level(kind.delivery().qos)
+}
+
+/// The QoS the agent subscribes to `kind` with.
+pub fn subscription_qos(kind: TopicKind) -> QoS {
+    level(kind.subscription_qos())
+}
+
+fn level(qos: u8) -> QoS {
+    if qos == 0 {
         QoS::AtMostOnce
     } else {
         QoS::AtLeastOnce

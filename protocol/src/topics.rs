@@ -10,6 +10,9 @@
 //! | `ferry/v1/devices/{id}/fetch`    | device → manager | 1 |
 //! | `ferry/v1/devices/{id}/blocks`   | manager → device | 0 |
 //!
+//! The QoS is the publisher's; devices subscribe at QoS 0
+//! ([`TopicKind::subscription_qos`]).
+//!
 //! `fetch` and `blocks` carry artifacts where a device reaches only the
 //! broker: see [`crate::blocks`].
 
@@ -94,6 +97,18 @@ impl TopicKind {
                 retain: false,
             },
         }
+    }
+
+    /// The QoS a device subscribes to this kind with: 0 for both kinds it
+    /// reads. A QoS 1 subscription costs a broker a stored session per
+    /// device (on NATS, one JetStream consumer each, which does not hold up
+    /// at thousands of devices); at QoS 0 delivery is plain routing. No
+    /// desired state is lost for it: the broker keeps the last one
+    /// retained and hands it over on every (re)subscription, and the
+    /// manager publishes it again to a device that stays silent while it
+    /// is expected to act. A lost block is asked for again.
+    pub fn subscription_qos(self) -> u8 {
+        0
     }
 
     /// Whether the device itself publishes on this kind of topic.

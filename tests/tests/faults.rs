@@ -146,3 +146,128 @@ async fn a_manager_killed_mid_deployment_and_a_device_away_through_it_all_conver
     a2.stop().await;
     manager.stop().await;
 }
+
+/// A desired state the broker never delivered (a cluster's server failing
+/// over loses one so): the device is online and says nothing of its
+/// deployment, so the manager sends the state again after 30 s. A device
+/// that said it is installing had its copy and is sent none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_silent_in_its_deployment_is_sent_its_desired_state_again() {
+    use ferry_e2e::{BrokerKind, Site, device_session};
+    use ferry_protocol::messages::{
+        Connectivity, Event, MESSAGE_SCHEMA, Message, ReleaseRef, Status, Step, StepStatus,
+    };
+    use rumqttc::{Packet, QoS};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let devices = ["quiet", "busy"];
+    let site = Site::start(dir.path(), BrokerKind::Embedded, &devices, None).await;
+    let key = SecretKey::from_seed(&[23; 32]);
+    let release = padded_release(dir.path(), &key, "1.0.0", 1, &dir.path().join("out"), 0);
+    site.manager.publish(&release).await;
+
+    // Each device: its own session, counting the desired states it is sent.
+    let mut sessions = Vec::new();
+    for device in devices {
+        let copies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let seen = copies.clone();
+        let (client, task) = device_session(site.device_options(device).await, move |packet| {
+            if let Packet::Publish(p) = packet {
+                if p.topic.ends_with("/desired") {
+                    seen.lock().unwrap().push(p.payload.to_vec());
+                }
+            }
+        })
+        .await;
+        let online = Status {
+            schema: MESSAGE_SCHEMA,
+            state: Connectivity::Online,
+            agent_version: Some("test".into()),
+        };
+        client
+            .publish(
+                format!("ferry/v1/devices/{device}/status"),
+                QoS::AtLeastOnce,
+                true,
+                online.encode(),
+            )
+            .await
+            .unwrap();
+        client
+            .subscribe(
+                format!("ferry/v1/devices/{device}/desired"),
+                QoS::AtMostOnce,
+            )
+            .await
+            .unwrap();
+        sessions.push((client, task, copies));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while site.manager.online_devices().await < devices.len() {
+        assert!(tokio::time::Instant::now() < deadline, "devices not online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let copies = |i: usize| sessions[i].2.lock().unwrap().clone();
+
+    let deployment = deploy_to_all(&site.manager, "1.0.0").await;
+    let label = format!("deploy-{}", deployment["id"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while copies(0).is_empty() || copies(1).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no desired state sent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // "busy" starts on it.
+    let started = Event {
+        schema: MESSAGE_SCHEMA,
+        time: ferry_protocol::Timestamp::from(std::time::SystemTime::now()),
+        rollout: Some(label.clone()),
+        release: Some(ReleaseRef {
+            service: release.manifest.service.clone(),
+            version: release.manifest.version.to_string(),
+            sequence: release.manifest.sequence,
+        }),
+        step: Step::Verify,
+        status: StepStatus::Started,
+        progress: None,
+        reason: None,
+    };
+    sessions[1]
+        .0
+        .publish(
+            "ferry/v1/devices/busy/events",
+            QoS::AtLeastOnce,
+            false,
+            started.encode(),
+        )
+        .await
+        .unwrap();
+    wait_status(&site.manager, &deployment, "busy", "installing").await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while copies(0).len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent device was not sent its desired state again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let quiet = copies(0);
+    assert_eq!(quiet[0], quiet[1], "the copy differs from the state sent");
+    assert_eq!(
+        copies(1).len(),
+        1,
+        "the installing device was sent it again"
+    );
+    assert_eq!(
+        status_in(&site.manager, &deployment, "quiet").await,
+        "pending"
+    );
+    for (_, task, _) in sessions {
+        task.abort();
+    }
+    site.manager.stop().await;
+}

@@ -67,12 +67,16 @@ impl SystemdContainer {
              exec setsid systemd-nspawn -q -D {} -M {name} --boot --register=no --keep-unit --console=passive",
             merged.display()
         );
+        // What nspawn and the container's console say is kept for the
+        // failure message: a container that does not boot must say why.
+        let console = dir.join("console.log");
+        let console_file = std::fs::File::create(&console).unwrap();
         let nspawn = Command::new("sh")
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(console_file.try_clone().unwrap())
+            .stderr(console_file)
             .spawn()
             .unwrap();
         let mut container = Self {
@@ -81,12 +85,26 @@ impl SystemdContainer {
             leader: 0,
             nspawn,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: on a loaded two-core machine a boot has taken over 30 s.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut state = String::new();
         loop {
-            assert!(
-                Instant::now() < deadline,
-                "systemd did not come up in the container"
-            );
+            if Instant::now() >= deadline {
+                let jobs = if container.leader == 0 {
+                    String::new()
+                } else {
+                    let out = container.exec(&["systemctl", "list-jobs", "--no-pager"]);
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                };
+                panic!(
+                    "systemd did not come up in the container (nspawn {:?}, leader {}, state {:?})\n\
+                     jobs:\n{jobs}\nconsole:\n{}",
+                    container.nspawn.try_wait(),
+                    container.leader,
+                    state.trim(),
+                    std::fs::read_to_string(&console).unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
             if container.leader == 0 {
                 let children = Command::new("pgrep")
@@ -100,8 +118,8 @@ impl SystemdContainer {
                     .unwrap_or(0);
                 continue;
             }
-            let state = container.exec(&["systemctl", "is-system-running"]);
-            let state = String::from_utf8_lossy(&state.stdout);
+            let out = container.exec(&["systemctl", "is-system-running"]);
+            state = String::from_utf8_lossy(&out.stdout).into_owned();
             if matches!(state.trim(), "running" | "degraded") {
                 return container;
             }

@@ -11,6 +11,16 @@ use ferry_protocol::root::SignedRoot;
 
 use super::store::{Store, StoreError};
 
+/// The label of deployment `id`'s desired states.
+pub fn deployment_label(id: i64) -> String {
+    format!("deploy-{id}")
+}
+
+/// The deployment a label names (`deploy-<id>`).
+pub fn deployment_id(label: Option<&str>) -> Option<i64> {
+    label?.strip_prefix("deploy-")?.parse().ok()
+}
+
 /// The device's desired state with `envelope` in place of its service's
 /// current entry, encoded for the `desired` topic.
 pub async fn with_release(

@@ -11,7 +11,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, Packet, Q
 use tokio::sync::{Notify, mpsc};
 
 use super::store::{DeviceStep, Record, Store};
-use super::{blocks, rollout};
+use super::{blocks, desired, rollout};
 
 /// Whether the manager is ready for devices (`ferry_broker_subscribed`):
 /// its MQTT client's subscriptions are acknowledged (on a NATS cluster,
@@ -371,7 +371,7 @@ async fn ingest(
                         wake.notify_one();
                     }
                 }
-                if let Some(id) = deployment_id(result.rollout.as_deref()) {
+                if let Some(id) = desired::deployment_id(result.rollout.as_deref()) {
                     let status = serde_json::to_value(result.outcome)?;
                     store
                         .set_deployment_status(
@@ -402,7 +402,7 @@ async fn ingest(
                         .report_rollout_device(id, device, release, None)
                         .await?;
                 }
-                if let Some(id) = deployment_id(event.rollout.as_deref()) {
+                if let Some(id) = desired::deployment_id(event.rollout.as_deref()) {
                     store
                         .set_deployment_status(id, device, "installing", None)
                         .await?;
@@ -459,9 +459,4 @@ pub fn spawn_recorder(
         }
     });
     tx
-}
-
-/// The deployment a rollout id names (`deploy-<id>`).
-pub fn deployment_id(rollout: Option<&str>) -> Option<i64> {
-    rollout?.strip_prefix("deploy-")?.parse().ok()
 }

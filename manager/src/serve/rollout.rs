@@ -18,11 +18,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ferry_protocol::messages::{Desired, Message};
 use ferry_protocol::{Envelope, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
+use super::desired::deployment_label;
 use super::ingest::Outgoing;
 use super::store::{DeviceStep, DeviceTags, RolloutLease, RolloutRow, Store, StoreError};
 
@@ -301,6 +303,11 @@ impl Engine {
                 if let Err(e) = self.step_all(full).await {
                     tracing::warn!("rollouts: {e}");
                 }
+                if full {
+                    if let Err(e) = self.nudge_deployments().await {
+                        tracing::warn!("deployments: {e}");
+                    }
+                }
             }
             woken = tokio::select! {
                 () = self.wake.notified() => true,
@@ -454,38 +461,67 @@ impl Engine {
     }
 
     /// Sends devices in flight and silent for [`NUDGE_AFTER`] their desired
-    /// state again, at most once per [`NUDGE_AFTER`] each.
+    /// state again.
     async fn nudge(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
         let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
-        let due: Vec<&str> = {
+        let due = rollout
+            .devices
+            .iter()
+            .filter(|d| d.status.in_flight() && d.updated.as_str() < silent.as_str())
+            .map(|d| d.device_id.clone());
+        self.send_again(due, &label(rollout.id)).await
+    }
+
+    /// Sends online devices that have said nothing of a deployment for
+    /// [`NUDGE_AFTER`] since it started their desired state again: a desired
+    /// state the broker failed to deliver (or keep) would otherwise leave
+    /// them waiting for good.
+    async fn nudge_deployments(&self) -> Result<(), StoreError> {
+        let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
+        for (device, deployment) in self.store.silent_deployment_devices(&silent).await? {
+            self.send_again([device], &deployment_label(deployment))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Sends each of `devices` its desired state again, at most once per
+    /// [`NUDGE_AFTER`] each, if that state is still the one `label` set.
+    /// The agent acts on a desired state it already has only by reporting
+    /// again, so a copy it did get costs one message each way.
+    async fn send_again(
+        &self,
+        devices: impl IntoIterator<Item = String>,
+        label: &str,
+    ) -> Result<(), StoreError> {
+        let due: Vec<String> = {
             let mut nudged = self.nudged.lock().unwrap_or_else(|p| p.into_inner());
             nudged.retain(|_, at| at.elapsed() < NUDGE_AFTER);
-            rollout
-                .devices
-                .iter()
-                .filter(|d| d.status.in_flight() && d.updated.as_str() < silent.as_str())
-                .filter(|d| {
-                    let first = !nudged.contains_key(&d.device_id);
+            devices
+                .into_iter()
+                .filter(|device| {
+                    let first = !nudged.contains_key(device);
                     if first {
-                        nudged.insert(d.device_id.clone(), Instant::now());
+                        nudged.insert(device.clone(), Instant::now());
                     }
                     first
                 })
-                .map(|d| d.device_id.as_str())
                 .collect()
         };
         for device in due {
-            if let Some(payload) = self.store.desired(device).await? {
-                tracing::debug!(
-                    rollout = rollout.id,
-                    device,
-                    "no word: desired state sent again"
-                );
-                let _ = self.outgoing.send(Outgoing {
-                    device: device.to_owned(),
-                    payload: payload.into_bytes(),
-                });
+            let Some(payload) = self.store.desired(&device).await? else {
+                continue;
+            };
+            let current = Desired::decode(payload.as_bytes())
+                .is_ok_and(|d| d.rollout.as_deref() == Some(label));
+            if !current {
+                continue;
             }
+            tracing::debug!(device, label, "no word: desired state sent again");
+            let _ = self.outgoing.send(Outgoing {
+                device,
+                payload: payload.into_bytes(),
+            });
         }
         Ok(())
     }

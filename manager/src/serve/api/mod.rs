@@ -671,7 +671,7 @@ async fn deploy(
         .store
         .add_deployment(&request.service, &request.version)
         .await?;
-    let rollout = format!("deploy-{id}");
+    let rollout = super::desired::deployment_label(id);
     let mut desired = Vec::new();
     for device in &reached {
         let payload =

@@ -779,6 +779,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Online devices still `pending` in a deployment (not a word of it
+    /// since it started) since before `cutoff`, with the deployment. A
+    /// device that said it is installing had its desired state; what may be
+    /// lost after that is its outcome, and its report goes out twice.
+    pub async fn silent_deployment_devices(&self, cutoff: &str) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT dd.device_id, dd.deployment_id
+               FROM deployment_devices dd JOIN device_state s ON s.device_id = dd.device_id
+              WHERE s.online = 1 AND dd.updated < $1
+                AND dd.status = 'pending'",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// When each device's latest health report arrived (the manager's clock).
     pub async fn last_health_times(&self) -> Result<Vec<(String, String)>> {
         Ok(sqlx::query_as(
