@@ -37,6 +37,8 @@ pub struct Node {
     pub client: SocketAddr,
     /// Where MQTT clients connect.
     pub mqtt: SocketAddr,
+    /// The server's monitoring endpoint (HTTP).
+    pub monitor: SocketAddr,
     config: PathBuf,
     child: Option<Child>,
 }
@@ -80,13 +82,13 @@ impl NatsCluster {
         let mut cluster = Self { nodes: Vec::new() };
         for (i, route) in routes.iter().enumerate() {
             let name = format!("n{}", i + 1);
-            let (client, mqtt) = (loopback(), loopback());
+            let (client, mqtt, monitor) = (loopback(), loopback(), loopback());
             let store = dir.join(format!("{name}-jetstream"));
             let config = dir.join(format!("{name}.conf"));
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: {name}\nlisten: \"{client}\"\n\
+                    "server_name: {name}\nlisten: \"{client}\"\nhttp: \"{monitor}\"\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 2GB }}\n\
                      cluster {{ name: ferry, listen: \"{route}\", routes: [{route_list}] }}\n\
                      mqtt {{ listen: \"{mqtt}\"\n{mqtt_tls} }}\n{accounts}",
@@ -98,6 +100,7 @@ impl NatsCluster {
                 name,
                 client,
                 mqtt,
+                monitor,
                 config,
                 child: None,
             };
@@ -108,6 +111,31 @@ impl NatsCluster {
             node.wait_listening();
         }
         cluster
+    }
+
+    /// How many JetStream consumers the MQTT gateway keeps for sessions'
+    /// QoS 1 subscriptions (on the `$MQTT_msgs` stream), as the nodes that
+    /// answer see it: one per subscribing client at QoS 1, none at QoS 0.
+    pub async fn mqtt_session_consumers(&self) -> u64 {
+        let mut most = 0;
+        for node in &self.nodes {
+            let url = format!("http://{}/jsz?streams=true&consumers=true", node.monitor);
+            let Ok(response) = reqwest::get(&url).await else {
+                continue;
+            };
+            let Ok(jsz) = response.json::<serde_json::Value>().await else {
+                continue;
+            };
+            let streams = jsz["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten());
+            for stream in streams.filter(|s| s["name"] == "$MQTT_msgs") {
+                most = most.max(stream["state"]["consumer_count"].as_u64().unwrap_or(0));
+            }
+        }
+        most
     }
 
     /// `nats://USER:PASS@HOST:PORT,...` for `ferry serve --nats-callout`.

@@ -135,6 +135,8 @@ async fn devices_on_three_nodes_install_and_one_device_cannot_touch_another() {
     let trust = dir.path().join("ops.pub");
     std::fs::write(&trust, key.public_key().to_text()).unwrap();
 
+    let cluster = site.nats.as_ref().unwrap();
+    let consumers_before = cluster.mqtt_session_consumers().await;
     // One agent per node; artifacts over HTTP from the manager.
     let agents: Vec<Agent> = devices
         .iter()
@@ -152,6 +154,13 @@ async fn devices_on_three_nodes_install_and_one_device_cannot_touch_another() {
     for device in devices {
         site.manager.deploy_and_wait(&v1, device).await;
     }
+    // Devices read their topics at QoS 0: the cluster keeps no JetStream
+    // consumer per device.
+    assert_eq!(
+        cluster.mqtt_session_consumers().await,
+        consumers_before,
+        "the devices' subscriptions cost JetStream consumers"
+    );
     // gw-2's desired state is retained on the cluster: gw-2 reads it on
     // any node (the control), gw-1 on none, by name or by wildcard.
     let victim = "ferry/v1/devices/gw-2";
