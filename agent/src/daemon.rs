@@ -87,7 +87,7 @@ pub async fn run_with(
         None => None,
     };
     let (config_tx, mut config_rx) = mpsc::unbounded_channel();
-    let _config_watcher = config_path.and_then(|path| watch_file(path, config_tx));
+    let _config_watcher = config_path.and_then(|path| crate::watch::file(path, config_tx));
 
     let mut health = HealthProbe::new(config.data_dir.clone());
     let mut health_tick = interval(config.health_interval);
@@ -277,32 +277,6 @@ fn apply_config_change(
             "config changes other than [trust] and health_interval apply after a restart"
         );
     }
-}
-
-/// Watches one file (through its directory, so editors that replace the
-/// file are seen too).
-fn watch_file(
-    path: &Path,
-    changed: mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name()?.to_owned();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if event.paths.iter().any(|p| p.file_name() == Some(&name)) {
-                let _ = changed.send(());
-            }
-        }
-    })
-    .ok()?;
-    watcher
-        .watch(dir, notify::RecursiveMode::NonRecursive)
-        .ok()?;
-    Some(watcher)
 }
 
 /// The install worker: reconciles desired state and processes the inbox,

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use ferry_protocol::Envelope;
 use ferry_protocol::envelope::MAX_ENVELOPE_BYTES;
 use ferry_protocol::messages::DeploymentResult;
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 const ENVELOPE_SUFFIX: &str = ".envelope.json";
@@ -121,11 +120,5 @@ pub fn watch(
     changed: mpsc::UnboundedSender<()>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     fs::create_dir_all(inbox).map_err(notify::Error::io)?;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = changed.send(());
-        }
-    })?;
-    watcher.watch(inbox, RecursiveMode::NonRecursive)?;
-    Ok(watcher)
+    crate::watch::directory(inbox, changed)
 }

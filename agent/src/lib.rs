@@ -36,6 +36,7 @@ pub mod supervisor;
 pub mod tls;
 pub mod trust_root;
 pub mod unpack;
+pub mod watch;
 
 /// The agent's version, as reported to the manager.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

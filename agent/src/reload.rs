@@ -82,7 +82,7 @@ impl Reloader {
         let events = self.events.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(event) = event {
-                if event.kind.is_access() {
+                if !crate::watch::is_change(&event) {
                     return;
                 }
                 for path in event.paths {

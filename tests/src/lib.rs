@@ -59,6 +59,8 @@ enum Running {
     },
     /// As `ferry serve`, a process of its own (that a test can kill).
     Process(std::process::Child),
+    /// Started by something else (a script), which stops it.
+    Elsewhere,
 }
 
 /// Runs cargo in the workspace with `args` (a build that is a no-op when
@@ -168,7 +170,7 @@ impl Manager {
     pub fn pid(&self) -> Option<u32> {
         match &self.running {
             Running::Process(child) => Some(child.id()),
-            Running::InProcess { .. } => None,
+            Running::InProcess { .. } | Running::Elsewhere => None,
         }
     }
 
@@ -386,6 +388,13 @@ impl Manager {
         manager
     }
 
+    /// A manager something else started (over TLS, at `http`, keeping its
+    /// state in `data_dir`), once it answers; it is not stopped here.
+    pub async fn attach(data_dir: &Path, http: SocketAddr) -> Self {
+        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::when_up(data_dir.to_owned(), unknown, http, true, Running::Elsewhere).await
+    }
+
     async fn when_up(
         data_dir: PathBuf,
         mqtt: SocketAddr,
@@ -448,6 +457,7 @@ impl Manager {
                 let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
                 let _ = child.wait();
             }
+            Running::Elsewhere => {}
         }
     }
 
@@ -785,7 +795,7 @@ impl Agent {
         let text = format!("inbox = \"{}\"\n", inbox.display())
             + &direct_agent_config(&data_dir, device, password, at.into(), placeholder)
                 .replace("[trust]\nkeys = [\"TRUST\"]\n", trust);
-        Self::start_text(data_dir, &text)
+        Self::start_config(data_dir, &text)
     }
 
     /// Starts an agent whose configuration ends with `extra` (TOML tables,
@@ -800,10 +810,12 @@ impl Agent {
     ) -> Self {
         let data_dir = dir.join(format!("agent-{device}"));
         let text = direct_agent_config(&data_dir, device, password, at.into(), trust) + extra;
-        Self::start_text(data_dir, &text)
+        Self::start_config(data_dir, &text)
     }
 
-    fn start_text(data_dir: PathBuf, text: &str) -> Self {
+    /// Starts an agent on the configuration `text` (agent.toml), keeping
+    /// its data in `data_dir` (which `text` names).
+    pub fn start_config(data_dir: PathBuf, text: &str) -> Self {
         let config = ferry_agent::config::Config::parse(text).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
