@@ -3,6 +3,7 @@
 //! its unit (PID 1 systemd in a throwaway container), without capabilities,
 //! under a seccomp filter, writing only its state directory.
 
+use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -60,50 +61,10 @@ fn status_field(container: &SystemdContainer, pid: &str, field: &str) -> String 
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_manager_runs_under_its_sandboxed_unit() {
-    let container = SystemdContainer::start();
-    let http = free_port();
-    let mqtt = free_port();
-    std::fs::copy(ferry_binary(), container.host_path("/usr/bin/ferry")).unwrap();
-    std::fs::copy(
-        Path::new(UNITS).join("ferry-manager.service"),
-        container.host_path("/etc/systemd/system/ferry-manager.service"),
-    )
-    .unwrap();
-    // The unit as its header says to install it, on ports of this test's
-    // own (the container shares this machine's network).
-    let dropins = container.host_path("/etc/systemd/system/ferry-manager.service.d");
-    std::fs::create_dir_all(&dropins).unwrap();
-    std::fs::write(
-        dropins.join("ports.conf"),
-        format!(
-            "[Service]\nExecStart=\nExecStart=/usr/bin/ferry serve --data-dir /var/lib/ferry-manager \
-             --http-listen 127.0.0.1:{http} --mqtt-listen 127.0.0.1:{mqtt}\n"
-        ),
-    )
-    .unwrap();
-    for command in [
-        &[
-            "useradd",
-            "--system",
-            "--home",
-            "/var/lib/ferry-manager",
-            "ferry",
-        ][..],
-        &["systemctl", "daemon-reload"],
-        &["systemctl", "start", "ferry-manager"],
-    ] {
-        let out = container.exec(command);
-        assert!(
-            out.status.success(),
-            "{command:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    // It serves, over TLS with the CA it made: the operator token it wrote
-    // works against its API.
+/// Waits until the manager in `container` serves HTTPS on `http` with the
+/// CA it made and has written its operator token; a client trusting that
+/// CA, and the token.
+async fn wait_serving(container: &SystemdContainer, http: u16) -> (reqwest::Client, String) {
     let token_path = container.host_path("/var/lib/ferry-manager/operator.token");
     let ca_path = container.host_path("/var/lib/ferry-manager/ca.pem");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -137,8 +98,74 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let client = client.unwrap();
     let token = std::fs::read_to_string(&token_path).unwrap();
+    (client.unwrap(), token)
+}
+
+/// Runs each command in `container`, asserting it succeeds.
+fn run_all(container: &SystemdContainer, commands: &[&[&str]]) {
+    for command in commands {
+        let out = container.exec(command);
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Installs the binary and the manager's unit in `container`, and makes
+/// its user, as the unit's header says.
+fn install_manager(container: &SystemdContainer) {
+    std::fs::copy(ferry_binary(), container.host_path("/usr/bin/ferry")).unwrap();
+    std::fs::copy(
+        Path::new(UNITS).join("ferry-manager.service"),
+        container.host_path("/etc/systemd/system/ferry-manager.service"),
+    )
+    .unwrap();
+    run_all(
+        container,
+        &[&[
+            "useradd",
+            "--system",
+            "--home",
+            "/var/lib/ferry-manager",
+            "ferry",
+        ]],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_runs_under_its_sandboxed_unit() {
+    let container = SystemdContainer::start();
+    let http = free_port();
+    let mqtt = free_port();
+    install_manager(&container);
+    // The unit as its header says to install it, on ports of this test's
+    // own (the container shares this machine's network).
+    let dropins = container.host_path("/etc/systemd/system/ferry-manager.service.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::write(
+        dropins.join("ports.conf"),
+        format!(
+            "[Service]\nExecStart=\nExecStart=/usr/bin/ferry serve --data-dir /var/lib/ferry-manager \
+             --http-listen 127.0.0.1:{http} --mqtt-listen 127.0.0.1:{mqtt}\n"
+        ),
+    )
+    .unwrap();
+    run_all(
+        &container,
+        &[
+            &["systemctl", "daemon-reload"],
+            &["systemctl", "start", "ferry-manager"],
+        ],
+    );
+
+    // It serves, over TLS with the CA it made: the operator token it wrote
+    // works against its API.
+    let (client, token) = wait_serving(&container, http).await;
+    let base = format!("https://127.0.0.1:{http}");
+    let token_path = container.host_path("/var/lib/ferry-manager/operator.token");
     let added = client
         .post(format!("{base}/v1/devices"))
         .bearer_auth(token.trim())
@@ -147,7 +174,7 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
         .await
         .unwrap();
     assert!(added.status().is_success(), "{}", added.status());
-    assert!(std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_ok());
+    assert!(TcpStream::connect(("127.0.0.1", mqtt)).is_ok());
 
     // Its secrets are its own: the token and the CA key are 0600, owned by
     // the unit's user.
@@ -170,4 +197,61 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
     assert_eq!(status_field(&container, &pid, "Seccomp"), "2");
     assert_eq!(status_field(&container, &pid, "CapBnd"), "0000000000000000");
     assert_eq!(status_field(&container, &pid, "CapEff"), "0000000000000000");
+}
+
+/// The replica drop-in: the manager takes its settings from the credential
+/// systemd hands it, copied from a file its own user cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_takes_its_settings_from_a_credential_its_user_cannot_read() {
+    let container = SystemdContainer::start();
+    install_manager(&container);
+    let dropins = container.host_path("/etc/systemd/system/ferry-manager.service.d");
+    std::fs::create_dir_all(&dropins).unwrap();
+    std::fs::copy(
+        Path::new(UNITS).join("ferry-manager-replica.conf"),
+        dropins.join("replica.conf"),
+    )
+    .unwrap();
+    // Settings only the file has: ports of this test's own.
+    let (http, mqtt) = (free_port(), free_port());
+    let settings = container.host_path("/etc/ferry/manager.toml");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    std::fs::write(
+        &settings,
+        format!("http_listen = \"127.0.0.1:{http}\"\nmqtt_listen = \"127.0.0.1:{mqtt}\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &settings,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    run_all(
+        &container,
+        &[
+            &["systemctl", "daemon-reload"],
+            &["systemctl", "start", "ferry-manager"],
+        ],
+    );
+    let (client, token) = wait_serving(&container, http).await;
+    let devices = client
+        .get(format!("https://127.0.0.1:{http}/v1/devices"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert!(devices.status().is_success(), "{}", devices.status());
+    assert!(TcpStream::connect(("127.0.0.1", mqtt)).is_ok());
+    let read = container.exec(&[
+        "runuser",
+        "-u",
+        "ferry",
+        "--",
+        "cat",
+        "/etc/ferry/manager.toml",
+    ]);
+    assert!(
+        !read.status.success(),
+        "the service's user reads the settings file"
+    );
 }

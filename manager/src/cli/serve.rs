@@ -216,3 +216,16 @@ fn device_limits(args: &Args) -> Result<DeviceLimits> {
         byte_burst: (bytes * 8.0).max(d.byte_burst),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+
+    #[test]
+    fn the_replica_example_settings_parse() {
+        let text = include_str!("../../../systemd/manager-replica.toml");
+        let args: Args = toml::from_str(text).unwrap();
+        assert!(args.database.is_some_and(|d| d.starts_with("postgres://")));
+        assert!(args.nats_callout.is_some() && args.broker.is_some());
+    }
+}
