@@ -61,10 +61,17 @@ fn status_field(container: &SystemdContainer, pid: &str, field: &str) -> String 
         .to_owned()
 }
 
-/// Waits until the manager in `container` serves HTTPS on `http` with the
-/// CA it made and has written its operator token; a client trusting that
-/// CA, and the token.
-async fn wait_serving(container: &SystemdContainer, http: u16) -> (reqwest::Client, String) {
+/// Starts the manager's unit in `container` and waits until it serves
+/// HTTPS on `http` with the CA it made and has written its operator token;
+/// a client trusting that CA, and the token.
+async fn start_serving(container: &SystemdContainer, http: u16) -> (reqwest::Client, String) {
+    run_all(
+        container,
+        &[
+            &["systemctl", "daemon-reload"],
+            &["systemctl", "start", "ferry-manager"],
+        ],
+    );
     let token_path = container.host_path("/var/lib/ferry-manager/operator.token");
     let ca_path = container.host_path("/var/lib/ferry-manager/ca.pem");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -153,17 +160,10 @@ async fn the_manager_runs_under_its_sandboxed_unit() {
         ),
     )
     .unwrap();
-    run_all(
-        &container,
-        &[
-            &["systemctl", "daemon-reload"],
-            &["systemctl", "start", "ferry-manager"],
-        ],
-    );
 
     // It serves, over TLS with the CA it made: the operator token it wrote
     // works against its API.
-    let (client, token) = wait_serving(&container, http).await;
+    let (client, token) = start_serving(&container, http).await;
     let base = format!("https://127.0.0.1:{http}");
     let token_path = container.host_path("/var/lib/ferry-manager/operator.token");
     let added = client
@@ -226,14 +226,7 @@ async fn a_replica_takes_its_settings_from_a_credential_its_user_cannot_read() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    run_all(
-        &container,
-        &[
-            &["systemctl", "daemon-reload"],
-            &["systemctl", "start", "ferry-manager"],
-        ],
-    );
-    let (client, token) = wait_serving(&container, http).await;
+    let (client, token) = start_serving(&container, http).await;
     let devices = client
         .get(format!("https://127.0.0.1:{http}/v1/devices"))
         .bearer_auth(token.trim())
