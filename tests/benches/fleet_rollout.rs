@@ -43,9 +43,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_e2e::nats::{NatsCluster, start_replicas};
 use ferry_e2e::simulator::SimulatedFleet;
 use ferry_e2e::{
-    Endpoints, Manager, cpu_secs, free_port, large_release, memory_kib, release_ferry_binary,
+    Endpoints, Manager, cpu_secs, free_port, large_release, memory_kib, postgres,
+    release_ferry_binary,
 };
 use ferry_protocol::SecretKey;
 use serde_json::json;
@@ -60,6 +62,7 @@ struct Simulators(Vec<Child>);
 
 impl Simulators {
     fn start(root: &Path, at: Endpoints, devices: &[(String, String)], trust: &Path) -> Self {
+        std::fs::create_dir_all(root).unwrap();
         let http = at.http.map_or_else(|| "-".to_owned(), |h| h.to_string());
         let ca = match &at.ca_pem {
             Some(pem) => {
@@ -91,6 +94,12 @@ impl Simulators {
             })
             .collect();
         Self(children)
+    }
+
+    /// These and `other`'s processes together.
+    fn and(mut self, other: Simulators) -> Self {
+        self.0.extend(other.0);
+        self
     }
 
     /// Total RSS (MiB) and CPU seconds of the simulator processes.
@@ -165,31 +174,239 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-async fn measure(root: &Path, size: usize, tls: bool, ferry: &Path, key: &SecretKey, trust: &Path) {
-    let (mqtt, http) = (addr(free_port()), addr(free_port()));
-    let data = root.join(format!("manager-{size}-{}", transport(tls)));
-    let manager = Manager::start_process_with(ferry, &data, mqtt, http, tls).await;
-    let pid = manager.pid().unwrap();
-    let manager_stat = PathBuf::from(format!("/proc/{pid}/stat"));
+/// Where the fleet's manager runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Topology {
+    /// One `ferry serve`: its embedded broker, SQLite.
+    Embedded,
+    /// `ferry serve` replicas on a three-node NATS cluster and PostgreSQL.
+    Cluster { replicas: usize },
+}
+
+impl Topology {
+    fn parse(text: &str) -> Self {
+        match text.trim() {
+            "embedded" => Self::Embedded,
+            other => match other.strip_prefix("cluster").map(str::parse) {
+                Some(Ok(replicas)) if replicas > 0 => Self::Cluster { replicas },
+                _ => panic!("FERRY_FLEET_TOPOLOGIES: embedded, cluster1, cluster3..., not {other}"),
+            },
+        }
+    }
+
+    fn label(self, tls: bool) -> String {
+        match self {
+            Self::Embedded => format!("1 manager, embedded broker, SQLite, {}", transport(tls)),
+            Self::Cluster { replicas } => format!(
+                "{replicas} replica{} on 3 NATS nodes, PostgreSQL, {}",
+                if replicas == 1 { "" } else { "s" },
+                transport(tls)
+            ),
+        }
+    }
+}
+
+/// The manager side of a run, up: its replicas (one for the embedded
+/// broker), the NATS cluster if there is one, and where devices connect
+/// (per broker node, its broker and the replica beside it).
+struct ManagerSide {
+    replicas: Vec<Manager>,
+    cluster: Option<NatsCluster>,
+    entries: Vec<Endpoints>,
+    broker_ports: Vec<u16>,
+}
+
+impl ManagerSide {
+    async fn start(root: &Path, topology: Topology, tls: bool, ferry: &Path, tag: &str) -> Self {
+        let data = root.join(format!("manager-{tag}"));
+        match topology {
+            Topology::Embedded => {
+                let (mqtt, http) = (addr(free_port()), addr(free_port()));
+                let manager = Manager::start_process_with(ferry, &data, mqtt, http, tls).await;
+                Self {
+                    entries: vec![manager.endpoints()],
+                    broker_ports: vec![mqtt.port()],
+                    replicas: vec![manager],
+                    cluster: None,
+                }
+            }
+            Topology::Cluster { replicas } => {
+                assert!(
+                    !tls,
+                    "the cluster runs in plain text here: FERRY_FLEET_TRANSPORT=plaintext"
+                );
+                std::fs::create_dir_all(&data).unwrap();
+                let issuer = ferry::serve::nats::issuer(&data.join("nats-issuer.nk")).unwrap();
+                let nats_dir = root.join(format!("nats-{tag}"));
+                std::fs::create_dir_all(&nats_dir).unwrap();
+                let cluster = NatsCluster::start(&nats_dir, 3, &issuer.public_key());
+                let database = postgres::server().database();
+                let replicas =
+                    start_replicas(&cluster, ferry, &data, &database, replicas, &nats_dir).await;
+                let entries = cluster
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, node)| Endpoints {
+                        mqtt: node.mqtt,
+                        http: replicas[i % replicas.len()].endpoints().http,
+                        ca_pem: None,
+                    })
+                    .collect();
+                Self {
+                    broker_ports: cluster.nodes.iter().map(|n| n.mqtt.port()).collect(),
+                    entries,
+                    replicas,
+                    cluster: Some(cluster),
+                }
+            }
+        }
+    }
+
+    /// The replicas' RSS summed (KiB): now, and each one's peak.
+    fn manager_rss(&self) -> (u64, u64) {
+        self.replicas
+            .iter()
+            .filter_map(Manager::pid)
+            .map(memory_kib)
+            .fold((0, 0), |(now, peak), (n, p)| (now + n, peak + p))
+    }
+
+    /// The NATS servers' RSS summed (KiB), 0 with the embedded broker.
+    fn broker_rss(&self) -> u64 {
+        self.cluster
+            .iter()
+            .flat_map(|c| c.nodes.iter())
+            .filter_map(|n| n.pid())
+            .map(|pid| memory_kib(pid).0)
+            .sum()
+    }
+
+    /// The replicas' CPU seconds so far.
+    fn manager_cpu(&self) -> f64 {
+        self.replicas
+            .iter()
+            .filter_map(Manager::pid)
+            .map(|pid| cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))))
+            .sum()
+    }
+
+    /// The NATS servers' CPU seconds so far.
+    fn broker_cpu(&self) -> f64 {
+        self.cluster
+            .iter()
+            .flat_map(|c| c.nodes.iter())
+            .filter_map(|n| n.pid())
+            .map(|pid| cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))))
+            .sum()
+    }
+
+    /// Device messages the replicas recorded, all together.
+    async fn recorded(&self) -> f64 {
+        let mut total = 0.0;
+        for replica in &self.replicas {
+            total += replica.metric("ferry_device_messages_recorded_total").await;
+        }
+        total
+    }
+
+    async fn stop(self) {
+        for replica in self.replicas {
+            replica.stop().await;
+        }
+    }
+}
+
+/// How many connections loopback clients may hold to one address and port
+/// at once: the local port range.
+fn local_ports() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut range = t.split_whitespace().map(|n| n.parse::<usize>().ok());
+            Some(range.next()??.abs_diff(range.next()??) + 1)
+        })
+        .unwrap_or(28_232)
+}
+
+/// Free bytes where `dir` is.
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    root: &Path,
+    size: usize,
+    tls: bool,
+    topology: Topology,
+    artifact_bytes: usize,
+    ferry: &Path,
+    key: &SecretKey,
+    trust: &Path,
+) {
+    let label = topology.label(tls);
+    if topology == Topology::Embedded && size + 100 > local_ports() {
+        println!(
+            "{size:>6} devices, {label}: skipped: one broker address takes at most {} loopback connections (net.ipv4.ip_local_port_range)",
+            local_ports()
+        );
+        return;
+    }
+    // Each device keeps the release it installs.
+    let needed = size as u64 * artifact_bytes as u64 * 11 / 10;
+    if free_bytes(root) < needed {
+        println!(
+            "{size:>6} devices, {label}: skipped: their releases need {} MiB, {} MiB free for their data",
+            needed >> 20,
+            free_bytes(root) >> 20
+        );
+        return;
+    }
+    let tag = format!(
+        "{size}-{}",
+        label.split(',').next().unwrap_or("").replace(' ', "-")
+    );
+    let side = ManagerSide::start(root, topology, tls, ferry, &tag).await;
+    let first = &side.replicas[0];
 
     let started = Instant::now();
     let ids: Vec<String> = (0..size).map(|i| format!("sim-{i:05}")).collect();
-    let devices = manager.add_devices(&ids).await;
+    let devices = first.add_devices(&ids).await;
     let registering = started.elapsed();
-    let (offline_rss, _) = memory_kib(pid);
+    let (offline_rss, _) = side.manager_rss();
+    let broker_offline_rss = side.broker_rss();
 
     let started = Instant::now();
-    let connect_cpu0 = cpu_secs(&manager_stat);
-    let devices_dir = root.join(format!("devices-{size}-{}", transport(tls)));
-    std::fs::create_dir_all(&devices_dir).unwrap();
-    let fleet = Simulators::start(&devices_dir, manager.endpoints(), &devices, trust);
+    let connect_cpu0 = side.manager_cpu();
+    let devices_dir = root.join(format!("devices-{tag}"));
+    // Devices spread over the broker nodes, a share each.
+    let nodes = side.entries.len();
+    let fleet = side
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(k, at)| {
+            let share: Vec<(String, String)> =
+                devices.iter().skip(k).step_by(nodes).cloned().collect();
+            Simulators::start(
+                &devices_dir.join(format!("node-{k}")),
+                at.clone(),
+                &share,
+                trust,
+            )
+        })
+        .reduce(Simulators::and)
+        .unwrap();
     loop {
-        let online = manager.online_devices().await;
+        let online = first.online_devices().await;
         if online == size {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(600),
+            started.elapsed() < Duration::from_secs(900),
             "only {online} of {size} devices came online"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -197,12 +414,14 @@ async fn measure(root: &Path, size: usize, tls: bool, ferry: &Path, key: &Secret
     let connecting = started.elapsed();
     // Everything the manager did to let the fleet in: with TLS, each
     // device's enrolment (an HTTPS request, a signature check, a
-    // certificate issued and recorded) and its broker handshake.
-    let connect_cpu_ms = (cpu_secs(&manager_stat) - connect_cpu0) * 1000.0 / size as f64;
+    // certificate issued and recorded) and its broker handshake; on a
+    // cluster, answering the auth callout.
+    let connect_cpu_ms = (side.manager_cpu() - connect_cpu0) * 1000.0 / size as f64;
     // Let the first health reports and retained messages settle.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (online_rss, _) = memory_kib(pid);
-    let connections = established_on(mqtt.port());
+    let (online_rss, _) = side.manager_rss();
+    let broker_online_rss = side.broker_rss();
+    let connections: usize = side.broker_ports.iter().map(|p| established_on(*p)).sum();
     let (sim_rss, sim_cpu0) = fleet.usage();
 
     let v1 = large_release(
@@ -211,12 +430,14 @@ async fn measure(root: &Path, size: usize, tls: bool, ferry: &Path, key: &Secret
         &format!("1.0.{size}"),
         size as u64,
         &root.join("unused.out"),
-        ARTIFACT_BYTES,
+        artifact_bytes,
     );
-    let artifact_bytes = std::fs::metadata(&v1.artifact).unwrap().len();
-    manager.publish(&v1).await;
+    let artifact_len = std::fs::metadata(&v1.artifact).unwrap().len();
+    first.publish(&v1).await;
+    let recorded0 = side.recorded().await;
+    let (manager_cpu0, broker_cpu0) = (side.manager_cpu(), side.broker_cpu());
     let started = Instant::now();
-    let created = manager
+    let created = first
         .post(
             "/v1/rollouts",
             json!({
@@ -228,25 +449,33 @@ async fn measure(root: &Path, size: usize, tls: bool, ferry: &Path, key: &Secret
         )
         .await;
     let id = created["id"].as_i64().unwrap();
-    let manager_cpu0 = cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat")));
     // Asked once a second: the answer lists every device, and asking is
     // load on the manager too.
     let done = loop {
-        let rollout = manager.get(&format!("/v1/rollouts/{id}")).await;
+        let rollout = first.get(&format!("/v1/rollouts/{id}")).await;
         if rollout["state"] != "running" {
             break rollout;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(1200),
+            started.elapsed() < Duration::from_secs(1800),
             "rollout never ended"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let rollout = started.elapsed();
-    let (_, peak_rss) = memory_kib(pid);
+    let (_, peak_rss) = side.manager_rss();
     let sim_cpu = fleet.usage().1 - sim_cpu0;
-    let manager_cpu = cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))) - manager_cpu0;
-    let dropped = manager.metric("ferry_mqtt_messages_dropped_total").await;
+    let manager_cpu = side.manager_cpu() - manager_cpu0;
+    let broker_cpu = side.broker_cpu() - broker_cpu0;
+    let ingested = (side.recorded().await - recorded0) / rollout.as_secs_f64();
+    let dropped = if topology == Topology::Embedded {
+        first
+            .metric("ferry_mqtt_messages_dropped_total")
+            .await
+            .to_string()
+    } else {
+        "-".into()
+    };
     let installed = done["counts"]["installed"].as_u64().unwrap_or(0);
     assert!(
         done["state"] == "completed" && installed == size as u64,
@@ -255,24 +484,28 @@ async fn measure(root: &Path, size: usize, tls: bool, ferry: &Path, key: &Secret
         done["counts"]
     );
     let per_device_kib = online_rss.saturating_sub(offline_rss) as f64 / size as f64;
+    let broker_per_device_kib =
+        broker_online_rss.saturating_sub(broker_offline_rss) as f64 / size as f64;
     println!(
-        "{size:>6} devices over {:<9} | register {:>5.1} s | all online {:>5.1} s, manager CPU {connect_cpu_ms:.2} ms/device | broker connections {connections:>6} | \
-         manager RSS offline {:>6.1} MiB, online {:>6.1} MiB ({per_device_kib:>5.1} KiB/device), peak {:>6.1} MiB, CPU in rollout {manager_cpu:>5.1} s | \
-         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min) | simulator RSS {:>6.1} MiB, CPU in rollout {:>6.1} s | messages dropped by the broker {dropped}",
-        transport(tls),
+        "{size:>6} devices, {label} | register {:>5.1} s | all online {:>5.1} s, manager CPU {connect_cpu_ms:.2} ms/device | broker connections {connections:>6} | \
+         manager RSS offline {:>6.1} MiB, online {:>6.1} MiB ({per_device_kib:>5.1} KiB/device), peak {:>6.1} MiB | broker RSS online {:>6.1} MiB ({broker_per_device_kib:>5.1} KiB/device) | \
+         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min), {ingested:>6.0} device messages/s recorded | CPU in rollout: manager {manager_cpu:>5.1} s, broker {broker_cpu:>5.1} s, simulator {:>6.1} s | simulator RSS {:>6.1} MiB | broker drops {dropped}",
         registering.as_secs_f64(),
         connecting.as_secs_f64(),
         mib(offline_rss),
         mib(online_rss),
         mib(peak_rss),
-        artifact_bytes as f64 / (1 << 20) as f64,
+        mib(broker_online_rss),
+        artifact_len as f64 / (1 << 20) as f64,
         rollout.as_secs_f64(),
         size as f64 / rollout.as_secs_f64() * 60.0,
-        sim_rss,
         sim_cpu,
+        sim_rss,
     );
     fleet.stop();
-    manager.stop().await;
+    side.stop().await;
+    // Their releases would crowd out the next run's.
+    let _ = std::fs::remove_dir_all(&devices_dir);
 }
 
 fn transport(tls: bool) -> &'static str {
@@ -297,6 +530,20 @@ fn main() {
             })
             .collect(),
         Err(_) => DEFAULT_SIZES.to_vec(),
+    };
+    let topologies: Vec<Topology> = std::env::var("FERRY_FLEET_TOPOLOGIES")
+        .unwrap_or_else(|_| "embedded".into())
+        .split(',')
+        .map(Topology::parse)
+        .collect();
+    let artifact_bytes = match std::env::var("FERRY_FLEET_ARTIFACT_KIB") {
+        Ok(text) => {
+            text.trim()
+                .parse::<usize>()
+                .expect("FERRY_FLEET_ARTIFACT_KIB: a size in KiB")
+                << 10
+        }
+        Err(_) => ARTIFACT_BYTES,
     };
     let tls = match std::env::var("FERRY_FLEET_TRANSPORT").as_deref() {
         Ok("plaintext") => false,
@@ -327,12 +574,24 @@ fn main() {
         .unwrap();
     println!(
         "rollout of a {} KiB incompressible payload, one wave, at most {MAX_IN_FLIGHT} devices installing at once; devices' data on {}",
-        ARTIFACT_BYTES >> 10,
+        artifact_bytes >> 10,
         if shm.is_dir() { "tmpfs" } else { "the disk" }
     );
     runtime.block_on(async {
         for size in sizes {
-            measure(dir.path(), size, tls, &ferry, &key, &trust).await;
+            for &topology in &topologies {
+                measure(
+                    dir.path(),
+                    size,
+                    tls,
+                    topology,
+                    artifact_bytes,
+                    &ferry,
+                    &key,
+                    &trust,
+                )
+                .await;
+            }
         }
     });
 }

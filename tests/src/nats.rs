@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::free_port;
+use crate::{Manager, free_port};
 
 /// The NATS server's version, as `scripts/setup` pins it.
 pub const NATS_VERSION: &str = "2.15.1";
@@ -150,7 +150,52 @@ impl NatsCluster {
     }
 }
 
+/// `count` `ferry serve` processes (`binary`) on `cluster`, in plain text,
+/// replica `i` on node `i % nodes` as its broker: they share the data
+/// directory `data` (artifacts, operator token, callout issuer key) and
+/// the database at `database`; each logs to `logs/replica-N.log`.
+pub async fn start_replicas(
+    cluster: &NatsCluster,
+    binary: &Path,
+    data: &Path,
+    database: &str,
+    count: usize,
+    logs: &Path,
+) -> Vec<Manager> {
+    std::fs::create_dir_all(data).unwrap();
+    let issuer_file = data.join("nats-issuer.nk");
+    let mut replicas = Vec::new();
+    for i in 0..count {
+        let node = &cluster.nodes[i % cluster.nodes.len()];
+        let http = loopback();
+        let more: Vec<String> = [
+            "--database",
+            database,
+            "--broker",
+            &format!("mqtt://ferry-manager:manager-secret@{}", node.mqtt),
+            "--nats-callout",
+            &cluster.callout_url(),
+            "--nats-issuer",
+            &issuer_file.to_string_lossy(),
+            "--public-url",
+            &format!("http://{http}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = logs.join(format!("replica-{}.log", i + 1));
+        let replica =
+            Manager::start_process_args(binary, data, loopback(), http, false, &more, &log).await;
+        replicas.push(replica);
+    }
+    replicas
+}
+
 impl Node {
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (or restarts) the server; its log goes to `dir/NAME.log`.
     pub fn start(&mut self, dir: &Path) {
         let log = std::fs::OpenOptions::new()

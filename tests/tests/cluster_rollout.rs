@@ -9,20 +9,15 @@
 //! committed it twice (none was sent a stage twice); and the replicas left
 //! standing took over without being told.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_e2e::nats::NatsCluster;
 use ferry_e2e::simulator::SimulatedFleet;
-use ferry_e2e::{Manager, ferry_binary, free_port, installed_version, large_release, postgres};
+use ferry_e2e::{Manager, ferry_binary, installed_version, large_release, postgres};
 use ferry_protocol::SecretKey;
 use serde_json::{Value, json};
 
 const DEVICES: usize = 30;
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
 
 /// Which replicas say they lead the rollouts.
 async fn leaders(replicas: &[Option<Manager>]) -> Vec<usize> {
@@ -77,36 +72,12 @@ async fn a_rollout_completes_through_a_killed_replica_and_a_restarted_broker_nod
     let issuer = ferry::serve::nats::issuer(&issuer_file).unwrap();
     let mut cluster = NatsCluster::start(root, 3, &issuer.public_key());
 
-    let mut replicas: Vec<Option<Manager>> = Vec::new();
-    for node in &cluster.nodes {
-        let http = loopback();
-        let more: Vec<String> = [
-            "--database",
-            &database,
-            "--broker",
-            &format!("mqtt://ferry-manager:manager-secret@{}", node.mqtt),
-            "--nats-callout",
-            &cluster.callout_url(),
-            "--nats-issuer",
-            &issuer_file.to_string_lossy(),
-            "--public-url",
-            &format!("http://{http}"),
-        ]
-        .map(String::from)
-        .to_vec();
-        let log = root.join(format!("replica-{}.log", node.name));
-        let replica = Manager::start_process_args(
-            &ferry_binary(),
-            &data,
-            loopback(),
-            http,
-            false,
-            &more,
-            &log,
-        )
-        .await;
-        replicas.push(Some(replica));
-    }
+    let mut replicas: Vec<Option<Manager>> =
+        ferry_e2e::nats::start_replicas(&cluster, &ferry_binary(), &data, &database, 3, root)
+            .await
+            .into_iter()
+            .map(Some)
+            .collect();
     let first = replicas[0].as_ref().unwrap();
 
     // Devices, spread over the three nodes; each downloads from the
