@@ -360,10 +360,18 @@ impl Store {
     /// transaction, in order. Under load the ingest path hands them over in
     /// batches, so a commit (and its write-ahead-log pages) is shared by
     /// many messages, and each device's history is trimmed once per batch.
+    ///
+    /// Devices are written in the order of their ids (each device's
+    /// messages in the order they came): replicas recording at once then
+    /// lock rows in one order. In the order messages came, two batches
+    /// holding the same devices deadlock on PostgreSQL, and one is lost.
     pub async fn record_many(&self, records: &[Record]) -> Result<()> {
+        let mut ordered: Vec<&Record> = records.iter().collect();
+        // Stable: a device's own messages keep their order.
+        ordered.sort_by(|a, b| a.device.cmp(&b.device));
         let mut tx = self.pool.begin().await?;
         let mut trimmed: Vec<(&str, &str)> = Vec::new();
-        for r in records {
+        for r in ordered {
             let (device, text, time) = (r.device.as_str(), r.payload.as_str(), r.time.as_str());
             sqlx::query(
                 "INSERT INTO device_state (device_id, last_seen) VALUES ($1, $2)
