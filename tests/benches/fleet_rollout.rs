@@ -263,42 +263,41 @@ impl ManagerSide {
         }
     }
 
+    fn manager_pids(&self) -> Vec<u32> {
+        self.replicas.iter().filter_map(Manager::pid).collect()
+    }
+
+    /// The NATS servers' processes; none with the embedded broker.
+    fn broker_pids(&self) -> Vec<u32> {
+        self.cluster
+            .iter()
+            .flat_map(|c| c.nodes.iter())
+            .filter_map(|n| n.pid())
+            .collect()
+    }
+
     /// The replicas' RSS summed (KiB): now, and each one's peak.
     fn manager_rss(&self) -> (u64, u64) {
-        self.replicas
-            .iter()
-            .filter_map(Manager::pid)
+        self.manager_pids()
+            .into_iter()
             .map(memory_kib)
             .fold((0, 0), |(now, peak), (n, p)| (now + n, peak + p))
     }
 
     /// The NATS servers' RSS summed (KiB), 0 with the embedded broker.
     fn broker_rss(&self) -> u64 {
-        self.cluster
-            .iter()
-            .flat_map(|c| c.nodes.iter())
-            .filter_map(|n| n.pid())
+        self.broker_pids()
+            .into_iter()
             .map(|pid| memory_kib(pid).0)
             .sum()
     }
 
-    /// The replicas' CPU seconds so far.
     fn manager_cpu(&self) -> f64 {
-        self.replicas
-            .iter()
-            .filter_map(Manager::pid)
-            .map(|pid| cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))))
-            .sum()
+        cpu_of(&self.manager_pids())
     }
 
-    /// The NATS servers' CPU seconds so far.
     fn broker_cpu(&self) -> f64 {
-        self.cluster
-            .iter()
-            .flat_map(|c| c.nodes.iter())
-            .filter_map(|n| n.pid())
-            .map(|pid| cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))))
-            .sum()
+        cpu_of(&self.broker_pids())
     }
 
     /// Device messages the replicas recorded, all together.
@@ -315,6 +314,13 @@ impl ManagerSide {
             replica.stop().await;
         }
     }
+}
+
+/// The CPU seconds `pids` have used so far, together.
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|pid| cpu_secs(&PathBuf::from(format!("/proc/{pid}/stat"))))
+        .sum()
 }
 
 /// How many connections loopback clients may hold to one address and port

@@ -25,6 +25,15 @@ async fn stores() -> (tempfile::TempDir, Vec<Store>) {
     (dir, vec![sqlite, postgres])
 }
 
+/// Two replicas' stores on one fresh PostgreSQL database.
+async fn two_replicas() -> (Store, Store) {
+    let url: DatabaseUrl = postgres::server().database().parse().unwrap();
+    (
+        Store::connect(&url).await.unwrap(),
+        Store::connect(&url).await.unwrap(),
+    )
+}
+
 fn record(device: &str, kind: &'static str, payload: &str) -> Record {
     Record {
         device: device.into(),
@@ -284,11 +293,7 @@ async fn rollout_steps_move_only_forward_and_releases_stay_fixed() {
 /// at once: each device is sent the release by exactly one of them.
 #[tokio::test]
 async fn two_replicas_never_send_a_device_the_same_stage_twice() {
-    let url: DatabaseUrl = postgres::server().database().parse().unwrap();
-    let (a, b) = (
-        Store::connect(&url).await.unwrap(),
-        Store::connect(&url).await.unwrap(),
-    );
+    let (a, b) = two_replicas().await;
     let devices: Vec<String> = (0..200).map(|i| format!("gw-{i:03}")).collect();
     let id = a
         .add_rollout("api", "1.0.0", &plan(), &devices)
@@ -329,11 +334,7 @@ async fn two_replicas_never_send_a_device_the_same_stage_twice() {
 /// deadlock on PostgreSQL, and a deadlocked batch is not recorded.
 #[tokio::test]
 async fn replicas_recording_the_same_devices_at_once_do_not_deadlock() {
-    let url: DatabaseUrl = postgres::server().database().parse().unwrap();
-    let (a, b) = (
-        Store::connect(&url).await.unwrap(),
-        Store::connect(&url).await.unwrap(),
-    );
+    let (a, b) = two_replicas().await;
     let devices: Vec<String> = (0..100).map(|i| format!("gw-{i:03}")).collect();
     for device in &devices {
         a.add_device(&DeviceId::new(device).unwrap(), "pw", &[])
@@ -368,11 +369,7 @@ async fn replicas_recording_the_same_devices_at_once_do_not_deadlock() {
 #[tokio::test]
 async fn one_replica_leads_the_rollouts_until_it_goes() {
     use ferry::serve::store::RolloutLease;
-    let url: DatabaseUrl = postgres::server().database().parse().unwrap();
-    let (a, b) = (
-        Store::connect(&url).await.unwrap(),
-        Store::connect(&url).await.unwrap(),
-    );
+    let (a, b) = two_replicas().await;
     let (mut lease_a, mut lease_b) = (RolloutLease::default(), RolloutLease::default());
     assert!(lease_a.lead(&a).await && lease_a.taken_over());
     assert!(!lease_b.lead(&b).await, "two replicas lead at once");

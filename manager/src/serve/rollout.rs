@@ -464,12 +464,13 @@ impl Engine {
     /// state again.
     async fn nudge(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
         let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
+        let label = label(rollout.id);
         let due = rollout
             .devices
             .iter()
             .filter(|d| d.status.in_flight() && d.updated.as_str() < silent.as_str())
-            .map(|d| d.device_id.clone());
-        self.send_again(due, &label(rollout.id)).await
+            .map(|d| (d.device_id.clone(), label.clone()));
+        self.send_again(due).await
     }
 
     /// Sends online devices that have said nothing of a deployment for
@@ -478,28 +479,28 @@ impl Engine {
     /// them waiting for good.
     async fn nudge_deployments(&self) -> Result<(), StoreError> {
         let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
-        for (device, deployment) in self.store.silent_deployment_devices(&silent).await? {
-            self.send_again([device], &deployment_label(deployment))
-                .await?;
-        }
-        Ok(())
+        let due = self.store.silent_deployment_devices(&silent).await?;
+        self.send_again(
+            due.into_iter()
+                .map(|(device, deployment)| (device, deployment_label(deployment))),
+        )
+        .await
     }
 
-    /// Sends each of `devices` its desired state again, at most once per
-    /// [`NUDGE_AFTER`] each, if that state is still the one `label` set.
+    /// Sends each `(device, label)` its desired state again, at most once
+    /// per [`NUDGE_AFTER`] each, if that state is still the one `label` set.
     /// The agent acts on a desired state it already has only by reporting
     /// again, so a copy it did get costs one message each way.
     async fn send_again(
         &self,
-        devices: impl IntoIterator<Item = String>,
-        label: &str,
+        devices: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), StoreError> {
-        let due: Vec<String> = {
+        let due: Vec<(String, String)> = {
             let mut nudged = self.nudged.lock().unwrap_or_else(|p| p.into_inner());
             nudged.retain(|_, at| at.elapsed() < NUDGE_AFTER);
             devices
                 .into_iter()
-                .filter(|device| {
+                .filter(|(device, _)| {
                     let first = !nudged.contains_key(device);
                     if first {
                         nudged.insert(device.clone(), Instant::now());
@@ -508,12 +509,12 @@ impl Engine {
                 })
                 .collect()
         };
-        for device in due {
+        for (device, label) in due {
             let Some(payload) = self.store.desired(&device).await? else {
                 continue;
             };
             let current = Desired::decode(payload.as_bytes())
-                .is_ok_and(|d| d.rollout.as_deref() == Some(label));
+                .is_ok_and(|d| d.rollout.as_deref() == Some(label.as_str()));
             if !current {
                 continue;
             }
