@@ -285,7 +285,48 @@ async fn rollout_steps_move_only_forward_and_releases_stay_fixed() {
             store.rolled_back_on("gw-1", "api", "1.0.0").await.unwrap(),
             None
         );
-        assert_eq!(store.open_rollouts().await.unwrap().len(), 1);
+        assert_eq!(store.open_rollout_heads().await.unwrap().len(), 1);
+
+        // What the engine steps on, without reading the device list.
+        let counts = store.rollout_step_counts(id).await.unwrap();
+        assert_eq!(counts.total(), 3);
+        assert_eq!(counts.of(|s| s == DeviceStep::Pending), 2);
+        assert_eq!(counts.of(DeviceStep::is_failure), 1);
+        assert_eq!(store.first_unsettled(id).await.unwrap(), Some(1));
+        let pending = |first, limit| store.pending_among_first(id, first, limit);
+        assert_eq!(pending(1, 10).await.unwrap(), Vec::<String>::new());
+        assert_eq!(pending(2, 10).await.unwrap(), ["gw-1"]);
+        assert_eq!(pending(3, 1).await.unwrap(), ["gw-1"]);
+        assert_eq!(pending(3, 10).await.unwrap(), ["gw-1", "gw-2"]);
+        assert!(
+            store
+                .send_rollout_device(id, "gw-2", DeviceStep::Sent, "{}")
+                .await
+                .unwrap()
+        );
+        let in_flight = store.in_flight(id).await.unwrap();
+        assert_eq!(in_flight.len(), 1);
+        assert_eq!(in_flight[0].device_id, "gw-2");
+        assert!(in_flight[0].sent_at.is_some());
+        // The first device without an outcome is still gw-1, in order.
+        assert_eq!(store.first_unsettled(id).await.unwrap(), Some(1));
+        for device in ["gw-1", "gw-2"] {
+            store
+                .set_rollout_device(id, device, DeviceStep::TimedOut, None)
+                .await
+                .unwrap();
+        }
+        // gw-1 was never sent: pending cannot time out, so it holds.
+        assert_eq!(store.first_unsettled(id).await.unwrap(), Some(1));
+        store
+            .send_rollout_device(id, "gw-1", DeviceStep::Sent, "{}")
+            .await
+            .unwrap();
+        store
+            .set_rollout_device(id, "gw-1", DeviceStep::Installed, None)
+            .await
+            .unwrap();
+        assert_eq!(store.first_unsettled(id).await.unwrap(), None);
     }
 }
 

@@ -20,7 +20,7 @@ use prometheus::{
 };
 
 use super::rollout::RolloutState;
-use super::store::{Store, StoreError};
+use super::store::{DeviceStep, Store, StoreError};
 
 /// The manager's own figures, kept for the life of the process.
 #[derive(Clone)]
@@ -399,7 +399,9 @@ async fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
         "Share of an open rollout's devices with the release installed, 0 to 1.",
         &["rollout", "service", "version"],
     )?;
-    for rollout in store.rollouts().await? {
+    // Heads and counts, not device lists: a rollout's list can be the
+    // whole fleet, and finished rollouts pile up.
+    for rollout in store.rollout_heads().await? {
         rollouts.with_label_values(&[rollout.state.as_str()]).inc();
         if !matches!(rollout.state, RolloutState::Running | RolloutState::Paused) {
             continue;
@@ -410,17 +412,17 @@ async fn fleet(registry: &Registry, store: &Store) -> Result<(), MetricsError> {
             rollout.service.as_str(),
             rollout.version.as_str(),
         ];
-        for device in &rollout.devices {
-            rollout_devices
-                .with_label_values(&[labels[0], labels[1], labels[2], device.status.as_str()])
-                .inc();
+        let counts = store.rollout_step_counts(rollout.id).await?;
+        for step in DeviceStep::ALL {
+            let n = counts.of(|s| s == step);
+            if n > 0 {
+                rollout_devices
+                    .with_label_values(&[labels[0], labels[1], labels[2], step.as_str()])
+                    .set(n as i64);
+            }
         }
-        let installed = rollout
-            .devices
-            .iter()
-            .filter(|d| d.status == super::store::DeviceStep::Installed)
-            .count();
-        let total = rollout.devices.len().max(1);
+        let installed = counts.of(|s| s == DeviceStep::Installed);
+        let total = counts.total().max(1);
         progress
             .with_label_values(&labels)
             .set(installed as f64 / total as f64);

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::desired::deployment_label;
 use super::ingest::Outgoing;
-use super::store::{DeviceStep, DeviceTags, RolloutLease, RolloutRow, Store, StoreError};
+use super::store::{DeviceStep, DeviceTags, RolloutHead, RolloutLease, Store, StoreError};
 
 /// Which devices a rollout is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,7 +339,7 @@ impl Engine {
     /// One step of every open rollout; `full` also takes in devices that
     /// joined the selector and times out devices without an outcome.
     pub async fn step_all(&self, full: bool) -> Result<(), StoreError> {
-        for rollout in self.store.open_rollouts().await? {
+        for rollout in self.store.open_rollout_heads().await? {
             let id = rollout.id;
             if let Err(e) = self.step(rollout, full).await {
                 tracing::warn!(rollout = id, "rollout step: {e}");
@@ -348,21 +348,17 @@ impl Engine {
         Ok(())
     }
 
-    async fn step(&self, rollout: RolloutRow, full: bool) -> Result<(), StoreError> {
-        let rollout = if full && self.join_and_time_out(&rollout).await? {
-            match self.store.rollout(rollout.id).await? {
-                Some(changed) => changed,
-                None => return Ok(()),
-            }
-        } else {
-            rollout
-        };
-        let devices = &rollout.devices;
-        let failures = devices.iter().filter(|d| d.status.is_failure()).count();
-        let attempted = devices
-            .iter()
-            .filter(|d| d.status != DeviceStep::Pending)
-            .count();
+    /// One step of a rollout. It reads counts and the few devices it acts
+    /// on, never the whole device list: it runs several times a second,
+    /// and the list can be the whole fleet.
+    async fn step(&self, rollout: RolloutHead, full: bool) -> Result<(), StoreError> {
+        let id = rollout.id;
+        if full {
+            self.join_and_time_out(&rollout).await?;
+        }
+        let counts = self.store.rollout_step_counts(id).await?;
+        let failures = counts.of(DeviceStep::is_failure);
+        let attempted = counts.of(|s| s != DeviceStep::Pending);
         if rollout.plan.max_failures.crossed(failures, attempted) {
             let reason = format!(
                 "{failures} of {attempted} devices failed, over the threshold of {}",
@@ -376,29 +372,26 @@ impl Engine {
 
         // The first stage with a device that has no outcome is the one in
         // progress; every stage before it is settled.
-        let ends = rollout.plan.stage_ends(devices.len());
-        let Some(&end) = ends
-            .iter()
-            .find(|&&end| devices[..end].iter().any(|d| !d.status.settled()))
+        let ends = rollout.plan.stage_ends(counts.total());
+        let first_unsettled = self.store.first_unsettled(id).await?;
+        let Some(&end) = first_unsettled.and_then(|first| ends.iter().find(|&&end| end > first))
         else {
-            tracing::info!(rollout = rollout.id, "completed");
+            tracing::info!(rollout = id, "completed");
             self.store
-                .set_rollout_state(rollout.id, RolloutState::Completed, None)
+                .set_rollout_state(id, RolloutState::Completed, None)
                 .await?;
             self.changed();
             return Ok(());
         };
-        let in_flight = devices.iter().filter(|d| d.status.in_flight()).count();
+        let in_flight = counts.of(DeviceStep::in_flight);
         let room = rollout
             .plan
             .max_in_flight
             .map_or(usize::MAX, |max| (max as usize).saturating_sub(in_flight));
-        let to_send: Vec<&str> = devices[..end]
-            .iter()
-            .filter(|d| d.status == DeviceStep::Pending)
-            .take(room)
-            .map(|d| d.device_id.as_str())
-            .collect();
+        if room == 0 {
+            return Ok(());
+        }
+        let to_send = self.store.pending_among_first(id, end, room).await?;
         if to_send.is_empty() {
             return Ok(());
         }
@@ -407,22 +400,20 @@ impl Engine {
                 .abort(&rollout, "its release is no longer published")
                 .await;
         };
-        for device in to_send {
-            self.send(rollout.id, device, DeviceStep::Sent, &envelope, &url)
+        for device in &to_send {
+            self.send(id, device, DeviceStep::Sent, &envelope, &url)
                 .await?;
         }
         Ok(())
     }
 
-    /// Adds the devices that joined the selector (at the end) and times out
-    /// devices sent the release too long ago; whether anything changed.
-    async fn join_and_time_out(&self, rollout: &RolloutRow) -> Result<bool, StoreError> {
+    /// Adds the devices that joined the selector (at the end), times out
+    /// devices sent the release too long ago, and sends devices in flight
+    /// and silent for [`NUDGE_AFTER`] their desired state again.
+    async fn join_and_time_out(&self, rollout: &RolloutHead) -> Result<(), StoreError> {
         let fleet = self.store.device_tags().await?;
-        let known: HashSet<&str> = rollout
-            .devices
-            .iter()
-            .map(|d| d.device_id.as_str())
-            .collect();
+        let known = self.store.rollout_device_ids(rollout.id).await?;
+        let known: HashSet<&str> = known.iter().map(String::as_str).collect();
         let joined: Vec<String> = rollout
             .plan
             .selector
@@ -430,24 +421,29 @@ impl Engine {
             .into_iter()
             .filter(|id| !known.contains(id.as_str()))
             .collect();
-        let mut changed = false;
         if !joined.is_empty() {
             tracing::info!(rollout = rollout.id, ?joined, "devices joined the rollout");
             self.store.add_rollout_devices(rollout.id, &joined).await?;
-            changed = true;
         }
-        self.nudge(rollout).await?;
+        let in_flight = self.store.in_flight(rollout.id).await?;
+        let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
+        let label = label(rollout.id);
+        self.send_again(
+            in_flight
+                .iter()
+                .filter(|d| d.updated.as_str() < silent.as_str())
+                .map(|d| (d.device_id.clone(), label.clone())),
+        )
+        .await?;
         let timeout = Duration::from_secs(rollout.plan.device_timeout_secs);
         let cutoff = Timestamp::from(SystemTime::now() - timeout).to_string();
-        for device in &rollout.devices {
-            if device.status.in_flight()
-                && device
-                    .sent_at
-                    .as_deref()
-                    .is_some_and(|sent| sent < cutoff.as_str())
+        for device in &in_flight {
+            if device
+                .sent_at
+                .as_deref()
+                .is_some_and(|sent| sent < cutoff.as_str())
             {
-                changed |= self
-                    .store
+                self.store
                     .set_rollout_device(
                         rollout.id,
                         &device.device_id,
@@ -457,20 +453,7 @@ impl Engine {
                     .await?;
             }
         }
-        Ok(changed)
-    }
-
-    /// Sends devices in flight and silent for [`NUDGE_AFTER`] their desired
-    /// state again.
-    async fn nudge(&self, rollout: &RolloutRow) -> Result<(), StoreError> {
-        let silent = Timestamp::from(SystemTime::now() - NUDGE_AFTER).to_string();
-        let label = label(rollout.id);
-        let due = rollout
-            .devices
-            .iter()
-            .filter(|d| d.status.in_flight() && d.updated.as_str() < silent.as_str())
-            .map(|d| (d.device_id.clone(), label.clone()));
-        self.send_again(due).await
+        Ok(())
     }
 
     /// Sends online devices that have said nothing of a deployment for
@@ -530,12 +513,18 @@ impl Engine {
     /// Stops a rollout: nothing more is sent, and with a revert release the
     /// devices it reached are sent that. The reverts are recorded before the
     /// state, so a crash in between aborts (and reverts) again on restart.
-    pub async fn abort(&self, rollout: &RolloutRow, reason: &str) -> Result<(), StoreError> {
+    pub async fn abort(&self, rollout: &RolloutHead, reason: &str) -> Result<(), StoreError> {
         tracing::warn!(rollout = rollout.id, "aborting: {reason}");
         if let Some(revert) = &rollout.plan.revert_to {
             match self.release(&rollout.service, revert).await? {
                 Some((envelope, url)) => {
-                    for device in rollout.devices.iter().filter(|d| d.status.needs_revert()) {
+                    let devices = self
+                        .store
+                        .rollout(rollout.id)
+                        .await?
+                        .map(|r| r.devices)
+                        .unwrap_or_default();
+                    for device in devices.iter().filter(|d| d.status.needs_revert()) {
                         self.send(
                             rollout.id,
                             &device.device_id,

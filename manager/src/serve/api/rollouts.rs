@@ -152,13 +152,14 @@ impl Counts {
 }
 
 fn view(row: RolloutRow) -> RolloutView {
-    let ends = row.plan.stage_ends(row.devices.len());
+    let ends = row.head.plan.stage_ends(row.devices.len());
     let mut names = Vec::new();
-    if row.plan.canary > 0 {
+    if row.head.plan.canary > 0 {
         names.push("canary".to_owned());
     }
     names.extend(
-        row.plan
+        row.head
+            .plan
             .waves
             .iter()
             .enumerate()
@@ -230,14 +231,17 @@ pub(super) async fn act(
             ));
         }
     };
-    if !from.contains(&row.state) {
+    if !from.contains(&row.head.state) {
         return Err(bad(
             StatusCode::CONFLICT,
-            format!("rollout {id} is {}; cannot {action} it", row.state.as_str()),
+            format!(
+                "rollout {id} is {}; cannot {action} it",
+                row.head.state.as_str()
+            ),
         ));
     }
     match reason {
-        Some(reason) => state.rollouts.abort(&row, reason).await?,
+        Some(reason) => state.rollouts.abort(&row.head, reason).await?,
         None => state.store.set_rollout_state(id, to, None).await?,
     }
     state.rollouts.wake.notify_one();

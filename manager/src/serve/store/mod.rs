@@ -15,7 +15,7 @@ mod rollouts;
 pub use database::{Backend, DatabaseUrl};
 pub use identity::{Enrolment, NO_PASSWORD, unix_now};
 pub use lease::RolloutLease;
-pub use rollouts::{DeviceStep, RolloutDevice, RolloutRow};
+pub use rollouts::{DeviceStep, InFlight, RolloutDevice, RolloutHead, RolloutRow, StepCounts};
 
 /// How many health reports and events are kept per device.
 pub const HISTORY: i64 = 200;

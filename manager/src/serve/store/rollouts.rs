@@ -39,6 +39,32 @@ pub enum DeviceStep {
 }
 
 impl DeviceStep {
+    /// Every step.
+    pub const ALL: [Self; 11] = [
+        Self::Pending,
+        Self::Sent,
+        Self::Installing,
+        Self::Installed,
+        Self::Rejected,
+        Self::Failed,
+        Self::RolledBack,
+        Self::TimedOut,
+        Self::Reverting,
+        Self::Reverted,
+        Self::RevertFailed,
+    ];
+
+    /// The steps `pick` holds for, as an SQL list (`'sent', 'installing'`):
+    /// queries filter by the same rules as the code, from one place.
+    fn sql_list(pick: fn(Self) -> bool) -> String {
+        Self::ALL
+            .into_iter()
+            .filter(|&s| pick(s))
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The text stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -132,9 +158,10 @@ pub struct RolloutDevice {
     pub updated: String,
 }
 
-/// A rollout as stored.
+/// A rollout without its devices: what the engine and the metrics step on
+/// (a rollout's device list can be the whole fleet).
 #[derive(Debug, Clone, Serialize)]
-pub struct RolloutRow {
+pub struct RolloutHead {
     /// Its id; devices see it as `rollout-<id>`.
     pub id: i64,
     /// The service.
@@ -151,8 +178,75 @@ pub struct RolloutRow {
     pub created: String,
     /// When its state last changed.
     pub updated: String,
+}
+
+/// A rollout as stored, with its devices.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutRow {
+    /// The rollout.
+    #[serde(flatten)]
+    pub head: RolloutHead,
     /// Its devices, in order.
     pub devices: Vec<RolloutDevice>,
+}
+
+/// How many of a rollout's devices are at each step.
+#[derive(Debug, Clone, Default)]
+pub struct StepCounts(Vec<(DeviceStep, usize)>);
+
+impl StepCounts {
+    /// Devices at a step `pick` holds for.
+    pub fn of(&self, pick: impl Fn(DeviceStep) -> bool) -> usize {
+        self.0
+            .iter()
+            .filter(|(s, _)| pick(*s))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// All the rollout's devices.
+    pub fn total(&self) -> usize {
+        self.of(|_| true)
+    }
+}
+
+/// A device sent the release and without an outcome yet.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    /// The device.
+    pub device_id: String,
+    /// When the release was sent to it.
+    pub sent_at: Option<String>,
+    /// When its step last changed.
+    pub updated: String,
+}
+
+type HeadColumns = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+);
+
+const HEAD_COLUMNS: &str = "id, service, version, plan, state, reason, created, updated";
+
+fn head_of(
+    (id, service, version, plan, state, reason, created, updated): HeadColumns,
+) -> Result<RolloutHead> {
+    Ok(RolloutHead {
+        id,
+        service,
+        version,
+        plan: serde_json::from_str(&plan)?,
+        state: RolloutState::parse(&state),
+        reason,
+        created,
+        updated,
+    })
 }
 
 /// A device's step in a rollout, read (and on PostgreSQL locked) inside
@@ -216,52 +310,57 @@ impl Store {
 
     /// Every rollout, newest first.
     pub async fn rollouts(&self) -> Result<Vec<RolloutRow>> {
-        self.rollouts_where("SELECT id FROM rollouts ORDER BY id DESC")
-            .await
-    }
-
-    /// Rollouts that are running or paused.
-    pub async fn open_rollouts(&self) -> Result<Vec<RolloutRow>> {
-        // Only open ones are read: the engine asks every second, and
-        // finished rollouts pile up.
-        self.rollouts_where(
-            "SELECT id FROM rollouts WHERE state IN ('running', 'paused') ORDER BY id DESC",
-        )
-        .await
-    }
-
-    async fn rollouts_where(&self, ids: &'static str) -> Result<Vec<RolloutRow>> {
-        let ids: Vec<i64> = sqlx::query_scalar(ids).fetch_all(&self.pool).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(rollout) = self.rollout(id).await? {
-                out.push(rollout);
-            }
+        let mut out = Vec::new();
+        for head in self.rollout_heads().await? {
+            let devices = self.rollout_devices(head.id).await?;
+            out.push(RolloutRow { head, devices });
         }
         Ok(out)
     }
 
-    /// One rollout with its devices.
-    pub async fn rollout(&self, id: i64) -> Result<Option<RolloutRow>> {
-        type Head = (
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            String,
-        );
-        let head: Option<Head> = sqlx::query_as(
-            "SELECT service, version, plan, state, reason, created, updated
-             FROM rollouts WHERE id = $1",
-        )
+    /// Every rollout without its devices, newest first.
+    pub async fn rollout_heads(&self) -> Result<Vec<RolloutHead>> {
+        self.heads_where("TRUE").await
+    }
+
+    /// Rollouts that are running or paused, without their devices. Only
+    /// open ones are read: the engine asks several times a second, and
+    /// finished rollouts pile up.
+    pub async fn open_rollout_heads(&self) -> Result<Vec<RolloutHead>> {
+        self.heads_where("state IN ('running', 'paused')").await
+    }
+
+    async fn heads_where(&self, condition: &'static str) -> Result<Vec<RolloutHead>> {
+        let rows: Vec<HeadColumns> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {HEAD_COLUMNS} FROM rollouts WHERE {condition} ORDER BY id DESC"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(head_of).collect()
+    }
+
+    /// One rollout without its devices.
+    pub async fn rollout_head(&self, id: i64) -> Result<Option<RolloutHead>> {
+        let row: Option<HeadColumns> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {HEAD_COLUMNS} FROM rollouts WHERE id = $1"
+        )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((service, version, plan, state, reason, created, updated)) = head else {
+        row.map(head_of).transpose()
+    }
+
+    /// One rollout with its devices.
+    pub async fn rollout(&self, id: i64) -> Result<Option<RolloutRow>> {
+        let Some(head) = self.rollout_head(id).await? else {
             return Ok(None);
         };
+        let devices = self.rollout_devices(id).await?;
+        Ok(Some(RolloutRow { head, devices }))
+    }
+
+    /// A rollout's devices, in order.
+    async fn rollout_devices(&self, id: i64) -> Result<Vec<RolloutDevice>> {
         type Row = (String, i64, String, Option<String>, Option<String>, String);
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT device_id, position, status, reason, sent_at, updated FROM rollout_devices
@@ -270,7 +369,7 @@ impl Store {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        let devices = rows
+        Ok(rows
             .into_iter()
             .map(
                 |(device_id, position, status, reason, sent_at, updated)| RolloutDevice {
@@ -282,18 +381,99 @@ impl Store {
                     updated,
                 },
             )
-            .collect();
-        Ok(Some(RolloutRow {
-            id,
-            service,
-            version,
-            plan: serde_json::from_str(&plan)?,
-            state: RolloutState::parse(&state),
-            reason,
-            created,
-            updated,
-            devices,
-        }))
+            .collect())
+    }
+
+    /// The ids of a rollout's devices, in no order.
+    pub async fn rollout_device_ids(&self, id: i64) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT device_id FROM rollout_devices WHERE rollout_id = $1")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// How many of a rollout's devices are at each step.
+    pub async fn rollout_step_counts(&self, id: i64) -> Result<StepCounts> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*) FROM rollout_devices WHERE rollout_id = $1 GROUP BY status",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(StepCounts(
+            rows.into_iter()
+                .map(|(s, n)| (DeviceStep::parse(&s), usize::try_from(n).unwrap_or(0)))
+                .collect(),
+        ))
+    }
+
+    /// How many devices come before the rollout's first one without an
+    /// outcome (its index in the rollout's order); `None` when every
+    /// device has one.
+    pub async fn first_unsettled(&self, id: i64) -> Result<Option<usize>> {
+        let first: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT MIN(position) FROM rollout_devices
+             WHERE rollout_id = $1 AND status NOT IN ({})",
+            DeviceStep::sql_list(DeviceStep::settled)
+        )))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        let before: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = $1 AND position < $2",
+        )
+        .bind(id)
+        .bind(first)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(usize::try_from(before).unwrap_or(0)))
+    }
+
+    /// Up to `limit` pending devices among the first `first` of a
+    /// rollout, in order.
+    pub async fn pending_among_first(
+        &self,
+        id: i64,
+        first: usize,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let (first, limit) = (as_sql_count(first), as_sql_count(limit));
+        Ok(sqlx::query_scalar(
+            "SELECT device_id FROM (
+                 SELECT device_id, position, status FROM rollout_devices
+                  WHERE rollout_id = $1 ORDER BY position LIMIT $2) AS firsts
+              WHERE status = 'pending' ORDER BY position LIMIT $3",
+        )
+        .bind(id)
+        .bind(first)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A rollout's devices in flight (sent, no outcome yet).
+    pub async fn in_flight(&self, id: i64) -> Result<Vec<InFlight>> {
+        let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT device_id, sent_at, updated FROM rollout_devices
+              WHERE rollout_id = $1 AND status IN ({})",
+            DeviceStep::sql_list(DeviceStep::in_flight)
+        )))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(device_id, sent_at, updated)| InFlight {
+                device_id,
+                sent_at,
+                updated,
+            })
+            .collect())
     }
 
     /// Sets a rollout's state (and why).
@@ -419,6 +599,11 @@ impl Store {
         };
         self.set_rollout_device(id, device, step, reason).await
     }
+}
+
+/// A count as SQL takes it (a `LIMIT`), saturating.
+fn as_sql_count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Adds `devices` to rollout `id` as pending, from `position` on; one
