@@ -10,7 +10,8 @@
 //! cross the threshold the rollout aborts and sends nothing more.
 //!
 //! The engine keeps no state of its own: each step reads the rollout from
-//! the store and writes what it decided back before acting, so a restarted
+//! the store (counts per step and the few devices it acts on, never the
+//! whole device list) and writes what it decided back before acting, so a restarted
 //! manager resumes where it was. It steps when a device result arrives and
 //! once a second (for timeouts and devices joining the selector).
 
@@ -271,8 +272,7 @@ impl Engine {
     /// Steps every open rollout when woken, and every second. A wake is
     /// acted on at once, but woken steps come at most every `COALESCE`:
     /// results arriving together wait for the next one, so a fleet
-    /// reporting at once costs a few steps a second (each reads the whole
-    /// rollout), not one per device. Joining devices and timeouts, which
+    /// reporting at once costs a few steps a second, not one per device. Joining devices and timeouts, which
     /// need the fleet and the clock rather than a result, are looked at once
     /// a second however often it is woken.
     pub async fn run(self) {
