@@ -41,6 +41,8 @@ pub struct Node {
     pub monitor: SocketAddr,
     config: PathBuf,
     child: Option<Child>,
+    /// Where its log goes, once started.
+    log: Option<PathBuf>,
 }
 
 /// The cluster; every node is killed when it is dropped.
@@ -103,6 +105,7 @@ impl NatsCluster {
                 monitor,
                 config,
                 child: None,
+                log: None,
             };
             node.start(dir);
             cluster.nodes.push(node);
@@ -198,11 +201,13 @@ impl Node {
 
     /// Starts (or restarts) the server; its log goes to `dir/NAME.log`.
     pub fn start(&mut self, dir: &Path) {
+        let path = dir.join(format!("{}.log", self.name));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join(format!("{}.log", self.name)))
+            .open(&path)
             .unwrap();
+        self.log = Some(path);
         let child = Command::new(nats_server())
             .arg("-c")
             .arg(&self.config)
@@ -222,15 +227,26 @@ impl Node {
     }
 
     /// Waits until the MQTT port takes connections (JetStream is up: the
-    /// gateway opens only then).
+    /// gateway opens only then). JetStream can take long to come up on a
+    /// loaded machine, so it waits up to 90 s, and a failure shows the
+    /// server's log.
     pub fn wait_listening(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
         while std::net::TcpStream::connect(self.mqtt).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "NATS node {} opened no MQTT port",
-                self.name
-            );
+            if std::time::Instant::now() >= deadline {
+                let log = self
+                    .log
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "NATS node {} opened no MQTT port in 90 s; its log ends:\n{}",
+                    self.name,
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
