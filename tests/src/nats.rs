@@ -231,7 +231,8 @@ impl Node {
     /// loaded machine, so it waits up to 90 s, and a failure shows the
     /// server's log.
     pub fn wait_listening(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        const WAIT: Duration = Duration::from_secs(90);
+        let deadline = std::time::Instant::now() + WAIT;
         while std::net::TcpStream::connect(self.mqtt).is_err() {
             if std::time::Instant::now() >= deadline {
                 let log = self
@@ -239,10 +240,10 @@ impl Node {
                     .as_ref()
                     .and_then(|p| std::fs::read_to_string(p).ok())
                     .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
                 panic!(
-                    "NATS node {} opened no MQTT port in 90 s; its log ends:\n{}",
+                    "NATS node {} opened no MQTT port in {WAIT:?}; its log ends:\n{}",
                     self.name,
                     tail.join("\n")
                 );

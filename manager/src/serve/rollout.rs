@@ -11,9 +11,10 @@
 //!
 //! The engine keeps no state of its own: each step reads the rollout from
 //! the store (counts per step and the few devices it acts on, never the
-//! whole device list) and writes what it decided back before acting, so a restarted
-//! manager resumes where it was. It steps when a device result arrives and
-//! once a second (for timeouts and devices joining the selector).
+//! whole device list) and writes what it decided back before acting, so a
+//! restarted manager resumes where it was. It steps when a device result
+//! arrives and once a second (for timeouts and devices joining the
+//! selector).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -272,9 +273,10 @@ impl Engine {
     /// Steps every open rollout when woken, and every second. A wake is
     /// acted on at once, but woken steps come at most every `COALESCE`:
     /// results arriving together wait for the next one, so a fleet
-    /// reporting at once costs a few steps a second, not one per device. Joining devices and timeouts, which
-    /// need the fleet and the clock rather than a result, are looked at once
-    /// a second however often it is woken.
+    /// reporting at once costs a few steps a second, not one per device.
+    /// Joining devices and timeouts, which need the fleet and the clock
+    /// rather than a result, are looked at once a second however often it
+    /// is woken.
     pub async fn run(self) {
         const COALESCE: Duration = Duration::from_millis(100);
         const FULL_EVERY: Duration = Duration::from_secs(1);

@@ -82,20 +82,12 @@ impl DeviceStep {
         }
     }
 
+    /// The step stored as `text`; unknown text reads as pending.
     fn parse(text: &str) -> Self {
-        match text {
-            "sent" => Self::Sent,
-            "installing" => Self::Installing,
-            "installed" => Self::Installed,
-            "rejected" => Self::Rejected,
-            "failed" => Self::Failed,
-            "rolled_back" => Self::RolledBack,
-            "timed_out" => Self::TimedOut,
-            "reverting" => Self::Reverting,
-            "reverted" => Self::Reverted,
-            "revert_failed" => Self::RevertFailed,
-            _ => Self::Pending,
-        }
+        Self::ALL
+            .into_iter()
+            .find(|s| s.as_str() == text)
+            .unwrap_or(Self::Pending)
     }
 
     /// Counts against the failure threshold.
