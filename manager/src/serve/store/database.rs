@@ -47,12 +47,24 @@ impl Backend {
                     "certificate order",
                     include_str!("../../../migrations/sqlite/0002_certificate_order.sql"),
                 ),
+                (
+                    3,
+                    "rollout order",
+                    include_str!("../../../migrations/sqlite/0003_rollout_order.sql"),
+                ),
             ],
-            Self::Postgres => &[(
-                1,
-                "schema",
-                include_str!("../../../migrations/postgres/0001_schema.sql"),
-            )],
+            Self::Postgres => &[
+                (
+                    1,
+                    "schema",
+                    include_str!("../../../migrations/postgres/0001_schema.sql"),
+                ),
+                (
+                    2,
+                    "rollout order",
+                    include_str!("../../../migrations/postgres/0002_rollout_order.sql"),
+                ),
+            ],
         };
         Migrator::with_migrations(
             files
@@ -125,22 +137,37 @@ impl DatabaseUrl {
     }
 }
 
+/// The connections the store uses: `writes` for every statement that
+/// changes something (and the transactions that read before they write),
+/// `reads` for plain reads. On PostgreSQL they are one pool.
+pub(super) struct Pools {
+    pub writes: AnyPool,
+    pub reads: AnyPool,
+    pub backend: Backend,
+}
+
+/// How many read-only connections a SQLite store opens: sqlx runs each on
+/// its own thread, so reads (the API, metrics, the rollout engine's counts)
+/// run beside the writer and beside each other instead of queueing behind
+/// every ingest batch.
+const SQLITE_READERS: u32 = 4;
+
 /// Opens the database (creating a SQLite file if needed) and brings its
 /// schema up to date.
-pub(super) async fn connect(url: &DatabaseUrl) -> Result<(AnyPool, Backend)> {
+pub(super) async fn connect(url: &DatabaseUrl) -> Result<Pools> {
     sqlx::any::install_default_drivers();
     let backend = url.backend();
-    let pool = match backend {
+    let pools = match backend {
         Backend::Sqlite => {
             let path = url.0.trim_start_matches("sqlite://");
             let options = SqliteConnectOptions::new()
                 .filename(path)
                 .create_if_missing(true);
             let options = AnyConnectOptions::from_str(options.to_url_lossy().as_str())?;
-            // One connection: SQLite has one writer at a time, and a
+            // One writing connection: SQLite has one writer at a time, and a
             // transaction that reads before it writes would otherwise meet
             // SQLITE_BUSY rather than wait. Statements here are short.
-            AnyPoolOptions::new()
+            let writes = AnyPoolOptions::new()
                 .max_connections(1)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
@@ -150,19 +177,73 @@ pub(super) async fn connect(url: &DatabaseUrl) -> Result<(AnyPool, Backend)> {
                     })
                 })
                 .connect_with(options)
-                .await?
+                .await?;
+            migrate(backend, &writes).await?;
+            // Readers open only after the schema is there and the file is in
+            // WAL mode (which the file keeps), so they never block the
+            // writer and each sees the last committed state.
+            let read_options = SqliteConnectOptions::new().filename(path).read_only(true);
+            let read_options = AnyConnectOptions::from_str(read_options.to_url_lossy().as_str())?;
+            let reads = AnyPoolOptions::new()
+                .max_connections(SQLITE_READERS)
+                .connect_with(read_options)
+                .await?;
+            Pools {
+                writes,
+                reads,
+                backend,
+            }
         }
         Backend::Postgres => {
-            AnyPoolOptions::new()
+            let pool = AnyPoolOptions::new()
                 .max_connections(16)
                 .connect(&url.0)
-                .await?
+                .await?;
+            migrate(backend, &pool).await?;
+            Pools {
+                writes: pool.clone(),
+                reads: pool,
+                backend,
+            }
         }
     };
+    Ok(pools)
+}
+
+async fn migrate(backend: Backend, pool: &AnyPool) -> Result<()> {
     backend
         .migrator()
-        .run(&pool)
+        .run(pool)
         .await
-        .map_err(|e| StoreError::Invalid(format!("migrating the schema: {e}")))?;
-    Ok((pool, backend))
+        .map_err(|e| StoreError::Invalid(format!("migrating the schema: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A migration file that is written but not listed here never runs (the
+    /// rollout indexes once sat unapplied that way): every file under
+    /// `migrations/<backend>/` must be in its migrator, in order.
+    #[test]
+    fn every_migration_file_is_applied() {
+        for (backend, folder) in [(Backend::Sqlite, "sqlite"), (Backend::Postgres, "postgres")] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(folder);
+            let mut files: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .filter_map(|entry| entry.ok())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".sql"))
+                .collect();
+            files.sort();
+            let listed: Vec<i64> = backend.migrator().iter().map(|m| m.version).collect();
+            let on_disk: Vec<i64> = files
+                .iter()
+                .map(|name| name[..4].parse().unwrap_or(-1))
+                .collect();
+            assert_eq!(listed, on_disk, "{folder}: migrator against {files:?}");
+        }
+    }
 }

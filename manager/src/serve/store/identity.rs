@@ -170,7 +170,7 @@ impl Store {
         )
         .bind(serial)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?)
     }
 
@@ -186,12 +186,12 @@ impl Store {
              ORDER BY not_after DESC, issued DESC LIMIT 1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         let count = |statement: &'static str| async move {
             let n: i64 = sqlx::query_scalar(statement)
                 .bind(id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.reads)
                 .await?;
             Ok::<_, StoreError>(n > 0)
         };

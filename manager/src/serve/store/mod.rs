@@ -36,10 +36,12 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// The database: a pool of connections (one for SQLite, which has one
-/// writer at a time anyway), and which kind it is.
+/// The database: connections that write (one for SQLite, which has one
+/// writer at a time anyway), connections that only read (several read-only
+/// ones for SQLite; the same pool on PostgreSQL), and which kind it is.
 pub struct Store {
     pool: AnyPool,
+    reads: AnyPool,
     backend: Backend,
 }
 
@@ -191,8 +193,12 @@ impl Store {
     /// Opens (creating a SQLite file if needed) the database at `url` and
     /// brings its schema up to date.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self> {
-        let (pool, backend) = database::connect(url).await?;
-        Ok(Self { pool, backend })
+        let pools = database::connect(url).await?;
+        Ok(Self {
+            pool: pools.writes,
+            reads: pools.reads,
+            backend: pools.backend,
+        })
     }
 
     /// Which database this is.
@@ -230,7 +236,7 @@ impl Store {
         Ok(
             sqlx::query_as("SELECT name, scope FROM tokens WHERE sha256 = $1")
                 .bind(token_hash(token))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?,
         )
     }
@@ -239,7 +245,7 @@ impl Store {
     pub async fn tokens(&self) -> Result<Vec<serde_json::Value>> {
         let rows: Vec<(String, String, String)> =
             sqlx::query_as("SELECT name, scope, created FROM tokens ORDER BY name")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?;
         Ok(rows
             .into_iter()
@@ -293,7 +299,7 @@ impl Store {
         Ok(
             sqlx::query_scalar("SELECT password_sha256 FROM devices WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?,
         )
     }
@@ -324,7 +330,7 @@ impl Store {
              WHERE $1 IS NULL OR d.id = $1 ORDER BY d.id",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for (device_id, tags, online, last_seen, reported, health) in rows {
@@ -452,7 +458,7 @@ impl Store {
         .bind(after)
         .bind(device)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for (id, device, payload) in rows.into_iter().rev() {
@@ -523,7 +529,7 @@ impl Store {
             "SELECT service, version, sequence, sha256, size, created, envelope FROM releases
              ORDER BY service, sequence DESC",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows
             .into_iter()
@@ -554,7 +560,7 @@ impl Store {
     pub async fn roots(&self) -> Result<Vec<String>> {
         Ok(
             sqlx::query_scalar("SELECT signed FROM roots ORDER BY version")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?,
         )
     }
@@ -600,7 +606,7 @@ impl Store {
     pub async fn all_desired(&self) -> Result<Vec<(String, String)>> {
         Ok(
             sqlx::query_as("SELECT device_id, payload FROM desired ORDER BY device_id")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?,
         )
     }
@@ -610,7 +616,7 @@ impl Store {
     pub async fn device_tags(&self) -> Result<Vec<DeviceTags>> {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT id, tags FROM devices ORDER BY id")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?;
         let mut out = Vec::with_capacity(rows.len());
         for (device_id, tags) in rows {
@@ -627,7 +633,7 @@ impl Store {
         Ok(
             sqlx::query_scalar("SELECT payload FROM desired WHERE device_id = $1")
                 .bind(device)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?,
         )
     }
@@ -698,7 +704,7 @@ impl Store {
         .bind(device)
         .bind(service)
         .bind(version)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         Ok(reason.map(|reason| reason.unwrap_or_else(|| "no reason given".into())))
     }
@@ -756,7 +762,7 @@ impl Store {
         let heads: Vec<(i64, String, String, String)> = sqlx::query_as(
             "SELECT id, service, version, created FROM deployments ORDER BY id DESC",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         let mut out = Vec::with_capacity(heads.len());
         for (id, service, version, created) in heads {
@@ -765,7 +771,7 @@ impl Store {
                  WHERE deployment_id = $1 ORDER BY device_id",
             )
             .bind(id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
             let devices = targets
                 .into_iter()
@@ -799,7 +805,7 @@ impl Store {
                 AND dd.status = 'pending'",
         )
         .bind(cutoff)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?)
     }
 
@@ -808,7 +814,7 @@ impl Store {
         Ok(sqlx::query_as(
             "SELECT device_id, MAX(time) FROM history WHERE kind = 'health' GROUP BY device_id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?)
     }
 
@@ -816,7 +822,7 @@ impl Store {
     pub async fn deployment_statuses(&self) -> Result<Vec<(String, i64)>> {
         Ok(
             sqlx::query_as("SELECT status, COUNT(*) FROM deployment_devices GROUP BY status")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?,
         )
     }

@@ -326,7 +326,7 @@ impl Store {
         let rows: Vec<HeadColumns> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {HEAD_COLUMNS} FROM rollouts WHERE {condition} ORDER BY id DESC"
         )))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         rows.into_iter().map(head_of).collect()
     }
@@ -337,7 +337,7 @@ impl Store {
             "SELECT {HEAD_COLUMNS} FROM rollouts WHERE id = $1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reads)
         .await?;
         row.map(head_of).transpose()
     }
@@ -359,7 +359,7 @@ impl Store {
              WHERE rollout_id = $1 ORDER BY position",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows
             .into_iter()
@@ -381,7 +381,7 @@ impl Store {
         Ok(
             sqlx::query_scalar("SELECT device_id FROM rollout_devices WHERE rollout_id = $1")
                 .bind(id)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reads)
                 .await?,
         )
     }
@@ -392,7 +392,7 @@ impl Store {
             "SELECT status, COUNT(*) FROM rollout_devices WHERE rollout_id = $1 GROUP BY status",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(StepCounts(
             rows.into_iter()
@@ -411,7 +411,7 @@ impl Store {
             DeviceStep::sql_list(DeviceStep::settled)
         )))
         .bind(id)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?;
         let Some(first) = first else {
             return Ok(None);
@@ -421,7 +421,7 @@ impl Store {
         )
         .bind(id)
         .bind(first)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.reads)
         .await?;
         Ok(Some(usize::try_from(before).unwrap_or(0)))
     }
@@ -444,7 +444,7 @@ impl Store {
         .bind(id)
         .bind(first)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?)
     }
 
@@ -456,7 +456,7 @@ impl Store {
             DeviceStep::sql_list(DeviceStep::in_flight)
         )))
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows
             .into_iter()
@@ -569,7 +569,7 @@ impl Store {
         let head: Option<(String, String, String)> =
             sqlx::query_as("SELECT service, version, plan FROM rollouts WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?;
         let Some((service, version, plan)) = head else {
             return Ok(false);
