@@ -74,6 +74,33 @@ async fn connect_and_vanish(mut options: MqttOptions, will: LastWill) -> bool {
     accepted
 }
 
+/// Connects with `options` and returns the event loop once the broker has
+/// accepted the connection.
+async fn connected(mut options: MqttOptions) -> (AsyncClient, rumqttc::EventLoop) {
+    // No pings within the test: only the broker ends this connection.
+    options.set_keep_alive(Duration::from_secs(120));
+    let (client, mut events) = AsyncClient::new(options, 8);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return (client, events),
+            Ok(Ok(_)) => {}
+            other => panic!("not connected: {other:?}"),
+        }
+    }
+}
+
+/// True when the broker closes the connection of `events` within `wait`.
+async fn closed_within(events: &mut rumqttc::EventLoop, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_callout_lets_in_devices_by_password_on_every_node_and_no_one_else() {
     let _one = ONE_CLUSTER.lock().await;
@@ -113,14 +140,41 @@ async fn the_callout_lets_in_devices_by_password_on_every_node_and_no_one_else()
         reason["error"].as_str().unwrap().contains("'.'"),
         "{reason}"
     );
-    // Removed: refused at the next connection, on every node.
+    // Revoked while connected, on a node the manager's own connections
+    // need not be on: that connection ends now, not when its admission
+    // (an hour) runs out.
+    let (_gw2, mut gw2_events) = connected(on(&site, "gw-2", nodes[1])).await;
+    let (_gw1, mut gw1_events) = connected(on(&site, "gw-1", nodes[2])).await;
+    let revoked = site
+        .manager
+        .request(reqwest::Method::POST, "/v1/devices/gw-1/revoke")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert!(
+        closed_within(&mut gw1_events, Duration::from_secs(20)).await,
+        "a revoked device's connection stayed open"
+    );
+    // Only that device's: the kicks are done when the revoke answers.
+    assert!(
+        !closed_within(&mut gw2_events, Duration::from_secs(2)).await,
+        "revoking gw-1 ended gw-2's connection"
+    );
+    // Removed while connected: the same, and refused at the next
+    // connection, on every node.
     site.manager
         .request(reqwest::Method::DELETE, "/v1/devices/gw-2")
         .send()
         .await
         .unwrap();
+    assert!(
+        closed_within(&mut gw2_events, Duration::from_secs(20)).await,
+        "a removed device's connection stayed open"
+    );
     for node in &nodes {
         assert!(!mqtt_connects(on(&site, "gw-2", *node)).await);
+        assert!(!mqtt_connects(on(&site, "gw-1", *node)).await);
     }
 }
 

@@ -212,10 +212,15 @@ pub async fn serve(
             (login, Some(task), Some((sessions, backlog)))
         }
     };
+    let mut nats_sessions = None;
     if let Some(callout) = &config.auth_callout {
         let Some(manager) = login.username.clone().zip(login.password.clone()) else {
             anyhow::bail!("--nats-callout needs the manager's user and password in --broker");
         };
+        nats_sessions = Some(
+            nats::sessions::Sessions::connect(&callout.servers, &callout.user, &callout.password)
+                .await?,
+        );
         let issuer = nats::issuer(&callout.issuer_file)?;
         tracing::info!(issuer = %issuer.public_key(), "NATS auth callout issuer");
         let logins = Arc::new(login::Logins {
@@ -240,6 +245,9 @@ pub async fn serve(
         });
     }
     let (sessions, backlog) = sessions.unzip();
+    let sessions = sessions
+        .map(Sessions::Embedded)
+        .or(nats_sessions.map(Sessions::Nats));
     if let Some(task) = broker_task {
         tokio::spawn(task);
     }
@@ -478,5 +486,28 @@ fn remember_local_manager(url: &str, token_file: &Path, ca_file: Option<&Path>) 
         .and_then(|_| write_atomic(&path, text.as_bytes(), 0o600, Existing::Replace));
     if let Err(e) = written {
         tracing::debug!("cannot record the local manager: {e:#}");
+    }
+}
+
+/// Where a device's live connections are ended at once (removed, revoked,
+/// a new password): the embedded broker's sessions, or a NATS cluster's
+/// connections through its system account. With any other external
+/// broker there is none, and a device keeps its connection until it
+/// next connects.
+#[derive(Clone)]
+pub enum Sessions {
+    /// The embedded broker.
+    Embedded(broker::Sessions),
+    /// A NATS cluster answering the manager's auth callout.
+    Nats(nats::sessions::Sessions),
+}
+
+impl Sessions {
+    /// Disconnects `device`, wherever it is connected.
+    pub async fn end(&self, device: &str) {
+        match self {
+            Self::Embedded(sessions) => sessions.end(device).await,
+            Self::Nats(sessions) => sessions.end(device).await,
+        }
     }
 }

@@ -41,6 +41,7 @@ pub(super) async fn add_enrolling(
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let token = hex::encode(secret);
     let expires = SystemTime::now() + TOKEN_LIFETIME;
+    let known = state.store.password_hash_of(id.as_str()).await?.is_some();
     state
         .store
         .add_enrolling_device(
@@ -53,7 +54,9 @@ pub(super) async fn add_enrolling(
             tags,
         )
         .await?;
-    end_session(state, id.as_str()).await;
+    if known {
+        end_session(state, id.as_str()).await;
+    }
     Ok(json!({
         "device_id": id, "credential": "certificate", "tags": tags,
         "enrol_token": token, "enrol_expires": Timestamp::from(expires),

@@ -91,8 +91,8 @@ pub struct AppState {
     pub rollouts: super::rollout::Engine,
     /// The manager's own counters, and the `/metrics` renderer.
     pub metrics: super::metrics::Metrics,
-    /// The embedded broker's sessions (none with an external broker).
-    pub sessions: Option<super::broker::Sessions>,
+    /// Where device sessions are ended (none with a plain external broker).
+    pub sessions: Option<super::Sessions>,
     /// Failed sign-ins by client address.
     pub failures: Arc<auth::Failures>,
 }
@@ -314,10 +314,14 @@ async fn add_device(
     getrandom::fill(&mut secret)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let password = hex::encode(secret);
+    let known = state.store.password_hash_of(id.as_str()).await?.is_some();
     state.store.add_device(&id, &password, &new.tags).await?;
     // Adding a device again gives it a new password: whoever holds the old
-    // one is cut off now, not at their next reconnect.
-    end_session(&state, id.as_str()).await;
+    // one is cut off now, not at their next reconnect. (A new device has
+    // no session, and asking a cluster costs a round of all its servers.)
+    if known {
+        end_session(&state, id.as_str()).await;
+    }
     Ok((
         StatusCode::CREATED,
         Json(json!({

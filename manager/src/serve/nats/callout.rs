@@ -26,8 +26,9 @@ pub const REQUEST_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 /// The queue group the replicas answer in.
 const QUEUE: &str = "ferry-auth-callout";
 /// How long an admitted user's JWT stands; the server ends the connection
-/// when it expires, and the client reconnects through the callout again,
-/// so a revoked device loses even a long-lived connection by then.
+/// when it expires, and the client reconnects through the callout again.
+/// A revoked device's connections are ended at once ([`super::sessions`]);
+/// this is the bound should that fail (no system user, a server away).
 const USER_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Where and how the manager answers.

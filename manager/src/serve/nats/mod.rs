@@ -11,6 +11,7 @@
 pub mod callout;
 pub mod ingest;
 pub mod jwt;
+pub mod sessions;
 
 use std::path::{Path, PathBuf};
 
@@ -100,26 +101,30 @@ pub fn issuer(path: &Path) -> Result<nkeys::KeyPair> {
 
 /// The accounts and auth callout block of a NATS server's configuration,
 /// for a cluster whose callout `issuer` signs, answered by `user` with
-/// `password`.
+/// `password`. The same password lets the replicas into the system account
+/// as `<user>-system`, to end a revoked device's connections
+/// ([`sessions`]): whoever holds it can already read every device's
+/// login as the callout sees it, so it is one secret of one holder.
 pub fn server_config(issuer: &str, user: &str, password: &str) -> String {
     let quoted = |s: &str| serde_json::Value::from(s).to_string();
     format!(
         r#"accounts {{
   {CALLOUT_ACCOUNT} {{ users: [ {{ user: {user}, password: {password} }} ] }}
   {FLEET_ACCOUNT} {{ jetstream: enabled }}
-  SYS {{}}
+  SYS {{ users: [ {{ user: {system}, password: {password} }} ] }}
 }}
 system_account: SYS
 authorization {{
   auth_callout {{
     issuer: {issuer}
     account: {CALLOUT_ACCOUNT}
-    auth_users: [ {user} ]
+    auth_users: [ {user}, {system} ]
   }}
 }}
 "#,
         issuer = quoted(issuer),
         user = quoted(user),
+        system = quoted(&sessions::system_user(user)),
         password = quoted(password),
     )
 }
