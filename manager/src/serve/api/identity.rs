@@ -41,8 +41,7 @@ pub(super) async fn add_enrolling(
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let token = hex::encode(secret);
     let expires = SystemTime::now() + TOKEN_LIFETIME;
-    let known = state.store.password_hash_of(id.as_str()).await?.is_some();
-    state
+    let known = state
         .store
         .add_enrolling_device(
             id,

@@ -314,8 +314,7 @@ async fn add_device(
     getrandom::fill(&mut secret)
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let password = hex::encode(secret);
-    let known = state.store.password_hash_of(id.as_str()).await?.is_some();
-    state.store.add_device(&id, &password, &new.tags).await?;
+    let known = state.store.add_device(&id, &password, &new.tags).await?;
     // Adding a device again gives it a new password: whoever holds the old
     // one is cut off now, not at their next reconnect. (A new device has
     // no session, and asking a cluster costs a round of all its servers.)

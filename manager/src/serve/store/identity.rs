@@ -41,16 +41,16 @@ pub enum Enrolment {
 impl Store {
     /// Registers `id` (or registers it again) for enrolment: no password,
     /// a new one-time token valid until `expires` (Unix seconds), and no
-    /// key or certificate from before.
+    /// key or certificate from before. True when it was registered before.
     pub async fn add_enrolling_device(
         &self,
         id: &DeviceId,
         token: &str,
         expires: i64,
         tags: &[String],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        upsert_device(&mut tx, id, NO_PASSWORD, tags).await?;
+        let replaced = upsert_device(&mut tx, id, NO_PASSWORD, tags).await?;
         forget_identity(&mut tx, id.as_str()).await?;
         sqlx::query(
             "INSERT INTO enrolments (device_id, token_sha256, expires) VALUES ($1, $2, $3)",
@@ -61,7 +61,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(replaced)
     }
 
     /// Decides an enrolment request whose signature has been checked:

@@ -207,13 +207,14 @@ impl Store {
     }
 
     /// Registers a device with a password, or replaces its credentials
-    /// (a certificate it had included) and tags.
-    pub async fn add_device(&self, id: &DeviceId, password: &str, tags: &[String]) -> Result<()> {
+    /// (a certificate it had included) and tags. True when it was there
+    /// before (whoever held its old credentials may still be connected).
+    pub async fn add_device(&self, id: &DeviceId, password: &str, tags: &[String]) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        upsert_device(&mut tx, id, &password_hash(password), tags).await?;
+        let replaced = upsert_device(&mut tx, id, &password_hash(password), tags).await?;
         identity::forget_identity(&mut tx, id.as_str()).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(replaced)
     }
 
     /// Adds a named operator token (its hash); false when the name is taken.
@@ -841,12 +842,17 @@ impl Store {
 }
 
 /// Adds a device or replaces its password hash and tags (within `tx`).
+/// Inserts or replaces a device's row (within `tx`); true when it replaced one.
 async fn upsert_device(
     tx: &mut AnyConnection,
     id: &DeviceId,
     hash: &str,
     tags: &[String],
-) -> Result<()> {
+) -> Result<bool> {
+    let before: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE id = $1")
+        .bind(id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO devices (id, password_sha256, tags, created) VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO UPDATE SET password_sha256 = $2, tags = $3",
@@ -857,7 +863,7 @@ async fn upsert_device(
     .bind(now())
     .execute(tx)
     .await?;
-    Ok(())
+    Ok(before > 0)
 }
 
 /// Sets a device's desired state (within `tx`). Its entries in earlier
