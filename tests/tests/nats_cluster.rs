@@ -176,6 +176,23 @@ async fn the_callout_lets_in_devices_by_password_on_every_node_and_no_one_else()
         assert!(!mqtt_connects(on(&site, "gw-2", *node)).await);
         assert!(!mqtt_connects(on(&site, "gw-1", *node)).await);
     }
+    // Added again: a new password, and whoever is connected with the old
+    // one is cut off at the next re-registration.
+    let add = |id: &'static str| {
+        site.manager
+            .request(reqwest::Method::POST, "/v1/devices")
+            .json(&json!({ "device_id": id, "credential": "password" }))
+            .send()
+    };
+    let first: serde_json::Value = add("gw-2").await.unwrap().json().await.unwrap();
+    let mut holder = on(&site, "gw-2", nodes[0]);
+    holder.set_credentials("gw-2", first["password"].as_str().unwrap());
+    let (_old, mut old_events) = connected(holder).await;
+    assert_eq!(add("gw-2").await.unwrap().status(), 201);
+    assert!(
+        closed_within(&mut old_events, Duration::from_secs(20)).await,
+        "a re-added device's old connection stayed open"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
