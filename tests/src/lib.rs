@@ -1522,6 +1522,24 @@ pub async fn mqtt_connects(options: rumqttc::MqttOptions) -> bool {
     }
 }
 
+/// Connects with `options` and hands back the client and its event loop
+/// once the broker has accepted the connection; panics if it does not
+/// within 10 s.
+pub async fn mqtt_connected(
+    options: rumqttc::MqttOptions,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    use rumqttc::{Event, Packet};
+    let user = options.client_id();
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 64);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return (client, events),
+            Ok(Ok(_)) => {}
+            other => panic!("{user} cannot connect: {other:?}"),
+        }
+    }
+}
+
 /// A device's own MQTT session (client id and user name = `device`),
 /// connected: its event loop runs on a task of the current runtime and
 /// hands every incoming packet to `incoming`.

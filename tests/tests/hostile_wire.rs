@@ -32,16 +32,8 @@ fn garbage(cap: usize) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 async fn connect(mut options: MqttOptions) -> (AsyncClient, EventLoop) {
-    let user = options.client_id();
     options.set_max_packet_size(4 << 20, 4 << 20);
-    let (client, mut events) = AsyncClient::new(options, 64);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return (client, events),
-            Ok(Ok(_)) => {}
-            other => panic!("{user} cannot connect: {other:?}"),
-        }
-    }
+    ferry_e2e::mqtt_connected(options).await
 }
 
 /// Drives an event loop until `until` returns true for an incoming publish.

@@ -74,19 +74,11 @@ async fn connect_and_vanish(mut options: MqttOptions, will: LastWill) -> bool {
     accepted
 }
 
-/// Connects with `options` and returns the event loop once the broker has
-/// accepted the connection.
+/// Connected with `options`, without pings within the test: only the
+/// broker ends this connection.
 async fn connected(mut options: MqttOptions) -> (AsyncClient, rumqttc::EventLoop) {
-    // No pings within the test: only the broker ends this connection.
     options.set_keep_alive(Duration::from_secs(120));
-    let (client, mut events) = AsyncClient::new(options, 8);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return (client, events),
-            Ok(Ok(_)) => {}
-            other => panic!("not connected: {other:?}"),
-        }
-    }
+    ferry_e2e::mqtt_connected(options).await
 }
 
 /// True when the broker closes the connection of `events` within `wait`.
