@@ -91,7 +91,17 @@ pub struct BrokerLogin {
 
 /// The manager's MQTT client and its event loop, not yet connected.
 pub fn client(login: &BrokerLogin) -> anyhow::Result<(AsyncClient, EventLoop)> {
-    let client_id = format!("ferry-manager-{}", std::process::id());
+    // Unique per process on any host: replicas in containers are all
+    // PID 1, and a broker ends the older of two sessions with one id, so
+    // replicas sharing one would throw each other off (and each would
+    // republish every desired state on every reconnect).
+    let mut nonce = [0u8; 6];
+    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let client_id = format!(
+        "ferry-manager-{}-{}",
+        std::process::id(),
+        hex::encode(nonce)
+    );
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
@@ -459,4 +469,31 @@ pub fn spawn_recorder(
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_clients_of_one_process_have_their_own_ids() {
+        // Two replicas as PID 1 of their containers are two clients of
+        // one process id: the ids must differ all the same.
+        let login = BrokerLogin {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            username: None,
+            password: None,
+            ca_pem: None,
+            certificate: None,
+        };
+        let (_, first) = client(&login).unwrap();
+        let (_, second) = client(&login).unwrap();
+        let (a, b) = (
+            first.mqtt_options.client_id(),
+            second.mqtt_options.client_id(),
+        );
+        assert!(a.starts_with("ferry-manager-"), "{a}");
+        assert_ne!(a, b);
+    }
 }

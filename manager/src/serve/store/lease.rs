@@ -69,16 +69,14 @@ impl RolloutLease {
 }
 
 /// A connection of its own holding the lock, or none when another has it.
+/// Asked on a pooled connection, which goes back to the pool when the lock
+/// is taken: a follower asks every tick, and a new database connection
+/// each time would be a server process started and ended each time.
 async fn try_lock(store: &Store) -> Result<Option<AnyConnection>, sqlx::Error> {
-    let mut connection = store.pool.acquire().await?.detach();
+    let mut connection = store.pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(ROLLOUT_LOCK)
-        .fetch_one(&mut connection)
+        .fetch_one(&mut *connection)
         .await?;
-    if locked {
-        Ok(Some(connection))
-    } else {
-        connection.close().await?;
-        Ok(None)
-    }
+    Ok(locked.then(|| connection.detach()))
 }
