@@ -214,6 +214,8 @@ struct ManagerSide {
     cluster: Option<NatsCluster>,
     entries: Vec<Endpoints>,
     broker_ports: Vec<u16>,
+    /// Where the NATS servers log, on a cluster.
+    broker_logs: Option<PathBuf>,
 }
 
 impl ManagerSide {
@@ -228,6 +230,7 @@ impl ManagerSide {
                     broker_ports: vec![mqtt.port()],
                     replicas: vec![manager],
                     cluster: None,
+                    broker_logs: None,
                 }
             }
             Topology::Cluster { replicas } => {
@@ -258,9 +261,36 @@ impl ManagerSide {
                     entries,
                     replicas,
                     cluster: Some(cluster),
+                    broker_logs: Some(nats_dir),
                 }
             }
         }
+    }
+
+    /// The NATS servers' warnings and errors: how many, and the last few
+    /// (for a run that failed; the logs go with the run's directory).
+    fn broker_complaints(&self) -> String {
+        let Some(dir) = &self.broker_logs else {
+            return String::new();
+        };
+        let mut complaints = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                complaints.extend(
+                    text.lines()
+                        .filter(|l| l.contains("[WRN]") || l.contains("[ERR]"))
+                        .map(str::to_owned),
+                );
+            }
+        }
+        let last = complaints.len().saturating_sub(5);
+        format!(
+            "\nNATS logged {} warnings and errors; the last:\n{}",
+            complaints.len(),
+            complaints[last..].join("\n")
+        )
     }
 
     fn manager_pids(&self) -> Vec<u32> {
@@ -300,13 +330,23 @@ impl ManagerSide {
         cpu_of(&self.broker_pids())
     }
 
-    /// Device messages the replicas recorded, all together.
-    async fn recorded(&self) -> f64 {
+    /// A counter of every replica, summed.
+    async fn total(&self, metric: &str) -> f64 {
         let mut total = 0.0;
         for replica in &self.replicas {
-            total += replica.metric("ferry_device_messages_recorded_total").await;
+            total += replica.metric(metric).await;
         }
         total
+    }
+
+    /// Device messages the replicas recorded, all together.
+    async fn recorded(&self) -> f64 {
+        self.total("ferry_device_messages_recorded_total").await
+    }
+
+    /// Device messages the NATS cluster gave a replica again.
+    async fn redelivered(&self) -> f64 {
+        self.total("ferry_device_messages_redelivered_total").await
     }
 
     async fn stop(self) {
@@ -335,6 +375,13 @@ fn local_ports() -> usize {
         .unwrap_or(28_232)
 }
 
+/// How many descriptors a process here may open (the hard limit, which
+/// the bench raises its own to and its children inherit).
+fn open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(_, hard)| hard)
+}
+
 /// Free bytes where `dir` is.
 fn free_bytes(dir: &Path) -> u64 {
     nix::sys::statvfs::statvfs(dir)
@@ -354,6 +401,14 @@ async fn measure(
     trust: &Path,
 ) {
     let label = topology.label(tls);
+    // One process holds every device's connection: the embedded broker.
+    if topology == Topology::Embedded && size as u64 + 2 * u64::from(MAX_IN_FLIGHT) > open_files() {
+        println!(
+            "{size:>6} devices, {label}: skipped: the manager would hold a descriptor per device and download, and a process here may open {}",
+            open_files()
+        );
+        return;
+    }
     if topology == Topology::Embedded && size + 100 > local_ports() {
         println!(
             "{size:>6} devices, {label}: skipped: one broker address takes at most {} loopback connections (net.ipv4.ip_local_port_range)",
@@ -419,7 +474,8 @@ async fn measure(
         }
         assert!(
             started.elapsed() < Duration::from_secs(900),
-            "only {online} of {size} devices came online"
+            "only {online} of {size} devices came online{}",
+            side.broker_complaints()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -446,7 +502,7 @@ async fn measure(
     );
     let artifact_len = std::fs::metadata(&v1.artifact).unwrap().len();
     first.publish(&v1).await;
-    let recorded0 = side.recorded().await;
+    let (recorded0, redelivered0) = (side.recorded().await, side.redelivered().await);
     let (manager_cpu0, broker_cpu0) = (side.manager_cpu(), side.broker_cpu());
     let started = Instant::now();
     let created = first
@@ -470,7 +526,8 @@ async fn measure(
         }
         assert!(
             started.elapsed() < Duration::from_secs(1800),
-            "rollout never ended"
+            "rollout never ended{}",
+            side.broker_complaints()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
@@ -480,6 +537,7 @@ async fn measure(
     let manager_cpu = side.manager_cpu() - manager_cpu0;
     let broker_cpu = side.broker_cpu() - broker_cpu0;
     let ingested = (side.recorded().await - recorded0) / rollout.as_secs_f64();
+    let redelivered = side.redelivered().await - redelivered0;
     let dropped = if topology == Topology::Embedded {
         first
             .metric("ferry_mqtt_messages_dropped_total")
@@ -501,7 +559,7 @@ async fn measure(
     println!(
         "{size:>6} devices, {label} | register {:>5.1} s | all online {:>5.1} s, manager CPU {connect_cpu_ms:.2} ms/device | broker connections {connections:>6} | \
          manager RSS offline {:>6.1} MiB, online {:>6.1} MiB ({per_device_kib:>5.1} KiB/device), peak {:>6.1} MiB | broker RSS online {:>6.1} MiB ({broker_per_device_kib:>5.1} KiB/device) | \
-         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min), {ingested:>6.0} device messages/s recorded | CPU in rollout: manager {manager_cpu:>5.1} s, broker {broker_cpu:>5.1} s, simulator {:>6.1} s | simulator RSS {:>6.1} MiB | broker drops {dropped}",
+         rollout of {:.2} MiB to all: {:>6.1} s ({:>7.0} devices/min), {ingested:>6.0} device messages/s recorded ({redelivered:.0} redelivered) | CPU in rollout: manager {manager_cpu:>5.1} s, broker {broker_cpu:>5.1} s, simulator {:>6.1} s | simulator RSS {:>6.1} MiB | broker drops {dropped}",
         registering.as_secs_f64(),
         connecting.as_secs_f64(),
         mib(offline_rss),

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub mqtt_block_bytes: IntCounter,
     /// Device messages written to the store.
     pub messages_recorded: IntCounter,
+    /// Device messages a NATS stream gave this replica again.
+    pub messages_redelivered: IntCounter,
     /// Messages the embedded broker dropped because a client's queue was full.
     pub broker_dropped: IntCounter,
     /// Device messages dropped for being over the device's budget.
@@ -101,6 +103,10 @@ impl Metrics {
                 "ferry_device_messages_recorded_total",
                 "Device messages written to the store (received ones are recorded in batches).",
             )?,
+            messages_redelivered: IntCounter::new(
+                "ferry_device_messages_redelivered_total",
+                "Device messages the NATS cluster gave this replica again: another replica died holding them, or they waited past the acknowledgement wait (10 s).",
+            )?,
             broker_dropped: IntCounter::new(
                 "ferry_mqtt_messages_dropped_total",
                 "Messages the embedded broker dropped because a client's queue was full.",
@@ -121,6 +127,7 @@ impl Metrics {
         registry.register(Box::new(self.mqtt_block_requests.clone()))?;
         registry.register(Box::new(self.mqtt_block_bytes.clone()))?;
         registry.register(Box::new(self.messages_recorded.clone()))?;
+        registry.register(Box::new(self.messages_redelivered.clone()))?;
         registry.register(Box::new(self.broker_dropped.clone()))?;
         registry.register(Box::new(self.device_throttled.clone()))?;
         registry.register(Box::new(self.rollout_leader.clone()))?;

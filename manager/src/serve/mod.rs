@@ -289,7 +289,12 @@ pub async fn serve(
             password,
         };
         let intake = ingest::Intake::new(store.clone(), listeners.clone());
-        tokio::spawn(nats::ingest::run(login, intake, readiness.clone()));
+        tokio::spawn(nats::ingest::run(
+            login,
+            intake,
+            readiness.clone(),
+            metrics.messages_redelivered.clone(),
+        ));
     }
     tokio::spawn(ingest::run(
         mqtt,

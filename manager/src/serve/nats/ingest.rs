@@ -23,6 +23,9 @@ use crate::serve::ingest::{Intake, Recording};
 pub const STREAM: &str = "FERRY_DEVICES";
 /// The replicas' shared consumer of it.
 pub const CONSUMER: &str = "ferry-ingest";
+/// Messages one replica holds unacknowledged at most: two of the
+/// recorder's batches.
+const IN_FLIGHT: usize = 4096;
 /// The queue group block requests are shared in.
 const BLOCKS_QUEUE: &str = "ferry-blocks";
 
@@ -58,11 +61,17 @@ fn topic_of(subject: &str) -> String {
 }
 
 /// Takes in device messages until the process ends, connecting again when
-/// the cluster is gone; `ready` is 1 while the consumer is read.
-pub async fn run(login: IngestLogin, mut intake: Intake, ready: crate::serve::ingest::Readiness) {
+/// the cluster is gone; `ready` is 1 while the consumer is read, and
+/// `redelivered` counts messages given out again.
+pub async fn run(
+    login: IngestLogin,
+    mut intake: Intake,
+    ready: crate::serve::ingest::Readiness,
+    redelivered: prometheus::IntCounter,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        if let Err(e) = take_in(&login, &mut intake, &ready).await {
+        if let Err(e) = take_in(&login, &mut intake, &ready, &redelivered).await {
             tracing::warn!("NATS ingest: {e:#}; again in {backoff:?}");
         }
         ready.set_consumer(false);
@@ -75,6 +84,7 @@ async fn take_in(
     login: &IngestLogin,
     intake: &mut Intake,
     ready: &crate::serve::ingest::Readiness,
+    redelivered: &prometheus::IntCounter,
 ) -> Result<()> {
     let client = super::connect(
         &login.servers,
@@ -108,7 +118,13 @@ async fn take_in(
         .queue_subscribe(all_devices(TopicKind::Fetch), BLOCKS_QUEUE.into())
         .await
         .context("cannot subscribe to block requests")?;
-    let (acks, pending) = mpsc::channel(64 * 1024);
+    // At most this many messages wait here for their batch's commit: when
+    // the database falls behind, this replica stops taking and leaves the
+    // rest to the others. Unbounded, a slow replica could hold more than it
+    // commits within the acknowledgement wait; the stream would then give
+    // them to another replica as well, and both would record them: more
+    // work from being slow.
+    let (acks, pending) = mpsc::channel(IN_FLIGHT);
     let acknowledger = tokio::spawn(acknowledge(pending));
     ready.set_consumer(true);
     tracing::info!(servers = %login.servers.join(", "), "taking in device messages from NATS");
@@ -116,6 +132,9 @@ async fn take_in(
         tokio::select! {
             message = messages.next() => match message {
                 Some(Ok(message)) => {
+                    if message.info().is_ok_and(|i| i.delivered > 1) {
+                        redelivered.inc();
+                    }
                     let topic = topic_of(&message.subject);
                     match intake.take(&topic, &message.payload).await {
                         Some(record) => {
