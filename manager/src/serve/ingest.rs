@@ -95,13 +95,8 @@ pub fn client(login: &BrokerLogin) -> anyhow::Result<(AsyncClient, EventLoop)> {
     // PID 1, and a broker ends the older of two sessions with one id, so
     // replicas sharing one would throw each other off (and each would
     // republish every desired state on every reconnect).
-    let mut nonce = [0u8; 6];
-    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let client_id = format!(
-        "ferry-manager-{}-{}",
-        std::process::id(),
-        hex::encode(nonce)
-    );
+    let nonce = super::random_hex::<6>().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let client_id = format!("ferry-manager-{}-{nonce}", std::process::id());
     let mut options = MqttOptions::new(client_id, login.host.clone(), login.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);

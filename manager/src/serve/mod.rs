@@ -67,6 +67,14 @@ pub struct ServeConfig {
 /// A device certificate's lifetime unless configured.
 pub const DEVICE_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// `N` random bytes from the operating system, as lower-case hex: tokens,
+/// passwords, and ids that must not repeat.
+pub(crate) fn random_hex<const N: usize>() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
 /// The operator token file in a data directory.
 pub fn token_file(data_dir: &Path) -> PathBuf {
     data_dir.join("operator.token")
@@ -78,9 +86,7 @@ fn operator_token(data_dir: &Path) -> Result<(String, bool)> {
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok((token.trim().to_owned(), false));
     }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let token = hex::encode(bytes);
+    let token = random_hex::<32>().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     write_atomic(
         &path,
         format!("{token}\n").as_bytes(),

@@ -36,10 +36,8 @@ pub(super) async fn add_enrolling(
             "this manager serves no TLS (--insecure-plaintext): devices use passwords",
         ));
     };
-    let mut secret = [0u8; 24];
-    getrandom::fill(&mut secret)
+    let token = crate::serve::random_hex::<24>()
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let token = hex::encode(secret);
     let expires = SystemTime::now() + TOKEN_LIFETIME;
     let known = state
         .store

@@ -310,10 +310,8 @@ async fn add_device(
         let created = identity::add_enrolling(&state, &id, &new.tags).await?;
         return Ok((StatusCode::CREATED, Json(created)));
     }
-    let mut secret = [0u8; 24];
-    getrandom::fill(&mut secret)
+    let password = crate::serve::random_hex::<24>()
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let password = hex::encode(secret);
     let known = state.store.add_device(&id, &password, &new.tags).await?;
     // Adding a device again gives it a new password: whoever holds the old
     // one is cut off now, not at their next reconnect. (A new device has

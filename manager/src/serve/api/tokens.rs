@@ -43,10 +43,8 @@ pub(super) async fn create(
     let new: NewToken = serde_json::from_slice(&body)
         .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")))?;
     check_name(&new.name)?;
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret)
+    let token = crate::serve::random_hex::<32>()
         .map_err(|e| bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let token = hex::encode(secret);
     if !state
         .store
         .add_token(&new.name, new.scope.as_str(), &token)
