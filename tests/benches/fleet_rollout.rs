@@ -623,11 +623,9 @@ fn main() {
     // Each device holds a broker connection and a lock file: well beyond
     // the usual soft limit of 1,024 descriptors, for the manager and the
     // simulators (which inherit it). The hard limit is as far as it goes.
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        println!("open files per process: {hard}");
-    }
+    let hard = open_files();
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    println!("open files per process: {hard}");
     let ferry = release_ferry_binary();
     let shm = Path::new("/dev/shm");
     let dir = if shm.is_dir() {

@@ -165,8 +165,8 @@ async fn a_rollout_completes_through_a_killed_replica_and_a_restarted_broker_nod
 
     // Every device runs it, committed it once, and said so; and is back
     // online. A device on the restarted node may be between connections
-    // for a moment (its node closed one while its JetStream state came
-    // back), so this waits for it rather than taking one look.
+    // for a moment (one was seen offline 5 s after installing), so this
+    // waits for it rather than taking one look.
     for device in &ids {
         watching
             .wait_device(device, "online, reporting 1.0.0", |d| {

@@ -432,6 +432,9 @@ async fn ingest(
     }))
 }
 
+/// The most messages the recorder writes in one transaction.
+pub const RECORD_BATCH: usize = 2048;
+
 /// Writes what the ingest loop hands over, in a task of its own: a batch
 /// is whatever queued while the last one was written, so under load one
 /// transaction records many messages, and ingestion never waits on the
@@ -441,12 +444,11 @@ pub fn spawn_recorder(
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     recorded: prometheus::IntCounter,
 ) -> mpsc::Sender<Recording> {
-    const BATCH: usize = 2048;
     let (tx, mut rx) = mpsc::channel::<Recording>(64 * 1024);
     tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut records = Vec::with_capacity(BATCH);
-        while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut batch = Vec::with_capacity(RECORD_BATCH);
+        let mut records = Vec::with_capacity(RECORD_BATCH);
+        while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
             records.extend(batch.iter_mut().map(|r| std::mem::take(&mut r.record)));
             match store.record_many(&records).await {
                 Ok(()) => {

@@ -25,7 +25,7 @@ pub const STREAM: &str = "FERRY_DEVICES";
 pub const CONSUMER: &str = "ferry-ingest";
 /// Messages one replica holds unacknowledged at most: two of the
 /// recorder's batches.
-const IN_FLIGHT: usize = 4096;
+const IN_FLIGHT: usize = 2 * crate::serve::ingest::RECORD_BATCH;
 /// The queue group block requests are shared in.
 const BLOCKS_QUEUE: &str = "ferry-blocks";
 
